@@ -1,0 +1,3 @@
+"""spatial stage (see ../shared/ARCHITECTURE.md). Filled in by later issues."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""workflows — CLI, batch runs over folders of slides, demo."""
+
+__all__: list[str] = []

@@ -1,0 +1,388 @@
+"""Readers behind :class:`wsi.Slide`. Each one turns a file into level geometry + RGB regions.
+
+A backend reports what the *file* says (levels, raw resolution, vendor); the plausibility of
+the physical pixel size and the override logic live in :mod:`wsi._slide`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from ._errors import CorruptSlideError, UnsupportedSlideError
+
+BackendName = Literal["cucim", "openslide", "tifffile", "pillow"]
+WHITE = 255
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha RGBA (H, W, 4) uint8 onto white; returns (H, W, 3) uint8."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + WHITE * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _tiff_resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    """µm per pixel from TIFF XResolution/YResolution and ResolutionUnit; ``None`` if unitless."""
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    per_unit_um = {2: 25_400.0, 3: 10_000.0}.get(unit)
+    if per_unit_um is None:
+        return None
+    out = []
+    for name in ("XResolution", "YResolution"):
+        num, den = tags[name].value
+        if num == 0 or den == 0:
+            return None
+        out.append(per_unit_um * den / num)
+    return out[0], out[1]
+
+
+def _aperio_fields(description: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in description.split("|")[1:]:
+        if "=" in part:
+            key, _, value = part.partition("=")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
+    """Vendor, objective power and resolution (µm/px, with its source) of a TIFF slide."""
+    page = tf.pages.first
+    desc = page.description or ""
+    meta: dict[str, Any] = {"vendor": "generic-tiff", "objective_power": None, "mpp": None, "mpp_detail": None}
+    if tf.is_svs or desc.startswith("Aperio"):
+        fields = _aperio_fields(desc)
+        meta["vendor"] = "aperio"
+        if "AppMag" in fields:
+            meta["objective_power"] = float(fields["AppMag"])
+        if "MPP" in fields:
+            mpp = float(fields["MPP"])
+            meta["mpp"] = (mpp, mpp)
+            meta["mpp_detail"] = "Aperio ImageDescription MPP"
+        return meta
+    if tf.is_ome and tf.ome_metadata:
+        meta["vendor"] = "ome"
+        ome_mpp = _ome_mpp(tf.ome_metadata)
+        if ome_mpp is not None:
+            meta["mpp"] = ome_mpp
+            meta["mpp_detail"] = "OME PhysicalSizeX/Y"
+        mag = re.search(r'NominalMagnification="([0-9.]+)"', tf.ome_metadata)
+        if mag:
+            meta["objective_power"] = float(mag.group(1))
+        return meta
+    if tf.is_philips:
+        meta["vendor"] = "philips"
+        match = re.search(r'PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE.*?"DICOM_PIXEL_SPACING"[^>]*>&quot;([0-9.eE+-]+)&quot; &quot;([0-9.eE+-]+)&quot;', tf.philips_metadata or "", re.S)
+        if match:  # Philips stores (row, column) spacing in millimetres
+            meta["mpp"] = (float(match.group(2)) * 1000, float(match.group(1)) * 1000)
+            meta["mpp_detail"] = "Philips DICOM_PIXEL_SPACING"
+            return meta
+    res = _tiff_resolution_mpp(page)
+    if res is not None:
+        meta["mpp"] = res
+        meta["mpp_detail"] = "TIFF resolution tags"
+    return meta
+
+
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    if not pixels:
+        return None
+    attrs = dict(re.findall(r'(\w+)="([^"]*)"', pixels.group(0)))
+    if "PhysicalSizeX" not in attrs or "PhysicalSizeY" not in attrs:
+        return None
+    fx = _OME_UNITS_UM.get(attrs.get("PhysicalSizeXUnit", "µm"))
+    fy = _OME_UNITS_UM.get(attrs.get("PhysicalSizeYUnit", "µm"))
+    if fx is None or fy is None:
+        return None
+    return float(attrs["PhysicalSizeX"]) * fx, float(attrs["PhysicalSizeY"]) * fy
+
+
+class Backend:
+    """Common shape of a reader. Subclasses fill the attributes in ``__init__``."""
+
+    name: ClassVar[BackendName]
+    path: Path
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level
+    level_downsamples: tuple[float, ...]
+    n_focal_planes: int = 1
+    vendor: str | None = None
+    objective_power: float | None = None
+    file_mpp: tuple[float, float] | None = None
+    file_mpp_detail: str | None = None
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @property
+    def raw_properties(self) -> Mapping[str, str]:
+        """Everything the file says. Never exported: it can hold names and scanner paths."""
+        return {}
+
+
+class CucimBackend(Backend):
+    """cuCIM's CPU reader: the fastest path for SVS and JPEG/uncompressed tiled TIFF."""
+
+    name = "cucim"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from cucim import CuImage
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "the cuCIM backend needs cuCIM: `pip install --no-deps 'cucim-cu12>=25.2,<27'`"
+                " (CPU) or `pip install 'oncotrace[cucim]'` (GPU)"
+            ) from exc
+        self.path = path
+        try:
+            self._img = CuImage(str(path))
+        except Exception as exc:
+            raise CorruptSlideError(path, f"cuCIM cannot load it ({exc}).", "try backend='openslide'.") from exc
+        res = self._img.resolutions
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
+        self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
+        with tifffile.TiffFile(path) as tf:
+            meta = tiff_metadata(tf)
+        self.vendor = meta["vendor"]
+        self.objective_power = meta["objective_power"]
+        self.file_mpp = meta["mpp"]
+        self.file_mpp_detail = meta["mpp_detail"]
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
+    ) -> np.ndarray:
+        region = self._img.read_region(location=(int(location[0]), int(location[1])), size=size, level=level)
+        arr = np.asarray(region)
+        if arr.shape[-1] == 4:
+            return composite_on_white(arr)
+        return arr
+
+    @property
+    def raw_properties(self) -> Mapping[str, str]:
+        return {f"{ns}.{k}": str(v) for ns, d in self._img.metadata.items() if isinstance(d, dict) for k, v in d.items()}
+
+
+class OpenSlideBackend(Backend):
+    """OpenSlide 4 (openslide-bin): NDPI, MRXS, SCN, BIF, VMS, DICOM-WSI, generic tiled TIFF, SVS."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self.path = path
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise UnsupportedSlideError(path, "OpenSlide does not recognise the format.", "check the file type.") from exc
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlideError(
+                path,
+                f"OpenSlide recognises the format but cannot read it ({exc}).",
+                _openslide_fix(path, str(exc)),
+            ) from exc
+        props = self._osr.properties
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.vendor = props.get("openslide.vendor")
+        if "openslide.objective-power" in props:
+            self.objective_power = float(props["openslide.objective-power"])
+        if "openslide.mpp-x" in props and "openslide.mpp-y" in props:
+            self.file_mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+            self.file_mpp_detail = f"OpenSlide {self.vendor} metadata"
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
+    ) -> np.ndarray:
+        import openslide
+
+        try:
+            img = self._osr.read_region((int(location[0]), int(location[1])), level, size)
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlideError(self.path, f"OpenSlide failed to decode a region ({exc}).", "the file is damaged; export it again.") from exc
+        return composite_on_white(np.asarray(img))
+
+    def close(self) -> None:
+        self._osr.close()
+
+    @property
+    def raw_properties(self) -> Mapping[str, str]:
+        return dict(self._osr.properties)
+
+
+def _openslide_fix(path: Path, message: str) -> str:
+    if path.suffix.lower() == ".dcm" or "DICOM" in message or "flavor" in message:
+        return (
+            "the DICOM lacks the VL Whole Slide Microscopy attributes OpenSlide needs (ImageType,"
+            " DimensionOrganizationType, per-frame positions); convert the slide again with a"
+            " DICOM-WSI converter (e.g. wsidicomizer)."
+        )
+    return "the file is damaged or a variant OpenSlide does not support; export it again."
+
+
+class TifffileBackend(Backend):
+    """tifffile for OME-TIFF (with Z planes) and plain/stripped TIFF that the others skip."""
+
+    name = "tifffile"
+
+    def __init__(self, path: Path) -> None:
+        import zarr
+
+        self.path = path
+        self._tf = tifffile.TiffFile(path)
+        series = self._tf.series[0]
+        meta = tiff_metadata(self._tf)
+        self.vendor, self.objective_power = meta["vendor"], meta["objective_power"]
+        self.file_mpp, self.file_mpp_detail = meta["mpp"], meta["mpp_detail"]
+        self._axes = series.axes
+        if "Y" not in self._axes or "X" not in self._axes:
+            raise UnsupportedSlideError(path, f"the TIFF has axes {self._axes!r}, not an image plane.", "export a 2-D RGB image.")
+        levels = series.levels
+        self._arrays = []
+        dims = []
+        for lvl in range(len(levels)):
+            store = self._tf.aszarr(series=0, level=lvl)
+            self._arrays.append(zarr.open_array(store, mode="r"))
+            shape = levels[lvl].shape
+            dims.append((int(shape[self._axes.index("X")]), int(shape[self._axes.index("Y")])))
+        self.level_dimensions = tuple(dims)
+        w0 = dims[0][0]
+        self.level_downsamples = tuple(w0 / w for w, _ in dims)
+        self.n_focal_planes = int(series.shape[self._axes.index("Z")]) if "Z" in self._axes else 1
+        self._lock = threading.Lock()  # aszarr file handles are not thread-safe
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
+    ) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        w_l, h_l = self.level_dimensions[level]
+        x = round(location[0] / ds)
+        y = round(location[1] / ds)
+        out = np.full((size[1], size[0], 3), WHITE, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + size[0], w_l), min(y + size[1], h_l)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        index: list[Any] = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(y0, y1))
+            elif ax == "X":
+                index.append(slice(x0, x1))
+            elif ax == "Z":
+                index.append(z)
+            elif ax in "SC":
+                index.append(slice(None))
+            else:
+                index.append(0)
+        with self._lock:
+            data = np.asarray(self._arrays[level][tuple(index)])
+        kept = [ax for ax in self._axes if ax in "YXSC"]
+        if "C" in kept and "S" not in kept and kept.index("C") < kept.index("Y"):
+            data = np.moveaxis(data, 0, -1)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb8(data)
+        return out
+
+    def close(self) -> None:
+        self._tf.close()
+
+    @property
+    def raw_properties(self) -> Mapping[str, str]:
+        return {"ImageDescription": self._tf.pages.first.description or ""}
+
+
+def _to_rgb8(data: np.ndarray) -> np.ndarray:
+    if data.dtype == np.uint16:
+        data = (data >> 8).astype(np.uint8)
+    elif data.dtype != np.uint8:
+        raise UnsupportedSlideError("<array>", f"pixel type {data.dtype} is not brightfield RGB.", "export 8-bit RGB.")
+    if data.ndim == 2:
+        return np.repeat(data[..., None], 3, axis=-1)
+    if data.shape[-1] == 4:
+        return composite_on_white(data)
+    if data.shape[-1] == 1:
+        return np.repeat(data, 3, axis=-1)
+    return data[..., :3]
+
+
+class PillowBackend(Backend):
+    """Plain PNG/JPEG/BMP camera fields (common in cytology): one level, held in memory."""
+
+    name = "pillow"
+    MAX_PIXELS = 400_000_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > self.MAX_PIXELS:
+                    raise UnsupportedSlideError(
+                        path,
+                        f"a {im.width}×{im.height} plain image is too large to hold in memory.",
+                        "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`).",
+                    )
+                self.vendor = (im.format or "image").lower()
+                dpi = im.info.get("dpi")
+                im.load()
+                rgba = np.asarray(im.convert("RGBA"))
+        except UnsupportedSlideError:
+            raise
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise CorruptSlideError(path, f"the image cannot be decoded ({exc}).", "export the image again.") from exc
+        self._rgb = composite_on_white(rgba)
+        h, w = self._rgb.shape[:2]
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        if dpi and all(float(d) > 0 for d in dpi[:2]):
+            self.file_mpp = (25_400.0 / float(dpi[0]), 25_400.0 / float(dpi[1]))
+            self.file_mpp_detail = "image DPI"
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
+    ) -> np.ndarray:
+        h_img, w_img = self._rgb.shape[:2]
+        x, y = int(location[0]), int(location[1])
+        out = np.full((size[1], size[0], 3), WHITE, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size[0], w_img), min(y + size[1], h_img)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._rgb[y0:y1, x0:x1]
+        return out
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "cucim": CucimBackend,
+    "openslide": OpenSlideBackend,
+    "tifffile": TifffileBackend,
+    "pillow": PillowBackend,
+}
+
+
+def cucim_available() -> bool:
+    try:
+        import cucim  # noqa: F401
+    except ImportError:
+        return False
+    return True

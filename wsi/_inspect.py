@@ -1,0 +1,174 @@
+"""Cheap pre-flight checks on a file before any native reader touches it.
+
+Native readers (cuCIM in particular) can crash the interpreter on inputs they do not support
+(cuCIM segfaults on Deflate-compressed TIFF) or on truncated data, so the file's magic bytes,
+its extension and, for TIFF, the tile table are checked here first with pure-Python tifffile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tifffile
+
+from ._errors import CorruptSlideError, UnsupportedSlideError
+
+Container = Literal["tiff", "dicom", "png", "jpeg", "bmp", "jp2", "text", "unknown"]
+
+#: Extensions whose format is TIFF-based: content that is not TIFF is a renamed file.
+TIFF_EXTENSIONS = frozenset({".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".svslide", ".qptiff"})
+#: Largest plausible side of a slide in pixels (75 mm at 0.1 µm/px is 750 000).
+MAX_SIDE_PX = 1_000_000
+#: TIFF compressions cuCIM's CPU reader decodes without crashing (none, JPEG, Aperio JPEG 2000).
+CUCIM_COMPRESSIONS = frozenset({1, 7, 33003, 33005})
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the bytes of a file say it is."""
+
+    path: Path
+    container: Container
+    size_bytes: int
+    cucim_safe: bool = False
+    is_ome: bool = False
+
+
+def sniff(path: Path) -> Container:
+    """Identify a file by its magic bytes, never by its extension."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return "jp2"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    return "text"
+
+
+def inspect_file(path: Path) -> FileInfo:
+    """Check that ``path`` is a non-empty file whose content matches its extension.
+
+    Raises
+    ------
+    UnsupportedSlideError
+        Missing, empty, text, or content that contradicts the extension.
+    CorruptSlideError
+        A TIFF whose directory or tile table is unreadable, truncated or empty.
+    """
+    if not path.exists():
+        raise UnsupportedSlideError(path, "the file does not exist.", "check the path.")
+    size = path.stat().st_size
+    if size == 0:
+        raise UnsupportedSlideError(
+            path, "the file is empty (0 bytes).", "copy or export the slide again; the transfer failed."
+        )
+    container = sniff(path)
+    ext = path.suffix.lower()
+    if ext in TIFF_EXTENSIONS and container != "tiff":
+        what = {"text": "text", "unknown": "unrecognised binary data"}.get(container, container.upper())
+        raise UnsupportedSlideError(
+            path,
+            f"the extension {ext!r} promises a TIFF-based slide but the content is {what}.",
+            "rename the file to its real type, or export the slide again from the scanner software.",
+        )
+    if ext == ".dcm" and container != "dicom":
+        raise UnsupportedSlideError(
+            path,
+            "the extension '.dcm' promises DICOM but the file has no DICM preamble.",
+            "export the image again as DICOM Part 10 (with preamble).",
+        )
+    if container == "text" and ext not in {".vms", ".vmu", ".mrxs"}:
+        raise UnsupportedSlideError(
+            path, "this is a text file, not an image.", "point OncoTrace at the slide file itself."
+        )
+    if container != "tiff":
+        return FileInfo(path, container, size)
+    return _inspect_tiff(path, size)
+
+
+def _inspect_tiff(path: Path, size: int) -> FileInfo:
+    try:
+        with tifffile.TiffFile(path) as tf:
+            pages = list(tf.pages)
+            is_ome = bool(tf.is_ome)
+            if not pages:
+                raise CorruptSlideError(
+                    path, "the TIFF holds no image directory.", "export the slide again; it is truncated."
+                )
+            safe = True
+            for page in pages:
+                if not isinstance(page, tifffile.TiffPage):
+                    continue
+                _check_page_data(path, page, size)
+                if page.imagewidth > MAX_SIDE_PX or page.imagelength > MAX_SIDE_PX:
+                    raise CorruptSlideError(
+                        path,
+                        f"the TIFF declares {page.imagewidth}×{page.imagelength} px, larger than any glass"
+                        f" slide ({MAX_SIDE_PX} px per side).",
+                        "the header is damaged; export the slide again.",
+                    )
+                main = page.is_tiled or page.index == 0
+                if main and not _cucim_decodes(page):
+                    safe = False
+    except (CorruptSlideError, UnsupportedSlideError):
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged headers
+        raise CorruptSlideError(
+            path,
+            f"the TIFF structure cannot be parsed ({type(exc).__name__}: {exc}).",
+            "the file is truncated or damaged; copy or export it again.",
+        ) from exc
+    return FileInfo(path, "tiff", size, cucim_safe=safe and not is_ome, is_ome=is_ome)
+
+
+def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:
+    offsets = page.dataoffsets
+    counts = page.databytecounts
+    if not offsets or not any(counts):
+        raise CorruptSlideError(
+            path,
+            f"image directory {page.index} declares {page.imagewidth}×{page.imagelength} px"
+            " but holds no pixel data.",
+            "the file is a header without image data; export the slide again.",
+        )
+    end = max(o + c for o, c in zip(offsets, counts, strict=False))
+    if end > size:
+        missing = sum(1 for o, c in zip(offsets, counts, strict=False) if o + c > size)
+        raise CorruptSlideError(
+            path,
+            f"the file is truncated: {missing} tile(s) of directory {page.index} lie beyond its end"
+            f" ({size} bytes on disk, {end} needed).",
+            "copy the slide again; the transfer was interrupted.",
+        )
+
+
+def _cucim_decodes(page: tifffile.TiffPage) -> bool:
+    return (
+        page.is_tiled
+        and int(page.compression) in CUCIM_COMPRESSIONS
+        and page.samplesperpixel in (3, 4)
+        and page.bitspersample == 8
+        and int(page.planarconfig) == 1
+        and int(page.photometric) in (2, 6)  # RGB, YCbCr
+    )
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap identity of a source file: size and mtime (ns). Changes whenever the file does."""
+    st = os.stat(path)
+    return f"size={st.st_size};mtime_ns={st.st_mtime_ns}"

@@ -1,0 +1,350 @@
+"""One typed slide API over cuCIM, OpenSlide, tifffile and Pillow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from ._backends import BACKENDS, Backend, BackendName, cucim_available
+from ._errors import CorruptSlideError, MppError, SlideError, UnsupportedSlideError
+from ._inspect import FileInfo, file_fingerprint, inspect_file
+
+BackendChoice = Literal["auto", "cucim", "openslide", "tifffile", "pillow"]
+MppSource = Literal["file", "override"]
+
+#: Level-0 resolutions outside this window are treated as broken metadata. The upper bound is
+#: 50, not 20: real DICOM overview images sit at ~29 µm/px, while bogus TIFF tags read as
+#: hundreds or thousands (72 dpi is 353 µm/px).
+PLAUSIBLE_MPP = (0.05, 50.0)
+
+#: Slide properties that may be copied into outputs. Anything else (labels, barcodes, file
+#: names, operator names, dates) stays inside the reader.
+EXPORTED_PROPERTIES = (
+    "backend",
+    "vendor",
+    "objective_power",
+    "mpp_x",
+    "mpp_y",
+    "mpp_source",
+    "mpp_detail",
+    "level_count",
+    "level_dimensions",
+    "level_downsamples",
+    "n_focal_planes",
+)
+
+
+@dataclass(frozen=True)
+class Mpp:
+    """Physical pixel size at level 0, in micrometres per pixel, and where it came from."""
+
+    x: float
+    y: float
+    source: MppSource
+    detail: str
+
+
+class Slide:
+    """An opened slide or smear image. Use :func:`open_slide`; close it or use ``with``.
+
+    Coordinates given to and returned by the slide are level-0 pixels ``(x, y)``.
+    """
+
+    def __init__(self, path: Path, backend: Backend, mpp: Mpp | None, info: FileInfo) -> None:
+        self.path = path
+        self._backend = backend
+        self.mpp = mpp
+        self.info = info
+        self.fingerprint = file_fingerprint(path)
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> BackendName:
+        return self._backend.name
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)`` in pixels."""
+        return self._backend.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._backend.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._backend.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._backend.level_downsamples
+
+    @property
+    def n_focal_planes(self) -> int:
+        return self._backend.n_focal_planes
+
+    @property
+    def vendor(self) -> str | None:
+        return self._backend.vendor
+
+    @property
+    def objective_power(self) -> float | None:
+        return self._backend.objective_power
+
+    @property
+    def mpp_xy(self) -> tuple[float, float]:
+        """Level-0 µm/px ``(x, y)``; raises :class:`MppError` if the slide has none."""
+        if self.mpp is None:
+            raise MppError(self.path, "the slide has no physical pixel size.", "pass mpp= (CLI: --mpp).")
+        return self.mpp.x, self.mpp.y
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Coarsest level whose downsample does not exceed ``downsample`` (0.1 % slack)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = i
+        return best
+
+    def level_mpp(self, level: int) -> float:
+        """Mean µm/px of a pyramid level."""
+        mx, my = self.mpp_xy
+        return 0.5 * (mx + my) * self.level_downsamples[level]
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        *,
+        z: int = 0,
+    ) -> np.ndarray:
+        """Read ``size = (w, h)`` pixels of ``level`` whose top-left is level-0 ``location``.
+
+        Returns
+        -------
+        (h, w, 3) uint8 ndarray
+            RGB; transparent or out-of-slide areas are white.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} out of range 0..{self.level_count - 1}")
+        if not 0 <= z < self.n_focal_planes:
+            raise ValueError(f"{self.path}: focal plane {z} out of range 0..{self.n_focal_planes - 1}")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"{self.path}: region size must be positive, got {size}")
+        return self._backend.read_region((int(location[0]), int(location[1])), level, (w, h), z=z)
+
+    def thumbnail(self, max_px: int = 1024) -> np.ndarray:
+        """Whole slide as RGB with its longer side at most ``max_px``: (h, w, 3) uint8."""
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_px
+        return self.read_downsampled(max(scale, 1.0))
+
+    def read_downsampled(self, downsample: float) -> np.ndarray:
+        """Whole slide resampled by ``downsample`` (≥ 1) from the closest finer level.
+
+        Reads in strips so memory stays bounded by the output plus one strip.
+        """
+        w0, h0 = self.dimensions
+        out_w = max(1, round(w0 / downsample))
+        out_h = max(1, round(h0 / downsample))
+        level = self.best_level_for_downsample(downsample)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        if lw * lh <= 64_000_000:
+            region = self.read_region((0, 0), level, (lw, lh))
+            return resize_rgb(region, (out_w, out_h))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        rows_per_strip = max(1, int(16_000_000 / (lw * downsample / ds)))
+        for oy in range(0, out_h, rows_per_strip):
+            oh = min(rows_per_strip, out_h - oy)
+            y0 = oy * downsample
+            src_h = max(1, round(oh * downsample / ds))
+            strip = self.read_region((0, round(y0)), level, (lw, src_h))
+            out[oy : oy + oh] = resize_rgb(strip, (out_w, oh))
+        return out
+
+    def exported_properties(self) -> dict[str, Any]:
+        """The allow-listed, non-identifying description of the slide for outputs."""
+        props: dict[str, Any] = {
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "objective_power": self.objective_power,
+            "mpp_x": self.mpp.x if self.mpp else None,
+            "mpp_y": self.mpp.y if self.mpp else None,
+            "mpp_source": self.mpp.source if self.mpp else None,
+            "mpp_detail": self.mpp.detail if self.mpp else None,
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "n_focal_planes": self.n_focal_planes,
+        }
+        return props
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp.x:.4g} µm/px ({self.mpp.source})" if self.mpp else "no mpp"
+        return f"Slide({self.path.name!r}, {self.backend}, {self.dimensions[0]}×{self.dimensions[1]}, {mpp})"
+
+
+def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (h, w, 3) uint8 to ``size = (w, h)``: area averaging when shrinking, bicubic up."""
+    if (img.shape[1], img.shape[0]) == tuple(size):
+        return img
+    pil = Image.fromarray(img)
+    shrinking = size[0] <= img.shape[1] and size[1] <= img.shape[0]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC
+    return np.asarray(pil.resize(size, resample=resample))
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_dir():
+        dcm = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm")
+        if not dcm:
+            raise UnsupportedSlideError(
+                path, "the folder holds no .dcm files.", "point at a DICOM-WSI folder or a slide file."
+            )
+        return dcm[0]  # OpenSlide finds the other instances of the series from any one of them
+    return path
+
+
+def _candidates(info: FileInfo) -> list[BackendName]:
+    if info.container == "tiff":
+        order: list[BackendName] = []
+        if info.cucim_safe and cucim_available():
+            order.append("cucim")
+        order += ["openslide", "tifffile"]
+        if info.is_ome:  # Z planes and OME metadata are only seen through tifffile
+            order = ["tifffile", "openslide"]
+        return order
+    if info.container == "dicom":
+        return ["openslide"]
+    if info.container in ("png", "jpeg", "bmp"):
+        return ["pillow"]
+    return ["openslide"]
+
+
+def open_slide(
+    path: str | Path,
+    *,
+    backend: BackendChoice = "auto",
+    mpp: float | tuple[float, float] | None = None,
+    require_mpp: bool = True,
+) -> Slide:
+    """Open a whole-slide image, DICOM-WSI folder or plain microscope image.
+
+    Parameters
+    ----------
+    path : file, or folder of DICOM-WSI instances.
+    backend : ``"auto"`` picks the fastest reader that handles the file (cuCIM, OpenSlide,
+        tifffile, Pillow in that order); a name forces that reader.
+    mpp : level-0 micrometres per pixel, overriding the file (recorded as ``source="override"``).
+    require_mpp : raise :class:`MppError` when the file has no plausible resolution and none
+        is given. Pass ``False`` only for tools that never use physical units (thumbnails).
+
+    Raises
+    ------
+    UnsupportedSlideError, CorruptSlideError, MppError
+        Each names the file and what to do.
+    """
+    path = _resolve_path(Path(path))
+    info = inspect_file(path)
+    order = _candidates(info) if backend == "auto" else [backend]
+    if backend == "cucim" and not info.cucim_safe:
+        raise UnsupportedSlideError(
+            path,
+            "cuCIM cannot decode this TIFF (not tiled, or compressed with something other than"
+            " JPEG/JPEG 2000/none); its native reader would crash.",
+            "use backend='auto' or 'openslide'.",
+        )
+    errors: list[SlideError] = []
+    for name in order:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+        try:
+            be = BACKENDS[name](path)
+        except CorruptSlideError:
+            raise
+        except UnsupportedSlideError as exc:
+            errors.append(exc)
+            continue
+        except ImportError:
+            if backend != "auto":
+                raise
+            continue
+        except Exception as exc:
+            errors.append(CorruptSlideError(path, f"{name} failed ({type(exc).__name__}: {exc}).", "export it again."))
+            continue
+        try:
+            resolved = _resolve_mpp(path, be, mpp, require_mpp)
+        except Exception:
+            be.close()
+            raise
+        return Slide(path, be, resolved, info)
+    if errors and isinstance(errors[-1], CorruptSlideError):
+        raise errors[-1]
+    tried = ", ".join(order)
+    raise UnsupportedSlideError(
+        path,
+        f"no reader could open it (tried {tried}; content looks like {info.container}).",
+        "check that it is a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM-WSI, TIFF) or a"
+        " PNG/JPEG microscope image.",
+    )
+
+
+def _resolve_mpp(
+    path: Path, be: Backend, override: float | tuple[float, float] | None, require: bool
+) -> Mpp | None:
+    lo, hi = PLAUSIBLE_MPP
+    if override is not None:
+        mx, my = (override, override) if isinstance(override, int | float) else override
+        for v in (mx, my):
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise MppError(
+                    path, f"the given mpp {v} µm/px is outside the plausible {lo}–{hi} µm/px.",
+                    "pass the scanner's real resolution (e.g. 0.25 at 40×, 0.5 at 20×).",
+                )
+        return Mpp(float(mx), float(my), "override", "given by the user")
+    found = be.file_mpp
+    if found is None:
+        if not require:
+            return None
+        raise MppError(
+            path,
+            "the file records no physical pixel size (µm/px).",
+            "pass it explicitly: --mpp 0.25 (40× scan) or --mpp 0.5 (20×); ask the scanner operator if unsure.",
+        )
+    mx, my = found
+    if not all(math.isfinite(v) and lo <= v <= hi for v in (mx, my)):
+        if not require:
+            return None
+        raise MppError(
+            path,
+            f"the file's resolution ({be.file_mpp_detail}) reads as {mx:.6g}×{my:.6g} µm/px,"
+            f" outside the plausible {lo}–{hi} µm/px, so its metadata is wrong.",
+            "pass the real value explicitly: --mpp 0.25 (40×) or --mpp 0.5 (20×).",
+        )
+    if not math.isclose(mx, my, rel_tol=0.05):
+        raise CorruptSlideError(
+            path, f"pixels are not square ({mx:.4g}×{my:.4g} µm/px).", "pass --mpp to override."
+        )
+    return Mpp(mx, my, "file", be.file_mpp_detail or "file")
