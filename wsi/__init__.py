@@ -9,6 +9,25 @@ from ._errors import (
     UnsupportedSlideError,
 )
 from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, Mpp, Slide, open_slide
+from ._store import (
+    TileResult,
+    TilingConfig,
+    is_complete,
+    read_store_attrs,
+    slide_id_for,
+    store_path,
+    tile_slide,
+    write_patches,
+)
+from ._tiling import (
+    TileGeometry,
+    focus_score,
+    read_tile,
+    tile_coords,
+    tile_geometry,
+    tissue_fraction,
+)
+from ._tissue import TissueMask, detect_tissue, ink_mask, tissue_mask
 
 __all__ = [
     "EXPORTED_PROPERTIES",
@@ -20,6 +39,24 @@ __all__ = [
     "ResolutionError",
     "Slide",
     "SlideError",
+    "TileGeometry",
+    "TileResult",
+    "TilingConfig",
+    "TissueMask",
     "UnsupportedSlideError",
+    "detect_tissue",
+    "focus_score",
+    "ink_mask",
+    "is_complete",
     "open_slide",
+    "read_store_attrs",
+    "read_tile",
+    "slide_id_for",
+    "store_path",
+    "tile_coords",
+    "tile_geometry",
+    "tile_slide",
+    "tissue_fraction",
+    "tissue_mask",
+    "write_patches",
 ]

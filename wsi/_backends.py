@@ -64,7 +64,12 @@ def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
     """Vendor, objective power and resolution (µm/px, with its source) of a TIFF slide."""
     page = tf.pages.first
     desc = page.description or ""
-    meta: dict[str, Any] = {"vendor": "generic-tiff", "objective_power": None, "mpp": None, "mpp_detail": None}
+    meta: dict[str, Any] = {
+        "vendor": "generic-tiff",
+        "objective_power": None,
+        "mpp": None,
+        "mpp_detail": None,
+    }
     if tf.is_svs or desc.startswith("Aperio"):
         fields = _aperio_fields(desc)
         meta["vendor"] = "aperio"
@@ -87,7 +92,11 @@ def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
         return meta
     if tf.is_philips:
         meta["vendor"] = "philips"
-        match = re.search(r'PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE.*?"DICOM_PIXEL_SPACING"[^>]*>&quot;([0-9.eE+-]+)&quot; &quot;([0-9.eE+-]+)&quot;', tf.philips_metadata or "", re.S)
+        match = re.search(
+            r'PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE.*?"DICOM_PIXEL_SPACING"[^>]*>&quot;([0-9.eE+-]+)&quot; &quot;([0-9.eE+-]+)&quot;',
+            tf.philips_metadata or "",
+            re.S,
+        )
         if match:  # Philips stores (row, column) spacing in millimetres
             meta["mpp"] = (float(match.group(2)) * 1000, float(match.group(1)) * 1000)
             meta["mpp_detail"] = "Philips DICOM_PIXEL_SPACING"
@@ -134,7 +143,7 @@ class Backend:
     ) -> np.ndarray:
         raise NotImplementedError
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         pass
 
     @property
@@ -160,7 +169,9 @@ class CucimBackend(Backend):
         try:
             self._img = CuImage(str(path))
         except Exception as exc:
-            raise CorruptSlideError(path, f"cuCIM cannot load it ({exc}).", "try backend='openslide'.") from exc
+            raise CorruptSlideError(
+                path, f"cuCIM cannot load it ({exc}).", "try backend='openslide'."
+            ) from exc
         res = self._img.resolutions
         self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
@@ -174,7 +185,9 @@ class CucimBackend(Backend):
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
     ) -> np.ndarray:
-        region = self._img.read_region(location=(int(location[0]), int(location[1])), size=size, level=level)
+        region = self._img.read_region(
+            location=(int(location[0]), int(location[1])), size=size, level=level
+        )
         arr = np.asarray(region)
         if arr.shape[-1] == 4:
             return composite_on_white(arr)
@@ -182,7 +195,12 @@ class CucimBackend(Backend):
 
     @property
     def raw_properties(self) -> Mapping[str, str]:
-        return {f"{ns}.{k}": str(v) for ns, d in self._img.metadata.items() if isinstance(d, dict) for k, v in d.items()}
+        return {
+            f"{ns}.{k}": str(v)
+            for ns, d in self._img.metadata.items()
+            if isinstance(d, dict)
+            for k, v in d.items()
+        }
 
 
 class OpenSlideBackend(Backend):
@@ -197,7 +215,9 @@ class OpenSlideBackend(Backend):
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise UnsupportedSlideError(path, "OpenSlide does not recognise the format.", "check the file type.") from exc
+            raise UnsupportedSlideError(
+                path, "OpenSlide does not recognise the format.", "check the file type."
+            ) from exc
         except openslide.OpenSlideError as exc:
             raise CorruptSlideError(
                 path,
@@ -222,7 +242,11 @@ class OpenSlideBackend(Backend):
         try:
             img = self._osr.read_region((int(location[0]), int(location[1])), level, size)
         except openslide.OpenSlideError as exc:
-            raise CorruptSlideError(self.path, f"OpenSlide failed to decode a region ({exc}).", "the file is damaged; export it again.") from exc
+            raise CorruptSlideError(
+                self.path,
+                f"OpenSlide failed to decode a region ({exc}).",
+                "the file is damaged; export it again.",
+            ) from exc
         return composite_on_white(np.asarray(img))
 
     def close(self) -> None:
@@ -259,7 +283,11 @@ class TifffileBackend(Backend):
         self.file_mpp, self.file_mpp_detail = meta["mpp"], meta["mpp_detail"]
         self._axes = series.axes
         if "Y" not in self._axes or "X" not in self._axes:
-            raise UnsupportedSlideError(path, f"the TIFF has axes {self._axes!r}, not an image plane.", "export a 2-D RGB image.")
+            raise UnsupportedSlideError(
+                path,
+                f"the TIFF has axes {self._axes!r}, not an image plane.",
+                "export a 2-D RGB image.",
+            )
         levels = series.levels
         self._arrays = []
         dims = []
@@ -318,7 +346,9 @@ def _to_rgb8(data: np.ndarray) -> np.ndarray:
     if data.dtype == np.uint16:
         data = (data >> 8).astype(np.uint8)
     elif data.dtype != np.uint8:
-        raise UnsupportedSlideError("<array>", f"pixel type {data.dtype} is not brightfield RGB.", "export 8-bit RGB.")
+        raise UnsupportedSlideError(
+            "<array>", f"pixel type {data.dtype} is not brightfield RGB.", "export 8-bit RGB."
+        )
     if data.ndim == 2:
         return np.repeat(data[..., None], 3, axis=-1)
     if data.shape[-1] == 4:
@@ -351,7 +381,9 @@ class PillowBackend(Backend):
         except UnsupportedSlideError:
             raise
         except (OSError, SyntaxError, ValueError) as exc:
-            raise CorruptSlideError(path, f"the image cannot be decoded ({exc}).", "export the image again.") from exc
+            raise CorruptSlideError(
+                path, f"the image cannot be decoded ({exc}).", "export the image again."
+            ) from exc
         self._rgb = composite_on_white(rgba)
         h, w = self._rgb.shape[:2]
         self.level_dimensions = ((w, h),)

@@ -19,7 +19,9 @@ from ._errors import CorruptSlideError, UnsupportedSlideError
 Container = Literal["tiff", "dicom", "png", "jpeg", "bmp", "jp2", "text", "unknown"]
 
 #: Extensions whose format is TIFF-based: content that is not TIFF is a renamed file.
-TIFF_EXTENSIONS = frozenset({".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".svslide", ".qptiff"})
+TIFF_EXTENSIONS = frozenset(
+    {".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".svslide", ".qptiff"}
+)
 #: Largest plausible side of a slide in pixels (75 mm at 0.1 µm/px is 750 000).
 MAX_SIDE_PX = 1_000_000
 #: TIFF compressions cuCIM's CPU reader decodes without crashing (none, JPEG, Aperio JPEG 2000).
@@ -75,12 +77,16 @@ def inspect_file(path: Path) -> FileInfo:
     size = path.stat().st_size
     if size == 0:
         raise UnsupportedSlideError(
-            path, "the file is empty (0 bytes).", "copy or export the slide again; the transfer failed."
+            path,
+            "the file is empty (0 bytes).",
+            "copy or export the slide again; the transfer failed.",
         )
     container = sniff(path)
     ext = path.suffix.lower()
     if ext in TIFF_EXTENSIONS and container != "tiff":
-        what = {"text": "text", "unknown": "unrecognised binary data"}.get(container, container.upper())
+        what = {"text": "text", "unknown": "unrecognised binary data"}.get(
+            container, container.upper()
+        )
         raise UnsupportedSlideError(
             path,
             f"the extension {ext!r} promises a TIFF-based slide but the content is {what}.",
@@ -108,7 +114,9 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
             is_ome = bool(tf.is_ome)
             if not pages:
                 raise CorruptSlideError(
-                    path, "the TIFF holds no image directory.", "export the slide again; it is truncated."
+                    path,
+                    "the TIFF holds no image directory.",
+                    "export the slide again; it is truncated.",
                 )
             safe = True
             for page in pages:

@@ -101,7 +101,9 @@ class Slide:
     def mpp_xy(self) -> tuple[float, float]:
         """Level-0 µm/px ``(x, y)``; raises :class:`MppError` if the slide has none."""
         if self.mpp is None:
-            raise MppError(self.path, "the slide has no physical pixel size.", "pass mpp= (CLI: --mpp).")
+            raise MppError(
+                self.path, "the slide has no physical pixel size.", "pass mpp= (CLI: --mpp)."
+            )
         return self.mpp.x, self.mpp.y
 
     def best_level_for_downsample(self, downsample: float) -> int:
@@ -136,7 +138,9 @@ class Slide:
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} out of range 0..{self.level_count - 1}")
         if not 0 <= z < self.n_focal_planes:
-            raise ValueError(f"{self.path}: focal plane {z} out of range 0..{self.n_focal_planes - 1}")
+            raise ValueError(
+                f"{self.path}: focal plane {z} out of range 0..{self.n_focal_planes - 1}"
+            )
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got {size}")
@@ -197,7 +201,10 @@ class Slide:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -221,7 +228,9 @@ def _resolve_path(path: Path) -> Path:
         dcm = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm")
         if not dcm:
             raise UnsupportedSlideError(
-                path, "the folder holds no .dcm files.", "point at a DICOM-WSI folder or a slide file."
+                path,
+                "the folder holds no .dcm files.",
+                "point at a DICOM-WSI folder or a slide file.",
             )
         return dcm[0]  # OpenSlide finds the other instances of the series from any one of them
     return path
@@ -292,7 +301,11 @@ def open_slide(
                 raise
             continue
         except Exception as exc:
-            errors.append(CorruptSlideError(path, f"{name} failed ({type(exc).__name__}: {exc}).", "export it again."))
+            errors.append(
+                CorruptSlideError(
+                    path, f"{name} failed ({type(exc).__name__}: {exc}).", "export it again."
+                )
+            )
             continue
         try:
             resolved = _resolve_mpp(path, be, mpp, require_mpp)
@@ -320,7 +333,8 @@ def _resolve_mpp(
         for v in (mx, my):
             if not (math.isfinite(v) and lo <= v <= hi):
                 raise MppError(
-                    path, f"the given mpp {v} µm/px is outside the plausible {lo}–{hi} µm/px.",
+                    path,
+                    f"the given mpp {v} µm/px is outside the plausible {lo}–{hi} µm/px.",
                     "pass the scanner's real resolution (e.g. 0.25 at 40×, 0.5 at 20×).",
                 )
         return Mpp(float(mx), float(my), "override", "given by the user")

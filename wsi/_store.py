@@ -1,0 +1,394 @@
+"""One self-describing Zarr v3 store per slide, committed atomically.
+
+Layout of ``<out>/<slide_id>.zarr``::
+
+    patches         (N, H, W, 3) uint8   chunks (1, H, W, 3) inside shards (64, H, W, 3)
+    coords          (N, 2) int64         level-0 (x, y) of each tile's top-left corner
+    tissue_fraction (N,) float32         mask coverage of each tile
+    focus           (N,) float32         variance of the Laplacian (blur score)
+    focal_plane     (N,) int16           chosen Z plane (only for multi-plane files)
+    mask            (h, w) bool          tissue / cell mask on the overview grid
+    thumbnail       (h, w, 3) uint8      the overview the mask was computed on
+
+A store is written under ``.<slide_id>.zarr.partial-<pid>`` and renamed when complete, so
+anything named ``<slide_id>.zarr`` is finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from ._errors import NoTissueError
+from ._slide import BackendChoice, Slide, open_slide
+from ._tiling import (
+    TileGeometry,
+    focus_score,
+    read_sharpest,
+    read_tile,
+    tile_coords,
+    tile_geometry,
+    tissue_fraction,
+)
+from ._tissue import Mode, TissueMask, detect_tissue
+
+STORE_FORMAT = 1
+SHARD_TILES = 64
+ATTRS_KEY = "oncotrace"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oncotrace")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Everything that decides which pixels end up in a store (written into its attrs)."""
+
+    target_mpp: float = 0.5
+    tile_px: int = 224
+    stride_px: int | None = None
+    min_tissue: float = 0.25
+    mode: Mode = "tissue"
+    min_focus: float | None = None
+
+    def as_attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def slide_id_for(path: str | Path) -> str:
+    """The store name for a slide: its file stem, or the folder name of a DICOM-WSI folder."""
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
+def store_path(out_dir: str | Path, slide_id: str) -> Path:
+    return Path(out_dir) / f"{slide_id}.zarr"
+
+
+def read_store_attrs(path: str | Path) -> dict[str, Any] | None:
+    """The store's attrs, or ``None`` if ``path`` is not a finished OncoTrace store."""
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        return None
+    try:
+        group = zarr.open_group(p, mode="r")
+    except Exception:
+        return None
+    attrs = dict(group.attrs).get(ATTRS_KEY)
+    if not isinstance(attrs, dict) or not attrs.get("complete"):
+        return None
+    return attrs
+
+
+def is_complete(path: str | Path, *, fingerprint: str, config: TilingConfig) -> bool:
+    """True if ``path`` is a finished store of the same source file and tiling config."""
+    attrs = read_store_attrs(path)
+    return (
+        attrs is not None
+        and attrs.get("source_fingerprint") == fingerprint
+        and attrs.get("tiling") == config.as_attrs()
+    )
+
+
+def _remove_stale_partials(out_dir: Path, slide_id: str) -> None:
+    for tmp in out_dir.glob(f".{slide_id}.zarr.partial-*"):
+        pid_text = tmp.name.rsplit("-", 2)[-2] if tmp.name.count("-") >= 2 else ""
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+            continue  # another live process is writing it
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def write_patches(
+    slide: Slide,
+    coords: np.ndarray,
+    out_dir: str | Path,
+    *,
+    config: TilingConfig | None = None,
+    mask: TissueMask | None = None,
+    slide_id: str | None = None,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Read the tiles at ``coords`` and write them, atomically, into ``<out_dir>/<slide_id>.zarr``.
+
+    Parameters
+    ----------
+    slide : the opened slide.
+    coords : (N, 2) int64 ndarray, level-0 top-left corners (from :func:`tile_coords`).
+    out_dir : folder of stores; created if missing.
+    config : resolution, tile size and filters (default :class:`TilingConfig`).
+    mask : the tissue mask (stored with its thumbnail, and used for per-tile coverage).
+    slide_id : store name; default the slide's file stem.
+    workers : reader threads. Readers release the GIL; each thread handles one shard of
+        64 tiles at a time, so peak memory is a few shards whatever the slide size.
+    progress : called with the number of tiles finished after each shard.
+
+    Returns
+    -------
+    Path of the finished store.
+    """
+    cfg = config or TilingConfig()
+    coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
+    sid = slide_id or slide_id_for(slide.path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out, sid)
+    final = store_path(out, sid)
+    tmp = out / f".{sid}.zarr.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    geom = tile_geometry(
+        slide, target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, stride_px=cfg.stride_px
+    )
+    try:
+        kept = _write_arrays(slide, coords, tmp, geom, cfg, mask, workers, progress)
+        group = zarr.open_group(tmp, mode="r+")
+        group.attrs[ATTRS_KEY] = _attrs(slide, sid, geom, cfg, mask, kept)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_arrays(
+    slide: Slide,
+    coords: np.ndarray,
+    tmp: Path,
+    geom: TileGeometry,
+    cfg: TilingConfig,
+    mask: TissueMask | None,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    n, tp = len(coords), cfg.tile_px
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    blosc = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+    patches = group.create_array(
+        "patches",
+        shape=(n, tp, tp, 3),
+        dtype="uint8",
+        chunks=(1, tp, tp, 3),
+        shards=(SHARD_TILES, tp, tp, 3),
+        compressors=blosc,
+        dimension_names=("tile", "y", "x", "c"),
+    )
+    multi_z = slide.n_focal_planes > 1
+    focus = np.zeros(n, np.float32)
+    plane = np.zeros(n, np.int16)
+
+    def work(bounds: tuple[int, int]) -> tuple[int, int]:
+        start, stop = bounds
+        batch = np.empty((stop - start, tp, tp, 3), np.uint8)
+        for i in range(start, stop):
+            xy = (int(coords[i, 0]), int(coords[i, 1]))
+            if multi_z:
+                batch[i - start], focus[i], plane[i] = read_sharpest(slide, xy, geom)
+            else:
+                batch[i - start] = read_tile(slide, xy, geom)
+                focus[i] = focus_score(batch[i - start])
+        patches[start:stop] = batch  # whole shards: no read-modify-write, threads never share one
+        return start, stop
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile") as pool:
+        pending: list[Future[tuple[int, int]]] = []
+        done = 0
+        for bounds in _batches(n, SHARD_TILES):
+            pending.append(pool.submit(work, bounds))
+            if len(pending) >= 2 * max(1, workers):  # bound memory: a few shards in flight
+                s, e = pending.pop(0).result()
+                done += e - s
+                if progress:
+                    progress(e - s)
+        for fut in pending:
+            s, e = fut.result()
+            done += e - s
+            if progress:
+                progress(e - s)
+
+    frac = (
+        tissue_fraction(mask, coords, geom.size_level0)
+        if mask is not None
+        else np.ones(n, np.float32)
+    )
+    keep = np.ones(n, bool)
+    if cfg.min_focus is not None:
+        keep = focus >= cfg.min_focus
+    if not keep.all():
+        _compact(group, patches, keep)
+    kept = int(keep.sum())
+    group.create_array(
+        "coords", data=coords[keep], chunks=(max(1, kept), 2), dimension_names=("tile", "xy")
+    )
+    group.create_array("tissue_fraction", data=frac[keep], dimension_names=("tile",))
+    group.create_array("focus", data=focus[keep], dimension_names=("tile",))
+    if multi_z:
+        group.create_array("focal_plane", data=plane[keep], dimension_names=("tile",))
+    if mask is not None:
+        m = group.create_array("mask", data=mask.mask.astype(bool), dimension_names=("y", "x"))
+        m.attrs.update({"downsample": mask.downsample, "mpp": mask.mpp})
+        t = group.create_array("thumbnail", data=mask.thumbnail, dimension_names=("y", "x", "c"))
+        t.attrs.update({"downsample": mask.downsample, "mpp": mask.mpp})
+    return kept
+
+
+def _compact(group: zarr.Group, patches: zarr.Array, keep: np.ndarray) -> None:
+    """Drop rejected tiles (blur filter) by rewriting the patch array shard by shard."""
+    idx = np.flatnonzero(keep)
+    tp = patches.shape[1]
+    new = group.create_array(
+        "patches_kept",
+        shape=(len(idx), tp, tp, 3),
+        dtype="uint8",
+        chunks=(1, tp, tp, 3),
+        shards=(SHARD_TILES, tp, tp, 3),
+        compressors=patches.compressors,
+        dimension_names=("tile", "y", "x", "c"),
+    )
+    for start, stop in _batches(len(idx), SHARD_TILES):
+        new[start:stop] = patches.get_orthogonal_selection((idx[start:stop],))
+    root = (
+        Path(str(group.store_path.store.root)) if hasattr(group.store_path.store, "root") else None
+    )
+    if root is None:  # pragma: no cover - only local stores are written here
+        raise RuntimeError("tile stores must be on a local filesystem")
+    shutil.rmtree(root / "patches")
+    os.replace(root / "patches_kept", root / "patches")
+
+
+def _attrs(
+    slide: Slide, sid: str, geom: TileGeometry, cfg: TilingConfig, mask: TissueMask | None, n: int
+) -> dict[str, Any]:
+    mx, my = slide.mpp_xy
+    assert slide.mpp is not None  # mpp_xy raised otherwise
+    return {
+        "format": STORE_FORMAT,
+        "complete": True,
+        "package_version": package_version(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "slide_id": sid,
+        "source_path": str(slide.path.resolve()),
+        "source_fingerprint": slide.fingerprint,
+        "backend": slide.backend,
+        "level0_size": list(slide.dimensions),
+        "mpp": [mx, my],
+        "mpp_source": slide.mpp.source,
+        "mpp_detail": slide.mpp.detail,
+        "mode": cfg.mode,
+        "tiling": cfg.as_attrs(),
+        "target_mpp": cfg.target_mpp,
+        "tile_px": cfg.tile_px,
+        "tile_size_level0": [geom.size_level0[0], geom.size_level0[1]],
+        "stride_level0": [geom.stride_level0[0], geom.stride_level0[1]],
+        "read_level": geom.read_level,
+        "read_size": list(geom.read_size),
+        "n_tiles": n,
+        "tissue_qc": dict(mask.qc) if mask is not None else {},
+        "mask_mpp": mask.mpp if mask is not None else None,
+        "slide_properties": slide.exported_properties(),
+    }
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """Outcome of :func:`tile_slide` for one slide."""
+
+    slide_id: str
+    store: Path
+    n_tiles: int
+    skipped: bool
+    seconds: float
+
+
+def tile_slide(
+    path: str | Path,
+    out_dir: str | Path,
+    config: TilingConfig | None = None,
+    *,
+    mpp: float | None = None,
+    backend: BackendChoice = "auto",
+    workers: int = 2,
+    slide_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> TileResult:
+    """Open, detect, tile and store one slide; skip it if an identical store is complete.
+
+    Raises the ``wsi`` errors of each stage (open, detect, tile) unchanged.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    cfg = config or TilingConfig()
+    sid = slide_id or slide_id_for(path)
+    target = store_path(out_dir, sid)
+    with open_slide(path, backend=backend, mpp=mpp) as slide:
+        if is_complete(target, fingerprint=slide.fingerprint, config=cfg):
+            attrs = read_store_attrs(target) or {}
+            return TileResult(
+                sid, target, int(attrs.get("n_tiles", 0)), True, time.perf_counter() - t0
+            )
+        mask = detect_tissue(slide, mode=cfg.mode)
+        coords = tile_coords(
+            slide,
+            mask,
+            target_mpp=cfg.target_mpp,
+            tile_px=cfg.tile_px,
+            stride_px=cfg.stride_px,
+            min_tissue=cfg.min_tissue,
+        )
+        if len(coords) == 0:
+            raise NoTissueError(
+                slide.path,
+                f"tissue was found but no {cfg.tile_px}-px tile at {cfg.target_mpp} µm/px is"
+                f" covered ≥ {cfg.min_tissue:.0%} by it.",
+                "lower --min-tissue or --tile-px, or check the mask in the thumbnail.",
+            )
+        if on_total:
+            on_total(len(coords))
+        store = write_patches(
+            slide,
+            coords,
+            out_dir,
+            config=cfg,
+            mask=mask,
+            slide_id=sid,
+            workers=workers,
+            progress=progress,
+        )
+    attrs = read_store_attrs(store) or {}
+    return TileResult(
+        sid, store, int(attrs.get("n_tiles", len(coords))), False, time.perf_counter() - t0
+    )

@@ -1,0 +1,161 @@
+"""Where to tile: tissue sheets (H&E, IHC) or cell-dense regions of cytology smears."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import filters, morphology
+
+from ._errors import NoTissueError
+from ._slide import Slide
+
+Mode = Literal["tissue", "smear"]
+
+#: Default overview resolutions (µm/px): a tissue sheet is found at 8 µm/px; single cells
+#: (10–20 µm) need ~2 µm/px to be seen at all.
+MASK_MPP: dict[str, float] = {"tissue": 8.0, "smear": 2.0}
+#: Overviews larger than this many pixels are made coarser so memory stays bounded.
+MAX_OVERVIEW_PX = 80_000_000
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean map of where to tile, on an overview grid of the slide.
+
+    Attributes
+    ----------
+    mask : (h, w) bool ndarray, True where tissue (or cells) is.
+    downsample : level-0 pixels per mask pixel (same on both axes).
+    mpp : micrometres per mask pixel.
+    mode : ``"tissue"`` or ``"smear"``.
+    thumbnail : (h, w, 3) uint8 ndarray, the RGB overview the mask was computed from.
+    qc : QC numbers (tissue_fraction, ink_fraction, …).
+    """
+
+    mask: np.ndarray
+    downsample: float
+    mpp: float
+    mode: Mode
+    thumbnail: np.ndarray
+    qc: dict[str, float] = field(default_factory=dict)
+
+
+def detect_tissue(
+    slide: Slide,
+    *,
+    mode: Mode = "tissue",
+    mask_mpp: float | None = None,
+    allow_empty: bool = False,
+) -> TissueMask:
+    """Find tissue (``mode="tissue"``) or cell-dense smear regions (``mode="smear"``).
+
+    Parameters
+    ----------
+    slide : an opened slide with a physical pixel size.
+    mode : ``"tissue"`` for sections (saturation/Otsu, pen ink removed), ``"smear"`` for
+        cytology (nuclear optical density and local cell density, clumps and debris rejected).
+    mask_mpp : overview resolution in µm/px (default 8 for tissue, 2 for smear); never finer
+        than the slide itself.
+    allow_empty : return an empty mask instead of raising :class:`NoTissueError`.
+    """
+    if mode not in MASK_MPP:
+        raise ValueError(f"mode must be 'tissue' or 'smear', got {mode!r}")
+    mpp0 = float(np.mean(slide.mpp_xy))
+    want = MASK_MPP[mode] if mask_mpp is None else float(mask_mpp)
+    downsample = max(1.0, want / mpp0)
+    w0, h0 = slide.dimensions
+    while (w0 / downsample) * (h0 / downsample) > MAX_OVERVIEW_PX:
+        downsample *= 1.5
+    overview = slide.read_downsampled(downsample)
+    # read_downsampled rounds the output size; use the exact ratio actually produced
+    downsample = w0 / overview.shape[1]
+    mpp = mpp0 * downsample
+    if mode == "tissue":
+        mask, qc = tissue_mask(overview, mpp)
+    else:
+        from ._smear import smear_mask
+
+        mask, qc = smear_mask(overview, mpp)
+    if not mask.any() and not allow_empty:
+        hint = " For cytology smears use mode 'smear' (--mode smear)." if mode == "tissue" else ""
+        raise NoTissueError(
+            slide.path,
+            f"no {'tissue' if mode == 'tissue' else 'cell-dense region'} was found"
+            f" (overview {overview.shape[1]}×{overview.shape[0]} px at {mpp:.3g} µm/px).",
+            "check that the slide is not blank or out of focus." + hint,
+        )
+    return TissueMask(
+        mask=mask, downsample=downsample, mpp=mpp, mode=mode, thumbnail=overview, qc=qc
+    )
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue in degrees, saturation and value in [0, 1], computed in float32."""
+    f = rgb.astype(np.float32) / 255.0
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    mx = f.max(axis=-1)
+    mn = f.min(axis=-1)
+    delta = mx - mn
+    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
+    safe = np.maximum(delta, 1e-6)
+    hue = np.where(
+        mx == r,
+        ((g - b) / safe) % 6.0,
+        np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
+    )
+    hue = np.where(delta > 0, hue * 60.0, 0.0)
+    return hue.astype(np.float32), sat.astype(np.float32), mx
+
+
+def ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pen-marker ink: green, blue and black. (h, w) bool.
+
+    Stains never take these hues: eosin is pink-red (hue 300–360°), hematoxylin purple-blue
+    with red above green (hue 250–300°), DAB brown (hue 10–40°). Blue marker has green at or
+    above red (hue 180–245°); green marker 70–170°; black marker is nearly colourless and dark.
+    """
+    hue, sat, val = _hsv(rgb)
+    green = (hue >= 70) & (hue <= 170) & (sat > 0.2) & (val < 0.9)
+    blue = (hue > 170) & (hue <= 245) & (sat > 0.25) & (val < 0.95)
+    black = (val < 0.25) & (sat < 0.6)
+    return green | blue | black
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, float]]:
+    """Tissue mask of an RGB overview at ``mpp`` µm/px: saturation Otsu, ink removed, cleaned.
+
+    Returns the (h, w) bool mask and QC numbers (``tissue_fraction``, ``ink_fraction``,
+    ``saturation_threshold``).
+    """
+    _, sat, val = _hsv(rgb)
+    ink = ink_mask(rgb)
+    # Ink strokes are several pixels wide and their anti-aliased edges are colourful too.
+    ink = ndi.binary_dilation(ink, iterations=max(1, round(16 / mpp)))
+    candidates = sat[~ink & (val > 0.2)]
+    # Floor on the threshold: on a blank slide Otsu splits noise, and glass is < 0.05.
+    thr = 0.07
+    if candidates.size > 16 and np.ptp(candidates) > 0:
+        thr = max(thr, float(filters.threshold_otsu(candidates)))
+        thr = min(thr, 0.25)  # faint IHC / pale eosin is still tissue
+    tissue = (sat > thr) & ~ink & (val > 0.2)
+    radius = max(1, round(16 / mpp))
+    tissue = morphology.closing(tissue, morphology.disk(radius), mode="ignore")
+    tissue &= ~ink
+    area_px = (1.0 / mpp) ** 2  # mask pixels per µm²
+    tissue = morphology.remove_small_objects(
+        tissue, max_size=max(4, int(0.02e6 * area_px))
+    )  # < 0.02 mm²
+    tissue = morphology.remove_small_holes(
+        tissue, max_size=max(4, int(0.05e6 * area_px))
+    )  # < 0.05 mm²
+    tissue &= ~ink
+    n = tissue.size
+    qc = {
+        "tissue_fraction": float(tissue.sum() / n),
+        "ink_fraction": float(ink.sum() / n),
+        "saturation_threshold": float(thr),
+    }
+    return tissue, qc
