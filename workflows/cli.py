@@ -19,6 +19,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from workflows._batch import BatchReport, find_slides, tile_batch
+from wsi import TilingConfig
+
 app = typer.Typer(
     name="oncotrace",
     help="OncoTrace: slides and smears → tiles → attention-MIL → heatmaps.",
@@ -64,7 +67,6 @@ def tile(
     ] = False,
 ) -> None:
     """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
-    from workflows._batch import find_slides
     from wsi import TilingConfig
 
     if mode not in ("tissue", "smear"):
@@ -87,8 +89,9 @@ def tile(
         raise typer.Exit(1)
 
 
-def _run_with_progress(paths, out, config, mpp, workers):  # type: ignore[no-untyped-def]
-    from workflows._batch import tile_batch
+def _run_with_progress(
+    paths: list[Path], out: Path, config: TilingConfig, mpp: float | None, workers: int
+) -> BatchReport:
 
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -126,7 +129,7 @@ def _run_with_progress(paths, out, config, mpp, workers):  # type: ignore[no-unt
         )
 
 
-def _print_summary(report, out: Path) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(report: BatchReport, out: Path) -> None:
     table = Table(title=f"Tiling → {out}")
     for col in ("slide", "status", "tiles", "seconds"):
         table.add_column(col)
@@ -136,15 +139,15 @@ def _print_summary(report, out: Path) -> None:  # type: ignore[no-untyped-def]
         )
     for row in report.skipped:
         table.add_row(str(row["slide_id"]), "[cyan]up to date", str(row["n_tiles"]), "")
-    for row in report.errors:
-        table.add_row(Path(row["slide"]).name, f"[red]{row['error_type']} ({row['stage']})", "", "")
+    for err in report.errors:
+        table.add_row(Path(err["slide"]).name, f"[red]{err['error_type']} ({err['stage']})", "", "")
     console.print(table)
     if report.errors:
         console.print(
             f"[yellow]{report.n_failed} slide(s) failed; see {out / 'errors.csv'}.[/yellow]"
         )
-        for row in report.errors:
-            console.print(f"  [red]•[/red] {row['message']}")
+        for err in report.errors:
+            console.print(f"  [red]•[/red] {err['message']}")
 
 
 @app.command()
@@ -176,7 +179,6 @@ def demo(
     workers: Annotated[int, typer.Option("--workers", help="Reader threads.")] = _default_workers(),
 ) -> None:
     """Run the pipeline on built-in generated data (no downloads) and say where to look."""
-    from wsi import TilingConfig
     from wsi.synthetic import make_tissue_squares
 
     out.mkdir(parents=True, exist_ok=True)

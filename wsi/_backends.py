@@ -138,6 +138,9 @@ class Backend:
     file_mpp: tuple[float, float] | None = None
     file_mpp_detail: str | None = None
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
     ) -> np.ndarray:
@@ -159,7 +162,7 @@ class CucimBackend(Backend):
 
     def __init__(self, path: Path) -> None:
         try:
-            from cucim import CuImage
+            from cucim import CuImage  # type: ignore[attr-defined]
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ImportError(
                 "the cuCIM backend needs cuCIM: `pip install --no-deps 'cucim-cu12>=25.2,<27'`"

@@ -116,8 +116,8 @@ def grid_coords(dimensions: tuple[int, int], geom: TileGeometry) -> np.ndarray:
     """All full tiles of the regular grid inside a slide of level-0 ``dimensions``."""
     w0, h0 = dimensions
     (tw, th), (sx, sy) = geom.size_level0, geom.stride_level0
-    nx = int(math.floor((w0 - tw) / sx + 1e-9)) + 1 if w0 >= tw - 1e-6 else 0
-    ny = int(math.floor((h0 - th) / sy + 1e-9)) + 1 if h0 >= th - 1e-6 else 0
+    nx = math.floor((w0 - tw) / sx + 1e-9) + 1 if w0 >= tw - 1e-6 else 0
+    ny = math.floor((h0 - th) / sy + 1e-9) + 1 if h0 >= th - 1e-6 else 0
     if nx <= 0 or ny <= 0:
         return np.zeros((0, 2), np.int64)
     xs = np.round(np.arange(nx) * sx).astype(np.int64)
