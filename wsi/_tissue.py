@@ -111,17 +111,21 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def ink_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pen-marker ink: green, blue and black. (h, w) bool.
+    """Pen-marker ink: green, blue, red and black. (h, w) bool.
 
-    Stains never take these hues: eosin is pink-red (hue 300–360°), hematoxylin purple-blue
-    with red above green (hue 250–300°), DAB brown (hue 10–40°). Blue marker has green at or
-    above red (hue 180–245°); green marker 70–170°; black marker is nearly colourless and dark.
+    Stains rarely take these colours at overview resolution: eosin is pink (hue 300–360°,
+    saturation < 0.6), hematoxylin purple-blue with red above green (hue 250–300°), DAB brown
+    (hue 10–40°). Blue marker has green at or above red (hue 170–245°); green marker 70–170°;
+    red marker is a deep, highly saturated red; black marker is darker than any stained
+    tissue averaged over 8 µm pixels, or dark and colourless.
     """
     hue, sat, val = _hsv(rgb)
     green = (hue >= 70) & (hue <= 170) & (sat > 0.2) & (val < 0.9)
     blue = (hue > 170) & (hue <= 245) & (sat > 0.25) & (val < 0.95)
-    black = (val < 0.25) & (sat < 0.6)
-    return green | blue | black
+    red = ((hue >= 340) | (hue <= 10)) & (sat > 0.65) & (val > 0.3)
+    # Dense hematoxylin (skin, lymphoid tissue) reaches value 0.25-0.35 but stays purple.
+    black = (val < 0.22) | ((val < 0.35) & (sat < 0.3))
+    return green | blue | red | black
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, float]]:

@@ -1,0 +1,659 @@
+"""Synthetic cytology smears with planted truth, for testing smear-mode cell-region finding.
+
+A smear is rendered in optical-density space (Beer–Lambert: overlapping cells add their
+absorbance, so thick clumps come out dark the way they do under a microscope) and written as a
+tiled pyramidal TIFF whose resolution tags give the requested µm/px. The returned
+:class:`SmearTruth` holds every planted object in level-0 pixels, so tests can compare a
+detector's mask with where cells really are.
+
+Nothing here is imported by the pipeline; it exists for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+Stain = Literal["pap", "giemsa"]
+
+#: ``SmearTruth.cell_kind`` codes.
+KIND_CLUSTER, KIND_SINGLE, KIND_CLUMP = 0, 1, 2
+
+# Optical density per unit thickness in (R, G, B). Hematoxylin (Pap) and azure/methylene blue
+# (Romanowsky) both absorb red and green, the cytoplasmic counterstains mostly one of the two.
+_PALETTES: dict[str, dict[str, np.ndarray]] = {
+    "pap": {
+        "background": np.array([236.0, 240.0, 243.0]),
+        "nucleus": np.array([0.72, 0.78, 0.36]),
+        "cytoplasm": np.array([0.26, 0.09, 0.12]),  # cyanophilic (light green SF): blue-green
+        "cytoplasm_alt": np.array([0.04, 0.20, 0.17]),  # eosinophilic / orange G: pink
+        "debris": np.array([0.55, 0.60, 0.66]),
+        "haze": np.array([0.020, 0.016, 0.012]),
+    },
+    "giemsa": {
+        "background": np.array([240.0, 236.0, 240.0]),
+        "nucleus": np.array([0.52, 0.82, 0.24]),
+        "cytoplasm": np.array([0.20, 0.13, 0.05]),  # pale basophilic blue
+        "cytoplasm_alt": np.array([0.08, 0.18, 0.06]),  # lilac / pink
+        "debris": np.array([0.50, 0.58, 0.45]),
+        "haze": np.array([0.014, 0.020, 0.010]),
+    },
+}
+
+
+@dataclass(frozen=True)
+class SmearTruth:
+    """Everything planted in a synthetic smear. Positions are level-0 pixels ``(x, y)``.
+
+    Attributes
+    ----------
+    path : the TIFF written, or ``None`` for :func:`render_smear`.
+    mpp : level-0 µm/px.
+    width_px, height_px : level-0 size.
+    stain : ``"pap"`` or ``"giemsa"``.
+    cluster_center_px : (N, 2) int64 ndarray
+    cluster_radius_px : (N,) float64 ndarray
+        Radius of the disc the cluster's cells were placed in (cytoplasm included).
+    cluster_n_cells : (N,) int64 ndarray
+    single_center_px : (M, 2) int64 ndarray
+        Isolated cells, at least 20 µm from any cluster, clump or debris patch.
+    single_radius_px : (M,) float64 ndarray
+    clump_center_px : (K, 2) int64 ndarray
+        Thick clumps: 40–80 overlapping, dark cells; unreadable, should not be tiled.
+    clump_radius_px : (K,) float64 ndarray
+    debris_center_px : (D, 2) int64 ndarray
+        Specks smaller than a nucleus (< 8 µm²).
+    debris_radius_px : (D,) float64 ndarray
+    debris_patch_center_px : (P, 2) int64 ndarray
+        Areas holding only debris (no cells): most of the specks lie in these.
+    debris_patch_radius_px : (P,) float64 ndarray
+    cell_ellipse_px : (C, 5) float64 ndarray
+        Cytoplasm of every cell: ``x, y, semi-axis a, semi-axis b, angle (rad)``.
+    cell_kind : (C,) int8 ndarray
+        :data:`KIND_CLUSTER`, :data:`KIND_SINGLE` or :data:`KIND_CLUMP`.
+    cell_group : (C,) int64 ndarray
+        Index into the cluster or clump arrays for clustered/clumped cells, else -1.
+    """
+
+    path: Path | None
+    mpp: float
+    width_px: int
+    height_px: int
+    stain: Stain
+    cluster_center_px: np.ndarray
+    cluster_radius_px: np.ndarray
+    cluster_n_cells: np.ndarray
+    single_center_px: np.ndarray
+    single_radius_px: np.ndarray
+    clump_center_px: np.ndarray
+    clump_radius_px: np.ndarray
+    debris_center_px: np.ndarray
+    debris_radius_px: np.ndarray
+    debris_patch_center_px: np.ndarray
+    debris_patch_radius_px: np.ndarray
+    cell_ellipse_px: np.ndarray
+    cell_kind: np.ndarray
+    cell_group: np.ndarray
+
+    # -- the same in micrometres ------------------------------------------------------------
+    @property
+    def cluster_center_um(self) -> np.ndarray:
+        """(N, 2) float64 ndarray of cluster centres in µm from the slide's top-left corner."""
+        return self.cluster_center_px * self.mpp
+
+    @property
+    def cluster_radius_um(self) -> np.ndarray:
+        return self.cluster_radius_px * self.mpp
+
+    @property
+    def single_center_um(self) -> np.ndarray:
+        return self.single_center_px * self.mpp
+
+    @property
+    def clump_center_um(self) -> np.ndarray:
+        return self.clump_center_px * self.mpp
+
+    @property
+    def clump_radius_um(self) -> np.ndarray:
+        return self.clump_radius_px * self.mpp
+
+    @property
+    def debris_center_um(self) -> np.ndarray:
+        return self.debris_center_px * self.mpp
+
+    @property
+    def debris_patch_radius_um(self) -> np.ndarray:
+        return self.debris_patch_radius_px * self.mpp
+
+    # -- rasterised truth -------------------------------------------------------------------
+    def cell_mask(
+        self,
+        downsample: float = 1.0,
+        *,
+        kinds: tuple[int, ...] = (KIND_CLUSTER, KIND_SINGLE, KIND_CLUMP),
+    ) -> np.ndarray:
+        """Pixels covered by planted cells (cytoplasm included) on a grid ``downsample`` × coarser.
+
+        Returns
+        -------
+        (ceil(height_px / downsample), ceil(width_px / downsample)) bool ndarray
+            A pixel is set when its centre lies inside a cell of one of ``kinds``.
+        """
+        if not downsample > 0:
+            raise ValueError(f"downsample must be positive, got {downsample}")
+        h = math.ceil(self.height_px / downsample)
+        w = math.ceil(self.width_px / downsample)
+        out = np.zeros((h, w), bool)
+        keep = np.isin(self.cell_kind, kinds)
+        for x, y, a, b, th in self.cell_ellipse_px[keep] / [downsample, downsample, downsample, downsample, 1]:
+            prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5, y - 0.5, a, b, th, 0.0, (h, w))
+            if prof is not None:
+                out[y0:y1, x0:x1] |= prof > 0
+        return out
+
+    def object_distance_px(self, downsample: float = 1.0) -> np.ndarray:
+        """Distance (in grid pixels) to the nearest planted thing: cell, clump, debris speck or patch.
+
+        Returns
+        -------
+        (ceil(height_px / downsample), ceil(width_px / downsample)) float64 ndarray
+        """
+        occupied = self.cell_mask(downsample)
+        h, w = occupied.shape
+        yy, xx = np.ogrid[:h, :w]
+        for centers, radii in (
+            (self.debris_center_px, self.debris_radius_px),
+            (self.debris_patch_center_px, self.debris_patch_radius_px),
+        ):
+            for (cx, cy), r in zip(centers / downsample, radii / downsample, strict=True):
+                y0, y1 = max(0, int(cy - r - 1)), min(h, int(cy + r + 2))
+                x0, x1 = max(0, int(cx - r - 1)), min(w, int(cx + r + 2))
+                disc = (xx[:, x0:x1] + 0.5 - cx) ** 2 + (yy[y0:y1] + 0.5 - cy) ** 2 <= max(r, 0.5) ** 2
+                occupied[y0:y1, x0:x1] |= disc
+        return np.asarray(ndimage.distance_transform_edt(~occupied), np.float64)
+
+
+def make_smear(
+    path: str | Path,
+    *,
+    width_px: int = 8000,
+    height_px: int = 6000,
+    mpp: float = 0.25,
+    n_clusters: int = 12,
+    n_single_cells: int = 150,
+    n_clumps: int = 3,
+    n_debris: int = 400,
+    seed: int = 0,
+    stain: Stain = "pap",
+    compression: Literal["jpeg", "zlib"] = "jpeg",
+) -> SmearTruth:
+    """Write a synthetic smear as a tiled pyramidal TIFF and return what was planted.
+
+    The TIFF holds levels ×1, ×4 and ×16 (256-px tiles, RGB) as successive directories, with
+    resolution tags in pixels per centimetre so readers report ``mpp`` µm/px at level 0.
+
+    Parameters
+    ----------
+    path : output ``.tif``.
+    width_px, height_px : level-0 size. The default (2 × 1.5 mm at 0.25 µm/px) renders and
+        writes in a few seconds.
+    mpp : level-0 µm/px; all planted sizes are in µm, so the smear looks the same at any mpp.
+    n_clusters : cohesive clusters of 10–60 cells within a radius of 40–120 µm.
+    n_single_cells : isolated cells (half lymphocyte-like, half larger) away from the groups.
+    n_clumps : thick clumps of overlapping dark cells (radius 25–45 µm).
+    n_debris : specks of 1–3 µm; about 70 % lie in cell-free debris patches.
+    seed : the RNG seed; the same arguments give the same file.
+    stain : ``"pap"`` (blue-green/pink cytoplasm, dark blue nuclei) or ``"giemsa"`` (pale blue
+        cytoplasm, purple nuclei).
+    compression : ``"jpeg"`` (quality 90, like scanners) or lossless ``"zlib"``.
+
+    Returns
+    -------
+    SmearTruth
+    """
+    import tifffile
+
+    rgb, truth = render_smear(
+        width_px=width_px,
+        height_px=height_px,
+        mpp=mpp,
+        n_clusters=n_clusters,
+        n_single_cells=n_single_cells,
+        n_clumps=n_clumps,
+        n_debris=n_debris,
+        seed=seed,
+        stain=stain,
+    )
+    path = Path(path)
+    levels = [rgb]
+    while len(levels) < 3 and min(levels[-1].shape[:2]) >= 4 * 16:
+        levels.append(_block_mean(levels[-1], 4))
+    px_per_cm = 1e4 / mpp
+    codec: dict[str, object] = (
+        {"compression": "jpeg", "compressionargs": {"level": 90}}
+        if compression == "jpeg"
+        else {"compression": "zlib", "compressionargs": {"level": 6}}
+    )
+    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
+        for i, level in enumerate(levels):
+            ds = 4**i
+            tw.write(
+                level,
+                photometric="rgb",
+                tile=(256, 256),
+                resolution=(px_per_cm / ds, px_per_cm / ds),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                software="oncotrace.synthetic_smear",
+                **codec,  # type: ignore[arg-type]
+            )
+    return _replace_path(truth, path)
+
+
+def render_smear(
+    *,
+    width_px: int = 8000,
+    height_px: int = 6000,
+    mpp: float = 0.25,
+    n_clusters: int = 12,
+    n_single_cells: int = 150,
+    n_clumps: int = 3,
+    n_debris: int = 400,
+    seed: int = 0,
+    stain: Stain = "pap",
+) -> tuple[np.ndarray, SmearTruth]:
+    """Render a synthetic smear in memory (see :func:`make_smear` for the parameters).
+
+    Returns
+    -------
+    rgb : (height_px, width_px, 3) uint8 ndarray
+    truth : SmearTruth with ``path=None``
+    """
+    if stain not in _PALETTES:
+        raise ValueError(f"stain must be one of {sorted(_PALETTES)}, got {stain!r}")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp}")
+    if width_px < 16 or height_px < 16:
+        raise ValueError(f"the smear must be at least 16×16 px, got {width_px}×{height_px}")
+    for name, n in (
+        ("n_clusters", n_clusters),
+        ("n_single_cells", n_single_cells),
+        ("n_clumps", n_clumps),
+        ("n_debris", n_debris),
+    ):
+        if n < 0:
+            raise ValueError(f"{name} must be ≥ 0, got {n}")
+
+    rng = np.random.default_rng(seed)
+    pal = _PALETTES[stain]
+    w_um, h_um = width_px * mpp, height_px * mpp
+    placer = _DiscPlacer(w_um, h_um, rng)
+
+    cells: list[_Cell] = []
+    cluster_c, cluster_r, cluster_n = [], [], []
+    for gi in range(n_clusters):
+        r = float(rng.uniform(40.0, 120.0))
+        c = placer.place(r, gap_um=40.0)
+        if c is None:
+            break
+        members = _cluster_cells(rng, c, r, pal, group=len(cluster_c))
+        cells += members
+        cluster_c.append(c)
+        cluster_r.append(r)
+        cluster_n.append(len(members))
+        del gi
+    clump_c, clump_r = [], []
+    for _ in range(n_clumps):
+        r = float(rng.uniform(25.0, 45.0))
+        c = placer.place(r, gap_um=40.0)
+        if c is None:
+            break
+        cells += _clump_cells(rng, c, r, pal, group=len(clump_c))
+        clump_c.append(c)
+        clump_r.append(r)
+
+    # Debris: most specks in a few cell-free patches, the rest strewn over the smear.
+    n_patched = int(round(0.7 * n_debris))
+    n_patches = math.ceil(n_patched / 60) if n_patched else 0
+    patch_c, patch_r = [], []
+    for _ in range(n_patches):
+        r = float(rng.uniform(30.0, 60.0))
+        c = placer.place(r, gap_um=30.0)
+        if c is None:
+            break
+        patch_c.append(c)
+        patch_r.append(r)
+    debris_xy: list[np.ndarray] = []
+    if patch_c:
+        which = rng.integers(0, len(patch_c), n_patched)
+        ang = rng.uniform(0, 2 * np.pi, n_patched)
+        rad = np.sqrt(rng.uniform(0, 1, n_patched)) * np.asarray(patch_r)[which]
+        debris_xy.append(np.asarray(patch_c)[which] + np.c_[rad * np.cos(ang), rad * np.sin(ang)])
+    n_strewn = n_debris - (n_patched if patch_c else 0)
+    debris_xy.append(np.c_[rng.uniform(0, w_um, n_strewn), rng.uniform(0, h_um, n_strewn)])
+    debris_um = np.concatenate(debris_xy) if debris_xy else np.zeros((0, 2))
+    debris_r_um = rng.uniform(0.5, 1.5, len(debris_um))
+
+    # Isolated cells: anywhere at least 20 µm clear of the groups and patches.
+    single_c, single_r = [], []
+    for _ in range(n_single_cells):
+        lymph = rng.random() < 0.5
+        a = float(rng.uniform(3.5, 5.0) if lymph else rng.uniform(6.0, 11.0))
+        c = placer.place(a, gap_um=20.0, remember=False)
+        if c is None:
+            break
+        cells.append(_one_cell(rng, c, a, pal, kind=KIND_SINGLE, group=-1, lymph=lymph))
+        single_c.append(c)
+        single_r.append(a)
+
+    rgb = _paint(rng, cells, debris_um, debris_r_um, pal, width_px, height_px, mpp)
+
+    def px(xy: list[tuple[float, float]] | np.ndarray) -> np.ndarray:
+        arr = np.asarray(xy, np.float64).reshape(-1, 2)
+        return np.rint(arr / mpp).astype(np.int64)
+
+    ell = np.array([[c.x, c.y, c.a, c.b, c.theta] for c in cells], np.float64).reshape(-1, 5)
+    ell[:, :4] /= mpp
+    truth = SmearTruth(
+        path=None,
+        mpp=float(mpp),
+        width_px=int(width_px),
+        height_px=int(height_px),
+        stain=stain,
+        cluster_center_px=px(cluster_c),
+        cluster_radius_px=np.asarray(cluster_r, np.float64) / mpp,
+        cluster_n_cells=np.asarray(cluster_n, np.int64),
+        single_center_px=px(single_c),
+        single_radius_px=np.asarray(single_r, np.float64) / mpp,
+        clump_center_px=px(clump_c),
+        clump_radius_px=np.asarray(clump_r, np.float64) / mpp,
+        debris_center_px=px(debris_um),
+        debris_radius_px=debris_r_um / mpp,
+        debris_patch_center_px=px(patch_c),
+        debris_patch_radius_px=np.asarray(patch_r, np.float64) / mpp,
+        cell_ellipse_px=ell,
+        cell_kind=np.array([c.kind for c in cells], np.int8),
+        cell_group=np.array([c.group for c in cells], np.int64),
+    )
+    return rgb, truth
+
+
+# -- planting -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cell:
+    """One cell in µm: cytoplasm ellipse, nucleus ellipse and their optical densities."""
+
+    x: float
+    y: float
+    a: float
+    b: float
+    theta: float
+    cyto_od: np.ndarray
+    nx: float
+    ny: float
+    na: float
+    nb: float
+    ntheta: float
+    nuc_od: np.ndarray
+    kind: int
+    group: int
+
+
+class _DiscPlacer:
+    """Rejection sampling of non-overlapping discs (µm) inside the slide, away from its edges."""
+
+    def __init__(self, w_um: float, h_um: float, rng: np.random.Generator) -> None:
+        self.w, self.h, self.rng = w_um, h_um, rng
+        self.discs: list[tuple[float, float, float]] = []
+
+    def place(
+        self, r: float, *, gap_um: float, remember: bool = True, tries: int = 400
+    ) -> tuple[float, float] | None:
+        margin = r + 10.0
+        if 2 * margin >= min(self.w, self.h):
+            return None
+        cand = np.c_[
+            self.rng.uniform(margin, self.w - margin, tries),
+            self.rng.uniform(margin, self.h - margin, tries),
+        ]
+        ok = np.ones(tries, bool)
+        if self.discs:
+            d = np.asarray(self.discs)
+            dist = np.hypot(cand[:, None, 0] - d[None, :, 0], cand[:, None, 1] - d[None, :, 1])
+            ok = (dist >= d[None, :, 2] + r + gap_um).all(axis=1)
+        hits = np.flatnonzero(ok)
+        if hits.size == 0:
+            return None
+        x, y = (float(v) for v in cand[hits[0]])
+        if remember:
+            self.discs.append((x, y, r))
+        return x, y
+
+
+def _one_cell(
+    rng: np.random.Generator,
+    c: tuple[float, float],
+    a: float,
+    pal: dict[str, np.ndarray],
+    *,
+    kind: int,
+    group: int,
+    lymph: bool = False,
+    od_gain: float = 1.0,
+) -> _Cell:
+    b = a * float(rng.uniform(0.75, 1.0))
+    theta = float(rng.uniform(0, np.pi))
+    if lymph:  # scant cytoplasm: the nucleus nearly fills the cell
+        na = a * float(rng.uniform(0.75, 0.85))
+        off = 0.05 * a
+    else:
+        na = a * float(rng.uniform(0.35, 0.5))
+        off = 0.2 * a
+    nb = na * float(rng.uniform(0.8, 1.0))
+    ang = rng.uniform(0, 2 * np.pi)
+    r_off = off * float(rng.uniform(0, 1))
+    cyto = pal["cytoplasm"] if rng.random() < 0.7 else pal["cytoplasm_alt"]
+    return _Cell(
+        x=c[0],
+        y=c[1],
+        a=a,
+        b=b,
+        theta=theta,
+        cyto_od=cyto * float(rng.uniform(0.6, 1.1)) * od_gain,
+        nx=c[0] + r_off * math.cos(ang),
+        ny=c[1] + r_off * math.sin(ang),
+        na=na,
+        nb=nb,
+        ntheta=float(rng.uniform(0, np.pi)),
+        nuc_od=pal["nucleus"] * float(rng.uniform(0.8, 1.15)) * od_gain,
+        kind=kind,
+        group=group,
+    )
+
+
+def _cluster_cells(
+    rng: np.random.Generator, c: tuple[float, float], r: float, pal: dict[str, np.ndarray], group: int
+) -> list[_Cell]:
+    """A cohesive monolayer: cells touch, nuclei rarely overlap."""
+    a_mean = 8.0
+    n_target = int(np.clip(round(0.55 * r * r / (a_mean * a_mean)), 10, 60))
+    min_sep = 1.45 * a_mean
+    reach = max(r - a_mean, a_mean)
+    pts: list[tuple[float, float]] = []
+    # Grow from the centre so the group is cohesive and its centre is occupied.
+    cand_r = np.sqrt(rng.uniform(0, 1, 40 * n_target)) * reach
+    cand_t = rng.uniform(0, 2 * np.pi, 40 * n_target)
+    order = np.argsort(cand_r, kind="stable")
+    cand = np.c_[c[0] + cand_r * np.cos(cand_t), c[1] + cand_r * np.sin(cand_t)][order]
+    cand[0] = c
+    for p in cand:
+        if len(pts) == n_target:
+            break
+        if pts:
+            q = np.asarray(pts)
+            if np.min(np.hypot(q[:, 0] - p[0], q[:, 1] - p[1])) < min_sep:
+                continue
+        pts.append((float(p[0]), float(p[1])))
+    return [
+        _one_cell(rng, p, float(rng.uniform(6.5, 9.5)), pal, kind=KIND_CLUSTER, group=group)
+        for p in pts
+    ]
+
+
+def _clump_cells(
+    rng: np.random.Generator, c: tuple[float, float], r: float, pal: dict[str, np.ndarray], group: int
+) -> list[_Cell]:
+    """A thick, three-dimensional clump: many cells piled on each other."""
+    n = int(rng.integers(40, 81))
+    a = rng.uniform(6.5, 9.5, n)
+    rad = np.sqrt(rng.uniform(0, 1, n)) * np.maximum(r - a, 1.0)
+    t = rng.uniform(0, 2 * np.pi, n)
+    return [
+        _one_cell(
+            rng,
+            (c[0] + float(rad[i] * math.cos(t[i])), c[1] + float(rad[i] * math.sin(t[i]))),
+            float(a[i]),
+            pal,
+            kind=KIND_CLUMP,
+            group=group,
+            od_gain=1.3,
+        )
+        for i in range(n)
+    ]
+
+
+# -- painting -------------------------------------------------------------------------------
+
+
+def _ellipse_profile(
+    x: float, y: float, a: float, b: float, theta: float, edge: float, shape: tuple[int, int]
+) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+    """Coverage (0..1) of an ellipse on pixel centres within its bounding box.
+
+    Pixel ``(i, j)`` has its centre at ``(j, i)``; ``edge`` is the soft-edge width in pixels
+    (0 gives a hard edge).
+    """
+    h, w = shape
+    reach = max(a, b) + edge + 1.0
+    y0, y1 = max(0, int(math.floor(y - reach))), min(h, int(math.ceil(y + reach)) + 1)
+    x0, x1 = max(0, int(math.floor(x - reach))), min(w, int(math.ceil(x + reach)) + 1)
+    if y1 <= y0 or x1 <= x0:
+        return None, (0, 0, 0, 0)
+    dy = (np.arange(y0, y1, dtype=np.float32) - y)[:, None]
+    dx = (np.arange(x0, x1, dtype=np.float32) - x)[None, :]
+    ct, st = math.cos(theta), math.sin(theta)
+    u = (dx * ct + dy * st) / max(a, 1e-3)
+    v = (-dx * st + dy * ct) / max(b, 1e-3)
+    rho = np.sqrt(u * u + v * v)
+    if edge <= 0:
+        prof = (rho <= 1.0).astype(np.float32)
+    else:
+        prof = np.clip((1.0 - rho) * (min(a, b) / edge) + 0.5, 0.0, 1.0)
+    return prof, (y0, y1, x0, x1)
+
+
+def _paint(
+    rng: np.random.Generator,
+    cells: list[_Cell],
+    debris_um: np.ndarray,
+    debris_r_um: np.ndarray,
+    pal: dict[str, np.ndarray],
+    width_px: int,
+    height_px: int,
+    mpp: float,
+) -> np.ndarray:
+    """Accumulate optical density, then turn it into 8-bit RGB in horizontal strips."""
+    h, w = height_px, width_px
+    edge = max(0.6 / mpp, 0.75)  # ~0.6 µm of soft edge: focus blur of a 20×/40× scan
+    strip = 1024
+    bg = pal["background"]
+
+    # Out-of-focus haze: a smooth, faint absorbance varying over ~200 µm.
+    cell_um = 200.0
+    gh, gw = max(2, math.ceil(h * mpp / cell_um) + 2), max(2, math.ceil(w * mpp / cell_um) + 2)
+    haze_grid = ndimage.gaussian_filter(rng.random((gh, gw)), 0.8)
+    span = float(haze_grid.max() - haze_grid.min())
+    haze_grid = (haze_grid - haze_grid.min()) / (span if span > 0 else 1.0)
+    noise_tile = rng.normal(0.0, 1.8, (512, 512, 3)).astype(np.float32)
+
+    # Objects by the strips they touch, so each strip only visits its own objects.
+    nuclei_tex = rng.random((64, 64)).astype(np.float32)
+    out = np.empty((h, w, 3), np.uint8)
+    obj_y = np.array([c.y for c in cells]) / mpp if cells else np.zeros(0)
+    obj_reach = np.array([max(c.a, c.b) for c in cells]) / mpp + edge + 2 if cells else np.zeros(0)
+    deb_y = debris_um[:, 1] / mpp if len(debris_um) else np.zeros(0)
+    for sy in range(0, h, strip):
+        sh = min(strip, h - sy)
+        od = np.zeros((sh, w, 3), np.float32)
+        for i in np.flatnonzero((obj_y + obj_reach >= sy) & (obj_y - obj_reach < sy + sh)):
+            c = cells[i]
+            _add(od, sy, c.x / mpp, c.y / mpp, c.a / mpp, c.b / mpp, c.theta, edge, c.cyto_od)
+            _add(
+                od, sy, c.nx / mpp, c.ny / mpp, c.na / mpp, c.nb / mpp, c.ntheta, edge, c.nuc_od,
+                texture=nuclei_tex,
+            )
+        reach_d = debris_r_um / mpp + edge + 2
+        for i in np.flatnonzero((deb_y + reach_d >= sy) & (deb_y - reach_d < sy + sh)):
+            x, y = debris_um[i] / mpp
+            r = debris_r_um[i] / mpp
+            _add(od, sy, x, y, r, r, 0.0, min(edge, 0.75), pal["debris"] * float(rng.uniform(0.7, 1.3)))
+        # Haze, bilinear from the coarse grid.
+        yy = (np.arange(sy, sy + sh) + 0.5) * mpp / cell_um
+        xx = (np.arange(w) + 0.5) * mpp / cell_um
+        haze = ndimage.map_coordinates(
+            haze_grid, np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest"
+        ).astype(np.float32)
+        od += haze[..., None] * pal["haze"].astype(np.float32)
+        img = bg.astype(np.float32) * np.exp(-np.log(10.0) * od, dtype=np.float32)
+        oy, ox = int(rng.integers(0, 512)), int(rng.integers(0, 512))
+        reps = (math.ceil((sh + oy) / 512), math.ceil((w + ox) / 512), 1)
+        img += np.tile(noise_tile, reps)[oy : oy + sh, ox : ox + w]
+        out[sy : sy + sh] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def _add(
+    od: np.ndarray,
+    sy: int,
+    x: float,
+    y: float,
+    a: float,
+    b: float,
+    theta: float,
+    edge: float,
+    colour: np.ndarray,
+    *,
+    texture: np.ndarray | None = None,
+) -> None:
+    prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5, y - 0.5 - sy, a, b, theta, edge, od.shape[:2])
+    if prof is None:
+        return
+    if texture is not None:  # coarse chromatin: ±20 % granularity
+        ty = np.arange(y0 + sy, y1 + sy) % texture.shape[0]
+        tx = np.arange(x0, x1) % texture.shape[1]
+        prof = prof * (0.8 + 0.4 * texture[np.ix_(ty, tx)])
+    od[y0:y1, x0:x1] += prof[..., None] * colour.astype(np.float32)
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Area-average (H, W, 3) uint8 by an integer factor; a partial last block is averaged too."""
+    h, w = img.shape[:2]
+    hp, wp = math.ceil(h / f) * f, math.ceil(w / f) * f
+    if (hp, wp) != (h, w):
+        img = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    s = img.reshape(hp // f, f, wp // f, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
+
+
+def _replace_path(truth: SmearTruth, path: Path) -> SmearTruth:
+    from dataclasses import replace
+
+    return replace(truth, path=path)
