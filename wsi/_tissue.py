@@ -115,13 +115,15 @@ def ink_mask(rgb: np.ndarray) -> np.ndarray:
 
     Stains rarely take these colours at overview resolution: eosin is pink (hue 300–360°,
     saturation < 0.6), hematoxylin purple-blue with red above green (hue 250–300°), DAB brown
-    (hue 10–40°). Blue marker has green at or above red (hue 170–245°); green marker 70–170°;
+    (hue 10–40°). Blue marker is deep blue (hue 180–245°, unlike pale IHC counterstain); green and
+    teal marker 70–180°;
     red marker is a deep, highly saturated red; black marker is darker than any stained
     tissue averaged over 8 µm pixels, or dark and colourless.
     """
     hue, sat, val = _hsv(rgb)
-    green = (hue >= 70) & (hue <= 170) & (sat > 0.2) & (val < 0.9)
-    blue = (hue > 170) & (hue <= 245) & (sat > 0.25) & (val < 0.95)
+    green = (hue >= 70) & (hue <= 180) & (sat > 0.12) & (val < 0.95)
+    # IHC hematoxylin counterstain is blue too, but pale (saturation < 0.45); marker is not.
+    blue = (hue > 180) & (hue <= 245) & (sat > 0.5) & (val < 0.95)
     red = ((hue >= 340) | (hue <= 10)) & (sat > 0.65) & (val > 0.3)
     # Dense hematoxylin (skin, lymphoid tissue) reaches value 0.25-0.35 but stays purple.
     black = (val < 0.22) | ((val < 0.35) & (sat < 0.3))
@@ -135,9 +137,9 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
     ``saturation_threshold``).
     """
     _, sat, val = _hsv(rgb)
-    ink = ink_mask(rgb)
+    raw_ink = ink_mask(rgb)
     # Ink strokes are several pixels wide and their anti-aliased edges are colourful too.
-    ink = ndi.binary_dilation(ink, iterations=max(1, round(16 / mpp)))
+    ink = ndi.binary_dilation(raw_ink, iterations=max(1, round(16 / mpp)))
     candidates = sat[~ink & (val > 0.2)]
     # Floor on the threshold: on a blank slide Otsu splits noise, and glass is < 0.05.
     thr = 0.07
@@ -150,8 +152,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
     tissue &= ~ink
     area_px = (1.0 / mpp) ** 2  # mask pixels per µm²
     tissue = morphology.remove_small_objects(
-        tissue, max_size=max(4, int(0.02e6 * area_px))
-    )  # < 0.02 mm²
+        tissue, max_size=max(4, int(0.005e6 * area_px))
+    )  # < 0.005 mm² (a 70 µm speck)
     tissue = morphology.remove_small_holes(
         tissue, max_size=max(4, int(0.05e6 * area_px))
     )  # < 0.05 mm²
@@ -159,7 +161,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
     n = tissue.size
     qc = {
         "tissue_fraction": float(tissue.sum() / n),
-        "ink_fraction": float(ink.sum() / n),
+        "ink_fraction": float(raw_ink.sum() / n),
         "saturation_threshold": float(thr),
     }
     return tissue, qc

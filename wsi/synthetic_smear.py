@@ -12,7 +12,7 @@ Nothing here is imported by the pipeline; it exists for tests and benchmarks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +58,7 @@ class SmearTruth:
     stain : ``"pap"`` or ``"giemsa"``.
     cluster_center_px : (N, 2) int64 ndarray
     cluster_radius_px : (N,) float64 ndarray
-        Radius of the disc the cluster's cells were placed in (cytoplasm included).
+        Radius of the smallest disc about the centre holding all the cluster's cells.
     cluster_n_cells : (N,) int64 ndarray
     single_center_px : (M, 2) int64 ndarray
         Isolated cells, at least 20 µm from any cluster, clump or debris patch.
@@ -253,7 +253,7 @@ def make_smear(
                 software="oncotrace.synthetic_smear",
                 **codec,  # type: ignore[arg-type]
             )
-    return _replace_path(truth, path)
+    return replace(truth, path=path)
 
 
 def render_smear(
@@ -297,7 +297,7 @@ def render_smear(
 
     cells: list[_Cell] = []
     cluster_c, cluster_r, cluster_n = [], [], []
-    for gi in range(n_clusters):
+    for _ in range(n_clusters):
         r = float(rng.uniform(40.0, 120.0))
         c = placer.place(r, gap_um=40.0)
         if c is None:
@@ -305,18 +305,18 @@ def render_smear(
         members = _cluster_cells(rng, c, r, pal, group=len(cluster_c))
         cells += members
         cluster_c.append(c)
-        cluster_r.append(r)
+        cluster_r.append(_extent(members, c))
         cluster_n.append(len(members))
-        del gi
     clump_c, clump_r = [], []
     for _ in range(n_clumps):
         r = float(rng.uniform(25.0, 45.0))
         c = placer.place(r, gap_um=40.0)
         if c is None:
             break
-        cells += _clump_cells(rng, c, r, pal, group=len(clump_c))
+        members = _clump_cells(rng, c, r, pal, group=len(clump_c))
+        cells += members
         clump_c.append(c)
-        clump_r.append(r)
+        clump_r.append(_extent(members, c))
 
     # Debris: most specks in a few cell-free patches, the rest strewn over the smear.
     n_patched = int(round(0.7 * n_debris))
@@ -436,6 +436,11 @@ class _DiscPlacer:
         if remember:
             self.discs.append((x, y, r))
         return x, y
+
+
+def _extent(cells: list[_Cell], c: tuple[float, float]) -> float:
+    """Radius (µm) of the smallest disc about ``c`` holding every cell of a group."""
+    return max(math.hypot(m.x - c[0], m.y - c[1]) + max(m.a, m.b) for m in cells)
 
 
 def _one_cell(
@@ -570,59 +575,69 @@ def _paint(
     height_px: int,
     mpp: float,
 ) -> np.ndarray:
-    """Accumulate optical density, then turn it into 8-bit RGB in horizontal strips."""
-    h, w = height_px, width_px
-    edge = max(0.6 / mpp, 0.75)  # ~0.6 µm of soft edge: focus blur of a 20×/40× scan
-    strip = 1024
-    bg = pal["background"]
+    """Accumulate optical density tile by tile and turn it into 8-bit RGB.
 
-    # Out-of-focus haze: a smooth, faint absorbance varying over ~200 µm.
-    cell_um = 200.0
-    gh, gw = max(2, math.ceil(h * mpp / cell_um) + 2), max(2, math.ceil(w * mpp / cell_um) + 2)
+    Tiles that no object touches skip the density step: they are background, haze and noise.
+    """
+    h, w = height_px, width_px
+    edge = max(0.6 / mpp, 0.75)  # ~0.6 µm of soft edge: the focus blur of a 20×/40× scan
+    tile = 512
+
+    # Out-of-focus haze: a smooth, faint absorbance varying over ~200 µm. Its transmission is
+    # interpolated bilinearly from a coarse grid: rows first (once), then columns per tile.
+    grid_um = 200.0
+    gh, gw = math.ceil(h * mpp / grid_um) + 2, math.ceil(w * mpp / grid_um) + 2
     haze_grid = ndimage.gaussian_filter(rng.random((gh, gw)), 0.8)
     span = float(haze_grid.max() - haze_grid.min())
     haze_grid = (haze_grid - haze_grid.min()) / (span if span > 0 else 1.0)
-    noise_tile = rng.normal(0.0, 1.8, (512, 512, 3)).astype(np.float32)
+    gx = (np.arange(w) + 0.5) * mpp / grid_um
+    haze_x = np.stack([np.interp(gx, np.arange(gw), row) for row in haze_grid])
+    base_x = (pal["background"] * 10.0 ** (-haze_x[..., None] * pal["haze"])).astype(np.float32)
+    noise = rng.normal(0.0, 1.8, (2 * tile, 2 * tile, 3)).astype(np.float32)
+    chromatin = rng.random((64, 64)).astype(np.float32)
 
-    # Objects by the strips they touch, so each strip only visits its own objects.
-    nuclei_tex = rng.random((64, 64)).astype(np.float32)
+    # Level-0 pixel boxes of everything painted: cytoplasm, nucleus, speck.
+    shapes: list[tuple[float, float, float, float, float, np.ndarray, bool]] = []
+    for c in cells:
+        shapes.append((c.x / mpp, c.y / mpp, c.a / mpp, c.b / mpp, c.theta, c.cyto_od, False))
+        shapes.append((c.nx / mpp, c.ny / mpp, c.na / mpp, c.nb / mpp, c.ntheta, c.nuc_od, True))
+    debris_od = pal["debris"] * rng.uniform(0.7, 1.3, (len(debris_um), 1))
+    for (x, y), r, col in zip(debris_um / mpp, debris_r_um / mpp, debris_od, strict=True):
+        shapes.append((float(x), float(y), float(r), float(r), 0.0, col, False))
+    if shapes:
+        geo = np.array([s[:4] for s in shapes])
+        reach = np.maximum(geo[:, 2], geo[:, 3]) + edge + 2
+        lo_x, hi_x = geo[:, 0] - reach, geo[:, 0] + reach
+        lo_y, hi_y = geo[:, 1] - reach, geo[:, 1] + reach
     out = np.empty((h, w, 3), np.uint8)
-    obj_y = np.array([c.y for c in cells]) / mpp if cells else np.zeros(0)
-    obj_reach = np.array([max(c.a, c.b) for c in cells]) / mpp + edge + 2 if cells else np.zeros(0)
-    deb_y = debris_um[:, 1] / mpp if len(debris_um) else np.zeros(0)
-    for sy in range(0, h, strip):
-        sh = min(strip, h - sy)
-        od = np.zeros((sh, w, 3), np.float32)
-        for i in np.flatnonzero((obj_y + obj_reach >= sy) & (obj_y - obj_reach < sy + sh)):
-            c = cells[i]
-            _add(od, sy, c.x / mpp, c.y / mpp, c.a / mpp, c.b / mpp, c.theta, edge, c.cyto_od)
-            _add(
-                od, sy, c.nx / mpp, c.ny / mpp, c.na / mpp, c.nb / mpp, c.ntheta, edge, c.nuc_od,
-                texture=nuclei_tex,
-            )
-        reach_d = debris_r_um / mpp + edge + 2
-        for i in np.flatnonzero((deb_y + reach_d >= sy) & (deb_y - reach_d < sy + sh)):
-            x, y = debris_um[i] / mpp
-            r = debris_r_um[i] / mpp
-            _add(od, sy, x, y, r, r, 0.0, min(edge, 0.75), pal["debris"] * float(rng.uniform(0.7, 1.3)))
-        # Haze, bilinear from the coarse grid.
-        yy = (np.arange(sy, sy + sh) + 0.5) * mpp / cell_um
-        xx = (np.arange(w) + 0.5) * mpp / cell_um
-        haze = ndimage.map_coordinates(
-            haze_grid, np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest"
-        ).astype(np.float32)
-        od += haze[..., None] * pal["haze"].astype(np.float32)
-        img = bg.astype(np.float32) * np.exp(-np.log(10.0) * od, dtype=np.float32)
-        oy, ox = int(rng.integers(0, 512)), int(rng.integers(0, 512))
-        reps = (math.ceil((sh + oy) / 512), math.ceil((w + ox) / 512), 1)
-        img += np.tile(noise_tile, reps)[oy : oy + sh, ox : ox + w]
-        out[sy : sy + sh] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    for ty in range(0, h, tile):
+        th = min(tile, h - ty)
+        gy = np.clip((np.arange(ty, ty + th) + 0.5) * mpp / grid_um, 0, gh - 1)
+        g0 = np.minimum(gy.astype(np.int64), gh - 2)
+        f = (gy - g0).astype(np.float32)[:, None, None]
+        rows_here = np.flatnonzero((hi_y >= ty) & (lo_y < ty + th)) if shapes else np.zeros(0, int)
+        for tx in range(0, w, tile):
+            tw = min(tile, w - tx)
+            img = base_x[g0, tx : tx + tw] * (1 - f) + base_x[g0 + 1, tx : tx + tw] * f
+            here = rows_here[(hi_x[rows_here] >= tx) & (lo_x[rows_here] < tx + tw)] if shapes else rows_here
+            if here.size:
+                od = np.zeros((th, tw, 3), np.float32)
+                for i in here:
+                    x, y, a, b, theta, col, is_nucleus = shapes[i]
+                    _add(od, tx, ty, x, y, a, b, theta, edge, col, chromatin if is_nucleus else None)
+                img *= np.exp(od * np.float32(-math.log(10.0)))
+            oy, ox = (int(v) for v in rng.integers(0, tile, 2))
+            img += noise[oy : oy + th, ox : ox + tw]
+            img += 0.5
+            np.clip(img, 0, 255, out=img)
+            out[ty : ty + th, tx : tx + tw] = img
     return out
 
 
 def _add(
     od: np.ndarray,
-    sy: int,
+    tx: int,
+    ty: int,
     x: float,
     y: float,
     a: float,
@@ -630,16 +645,16 @@ def _add(
     theta: float,
     edge: float,
     colour: np.ndarray,
-    *,
-    texture: np.ndarray | None = None,
+    chromatin: np.ndarray | None,
 ) -> None:
-    prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5, y - 0.5 - sy, a, b, theta, edge, od.shape[:2])
+    """Add one ellipse's optical density to the tile whose top-left is level-0 ``(tx, ty)``."""
+    prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5 - tx, y - 0.5 - ty, a, b, theta, edge, od.shape[:2])
     if prof is None:
         return
-    if texture is not None:  # coarse chromatin: ±20 % granularity
-        ty = np.arange(y0 + sy, y1 + sy) % texture.shape[0]
-        tx = np.arange(x0, x1) % texture.shape[1]
-        prof = prof * (0.8 + 0.4 * texture[np.ix_(ty, tx)])
+    if chromatin is not None:  # coarse chromatin: ±20 % granularity
+        cy = np.arange(y0 + ty, y1 + ty) % chromatin.shape[0]
+        cx = np.arange(x0 + tx, x1 + tx) % chromatin.shape[1]
+        prof = prof * (0.8 + 0.4 * chromatin[np.ix_(cy, cx)])
     od[y0:y1, x0:x1] += prof[..., None] * colour.astype(np.float32)
 
 
@@ -653,7 +668,3 @@ def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
     return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
 
 
-def _replace_path(truth: SmearTruth, path: Path) -> SmearTruth:
-    from dataclasses import replace
-
-    return replace(truth, path=path)
