@@ -110,24 +110,37 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hue.astype(np.float32), sat.astype(np.float32), mx
 
 
-def ink_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pen-marker ink: green, blue, red and black. (h, w) bool.
+def ink_classes(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """Pen-marker candidates by colour: ``green``, ``blue``, ``red``, ``black``; (h, w) bool each.
 
     Stains rarely take these colours at overview resolution: eosin is pink (hue 300–360°,
     saturation < 0.6), hematoxylin purple-blue with red above green (hue 250–300°), DAB brown
-    (hue 10–40°). Blue marker is deep blue (hue 180–245°, unlike pale IHC counterstain); green and
-    teal marker 70–180°;
-    red marker is a deep, highly saturated red; black marker is darker than any stained
-    tissue averaged over 8 µm pixels, or dark and colourless.
+    (hue 10–40°). Blue marker is deep blue (hue 180–245°, unlike pale IHC counterstain);
+    green and teal marker 70–180°; red marker a deep, highly saturated red; black marker is
+    darker than any stained tissue averaged over 8 µm pixels, or dark and colourless.
+    Blue stains (Giemsa, toluidine blue) do look like blue marker: :func:`tissue_mask`
+    tells them apart by extent.
     """
     hue, sat, val = _hsv(rgb)
-    green = (hue >= 70) & (hue <= 180) & (sat > 0.12) & (val < 0.95)
-    # IHC hematoxylin counterstain is blue too, but pale (saturation < 0.45); marker is not.
-    blue = (hue > 180) & (hue <= 245) & (sat > 0.5) & (val < 0.95)
-    red = ((hue >= 340) | (hue <= 10)) & (sat > 0.65) & (val > 0.3)
-    # Dense hematoxylin (skin, lymphoid tissue) reaches value 0.25-0.35 but stays purple.
-    black = (val < 0.22) | ((val < 0.35) & (sat < 0.3))
-    return green | blue | red | black
+    return {
+        "green": (hue >= 70) & (hue <= 180) & (sat > 0.12) & (val < 0.95),
+        # IHC hematoxylin counterstain is blue too, but pale (saturation < 0.45).
+        "blue": (hue > 180) & (hue <= 245) & (sat > 0.5) & (val < 0.95),
+        "red": ((hue >= 340) | (hue <= 10)) & (sat > 0.65) & (val > 0.3),
+        # Dense hematoxylin (skin, lymphoid tissue) reaches value 0.25-0.35 but stays purple.
+        "black": (val < 0.22) | ((val < 0.35) & (sat < 0.3)),
+    }
+
+
+def ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """Union of all pen-marker colour classes (see :func:`ink_classes`). (h, w) bool."""
+    classes = ink_classes(rgb)
+    return classes["green"] | classes["blue"] | classes["red"] | classes["black"]
+
+
+#: A marker colour covering more than this fraction of the stained area is the stain itself
+#: (Giemsa and toluidine blue are blue everywhere; a pen circles or crosses a region).
+STAIN_DOMINANCE = 0.3
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, float]]:
@@ -137,7 +150,16 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
     ``saturation_threshold``).
     """
     _, sat, val = _hsv(rgb)
-    raw_ink = ink_mask(rgb)
+    classes = ink_classes(rgb)
+    stained = (sat > 0.07) & (val > 0.2)
+    n_stained = max(1, int(stained.sum()))
+    raw_ink = np.zeros(sat.shape, bool)
+    stain_like: list[str] = []
+    for name, cls in classes.items():
+        if name != "black" and cls.sum() > STAIN_DOMINANCE * n_stained:
+            stain_like.append(name)
+            continue
+        raw_ink |= cls
     # Ink strokes are several pixels wide and their anti-aliased edges are colourful too.
     ink = ndi.binary_dilation(raw_ink, iterations=max(1, round(16 / mpp)))
     candidates = sat[~ink & (val > 0.2)]
@@ -163,5 +185,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
         "tissue_fraction": float(tissue.sum() / n),
         "ink_fraction": float(raw_ink.sum() / n),
         "saturation_threshold": float(thr),
+        # colours that looked like marker but cover most of the section: taken as stain
+        **{f"{name}_taken_as_stain": 1.0 for name in stain_like},
     }
     return tissue, qc

@@ -117,3 +117,25 @@ def test_real_svs_without_marker_has_little_ink() -> None:
         tm = wsi.detect_tissue(slide)
     assert 0.2 < tm.qc["tissue_fraction"] < 0.6
     assert tm.qc["ink_fraction"] < 0.05
+
+
+def test_blue_stain_is_not_mistaken_for_blue_marker(tmp_path: Path) -> None:
+    """Giemsa / toluidine-blue sections are blue all over; a pen only circles a region."""
+    rng = np.random.default_rng(5)
+    img = np.full((3072, 3072, 3), BACKGROUND, np.uint8)
+    giemsa = he_texture((2048, 2048), rng, mpp=0.25)[..., ::-1]  # swap R/B: blue-violet stain
+    giemsa = (giemsa.astype(np.float32) * (0.5, 0.7, 1.0)).astype(np.uint8)
+    img[512:2560, 512:2560] = giemsa
+    path = write_pyramid_tiff(tmp_path / "giemsa.tiff", img, mpp=0.25, levels=3, compression="jpeg")
+    with wsi.open_slide(path) as slide:
+        tm = wsi.detect_tissue(slide)
+    assert tm.qc.get("blue_taken_as_stain") == 1.0
+    planted = tm.mask.size * (2048 / 3072) ** 2
+    assert tm.mask.sum() == pytest.approx(planted, rel=0.05)
+
+
+def test_real_giemsa_bone_marrow_keeps_its_blue_cells() -> None:
+    with wsi.open_slide(_need(DATA / "dicom-wsi/bone-marrow")) as slide:
+        tm = wsi.detect_tissue(slide)
+    assert tm.qc.get("blue_taken_as_stain") == 1.0
+    assert tm.qc["tissue_fraction"] > 0.5  # densely cellular marrow between fat vacuoles

@@ -1,0 +1,169 @@
+"""`oncotrace tile` on a folder mixing good slides and the bad-input corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from typer.testing import CliRunner
+
+import wsi
+from tests.wsi import badinput
+from workflows.cli import app
+from wsi.synthetic import BACKGROUND, make_tissue_squares, write_pyramid_tiff
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _bad_corpus(folder: Path) -> dict[str, tuple[str, str]]:
+    """Bad files written into ``folder``: name → (expected stage, expected error type)."""
+    expect: dict[str, tuple[str, str]] = {}
+    for maker in (
+        badinput.make_empty_svs,
+        badinput.make_text_svs,
+        badinput.make_png_as_ndpi,
+        badinput.make_huge_tiff_no_data,
+        badinput.make_not_dicom_dcm,
+    ):
+        bad = maker(folder)
+        stage = "open" if bad.error is wsi.UnsupportedSlideError else "read"
+        expect[bad.path.name] = (stage, bad.error.__name__)
+    svs = DATA / "slides" / "cmu-1-small-region.svs"
+    if svs.exists():
+        bad = badinput.make_truncated_svs(folder, svs)
+        expect[bad.path.name] = ("read", "CorruptSlideError")
+    rng = np.random.default_rng(0)
+    img = np.full((1024, 1024, 3), BACKGROUND, np.uint8) + rng.integers(
+        0, 3, (1024, 1024, 1), dtype=np.uint8
+    )
+    write_pyramid_tiff(folder / "blank.tiff", img, mpp=0.25, levels=1)
+    expect["blank.tiff"] = ("detect", "NoTissueError")
+    write_pyramid_tiff(folder / "no-mpp.tiff", img, mpp=None, levels=1)
+    expect["no-mpp.tiff"] = ("open", "MppError")
+    tifffile.imwrite(
+        folder / "dpi72.tif",
+        img,
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(72, 72),
+        resolutionunit="INCH",
+    )
+    expect["dpi72.tif"] = ("open", "MppError")
+    return expect
+
+
+def test_folder_with_bad_inputs_finishes_good_slides_and_lists_each_failure(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = [
+        make_tissue_squares(
+            slides / "good-a.tiff",
+            size=(2048, 2048),
+            squares=[(0, 0, 1344, 1344)],
+            compression="jpeg",
+        ),
+        make_tissue_squares(
+            slides / "good-b.tiff", size=(2048, 1024), squares=[(448, 0, 896, 896)], seed=1
+        ),
+    ]
+    expect = _bad_corpus(slides)
+    out = tmp_path / "stores"
+    runner = CliRunner()
+    result = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    # every good slide is tiled, with the expected planted tile count
+    for planted, n in zip(good, [9, 4], strict=True):
+        attrs = wsi.read_store_attrs(out / f"{planted.path.stem}.zarr")
+        assert attrs is not None and attrs["n_tiles"] == n
+    with open(out / "errors.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["slide", "stage", "error_type", "message"]
+    by_name = {Path(r["slide"]).name: r for r in rows}
+    assert len(rows) == len(by_name) == len(expect), "exactly one row per bad file"
+    for name, (stage, error_type) in expect.items():
+        row = by_name[name]
+        assert (row["stage"], row["error_type"]) == (stage, error_type), name
+        assert name in row["message"] and "Fix:" in row["message"]
+    report = json.loads((out / "tiling.json").read_text())
+    assert len(report["done"]) == 2 and len(report["errors"]) == len(expect)
+    # no partial stores left behind by the failures
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["good-a.zarr", "good-b.zarr"]
+    assert not list(out.glob(".*partial*"))
+
+    # --strict turns failures into a non-zero exit; the good stores are reused, not redone
+    mtime = (out / "good-a.zarr" / "zarr.json").stat().st_mtime_ns
+    strict = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--strict"])
+    assert strict.exit_code == 1
+    assert (out / "good-a.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+    assert len(json.loads((out / "tiling.json").read_text())["skipped"]) == 2
+
+
+def test_mpp_override_lets_a_slide_without_mpp_through(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    img = np.full((1792, 1792, 3), BACKGROUND, np.uint8)
+    img[448:1344, 448:1344] = wsi.synthetic.he_texture((896, 896), rng, mpp=0.25)
+    path = write_pyramid_tiff(tmp_path / "nompp.tiff", img, mpp=None, levels=1)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["tile", str(path), "--out", str(out), "--mpp", "0.25"])
+    assert result.exit_code == 0, result.output
+    attrs = wsi.read_store_attrs(out / "nompp.zarr")
+    assert attrs is not None
+    assert (
+        attrs["mpp_source"] == "override" and attrs["mpp"] == [0.25, 0.25] and attrs["n_tiles"] == 4
+    )
+
+
+def test_dicom_wsi_folder_and_smear_mode_from_the_cli(tmp_path: Path) -> None:
+    folder = DATA / "dicom-wsi" / "bone-marrow"
+    if not folder.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"test data missing in CI: {folder}")
+        pytest.skip("shared data not present")
+    local = tmp_path / "bone-marrow"
+    shutil.copytree(folder, local)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        app,
+        [
+            "tile",
+            str(local),
+            "--out",
+            str(out),
+            "--mpp-target",
+            "20",
+            "--tile-px",
+            "32",
+            "--min-tissue",
+            "0.5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    g = zarr.open_group(out / "bone-marrow.zarr", mode="r")
+    attrs = g.attrs["oncotrace"]
+    assert attrs["backend"] == "openslide" and attrs["slide_properties"]["vendor"] == "dicom"
+    assert attrs["mpp"][0] == pytest.approx(16.783, abs=1e-3)
+    assert g["patches"].shape[1:] == (32, 32, 3) and g["patches"].shape[0] > 10
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("oncotrace")
+    assert exe.exists(), "the oncotrace console script is not installed beside python"
+    planted = make_tissue_squares(
+        tmp_path / "s.tiff", size=(1024, 1024), squares=[(0, 0, 896, 896)]
+    )
+    proc = subprocess.run(
+        [str(exe), "info", str(planted.path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["dimensions"] == [1024, 1024] and info["mpp_x"] == pytest.approx(0.25)
+    assert set(info) == {*wsi.EXPORTED_PROPERTIES, "dimensions"}
