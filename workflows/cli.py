@@ -58,6 +58,10 @@ def tile(
         float | None,
         typer.Option("--min-focus", help="Drop tiles whose Laplacian variance is below this."),
     ] = None,
+    focus: Annotated[
+        bool,
+        typer.Option("--focus", help="Store a per-tile blur score (variance of the Laplacian)."),
+    ] = False,
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
     ] = None,
@@ -78,6 +82,7 @@ def tile(
         min_tissue=min_tissue,
         mode=mode,  # type: ignore[arg-type]
         min_focus=min_focus,
+        focus=focus,
     )
     paths = find_slides(slides)
     if not paths:

@@ -5,7 +5,7 @@ Layout of ``<out>/<slide_id>.zarr``::
     patches         (N, H, W, 3) uint8   chunks (1, H, W, 3) inside shards (64, H, W, 3)
     coords          (N, 2) int64         level-0 (x, y) of each tile's top-left corner
     tissue_fraction (N,) float32         mask coverage of each tile
-    focus           (N,) float32         variance of the Laplacian (blur score)
+    focus           (N,) float32         variance of the Laplacian (blur score; opt-in)
     focal_plane     (N,) int16           chosen Z plane (only for multi-plane files)
     mask            (h, w) bool          tissue / cell mask on the overview grid
     thumbnail       (h, w, 3) uint8      the overview the mask was computed on
@@ -20,6 +20,7 @@ import datetime as _dt
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,12 +32,11 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ._errors import NoTissueError
-from ._slide import BackendChoice, Slide, open_slide
+from ._slide import BackendChoice, Slide, open_slide, resize_rgb
 from ._tiling import (
     TileGeometry,
     focus_score,
     read_sharpest,
-    read_tile,
     tile_coords,
     tile_geometry,
     tissue_fraction,
@@ -67,6 +67,7 @@ class TilingConfig:
     min_tissue: float = 0.25
     mode: Mode = "tissue"
     min_focus: float | None = None
+    focus: bool = False
 
     def as_attrs(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +196,8 @@ def _write_arrays(
 ) -> int:
     n, tp = len(coords), cfg.tile_px
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    # LZ4 without shuffle: tissue tiles only compress ~1.15x with anything, so the codec is
+    # chosen for speed; it still squeezes glass and background-heavy edge tiles.
     blosc = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
     patches = group.create_array(
         "patches",
@@ -206,37 +209,31 @@ def _write_arrays(
         dimension_names=("tile", "y", "x", "c"),
     )
     multi_z = slide.n_focal_planes > 1
-    focus = np.zeros(n, np.float32)
+    want_focus = cfg.focus or cfg.min_focus is not None or multi_z
+    focus = np.full(n, np.nan, np.float32)
     plane = np.zeros(n, np.int16)
 
-    def work(bounds: tuple[int, int]) -> tuple[int, int]:
-        start, stop = bounds
-        batch = np.empty((stop - start, tp, tp, 3), np.uint8)
-        for i in range(start, stop):
-            xy = (int(coords[i, 0]), int(coords[i, 1]))
-            if multi_z:
-                batch[i - start], focus[i], plane[i] = read_sharpest(slide, xy, geom)
-            else:
-                batch[i - start] = read_tile(slide, xy, geom)
-                focus[i] = focus_score(batch[i - start])
-        patches[start:stop] = batch  # whole shards: no read-modify-write, threads never share one
-        return start, stop
+    def store(start: int, batch: np.ndarray) -> int:
+        if want_focus and not multi_z:
+            for j in range(len(batch)):
+                focus[start + j] = focus_score(batch[j])
+        patches[start : start + len(batch)] = batch  # whole shards: no read-modify-write
+        return len(batch)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile") as pool:
-        pending: list[Future[tuple[int, int]]] = []
-        done = 0
-        for bounds in _batches(n, SHARD_TILES):
-            pending.append(pool.submit(work, bounds))
-            if len(pending) >= 2 * max(1, workers):  # bound memory: a few shards in flight
-                s, e = pending.pop(0).result()
-                done += e - s
+    # One writer thread: Zarr encoding overlaps with decoding of the next shards.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-write") as writer:
+        pending: deque[Future[int]] = deque()
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                done = pending.popleft().result()
                 if progress:
-                    progress(e - s)
-        for fut in pending:
-            s, e = fut.result()
-            done += e - s
-            if progress:
-                progress(e - s)
+                    progress(done)
+
+        for start, batch in _tile_batches(slide, coords, geom, workers, multi_z, focus, plane):
+            pending.append(writer.submit(store, start, batch))
+            drain(keep=2)  # bound memory: two shards waiting to be written
+        drain(keep=0)
 
     frac = (
         tissue_fraction(mask, coords, geom.size_level0)
@@ -253,7 +250,8 @@ def _write_arrays(
         "coords", data=coords[keep], chunks=(max(1, kept), 2), dimension_names=("tile", "xy")
     )
     group.create_array("tissue_fraction", data=frac[keep], dimension_names=("tile",))
-    group.create_array("focus", data=focus[keep], dimension_names=("tile",))
+    if want_focus:
+        group.create_array("focus", data=focus[keep], dimension_names=("tile",))
     if multi_z:
         group.create_array("focal_plane", data=plane[keep], dimension_names=("tile",))
     if mask is not None:
@@ -262,6 +260,41 @@ def _write_arrays(
         t = group.create_array("thumbnail", data=mask.thumbnail, dimension_names=("y", "x", "c"))
         t.attrs.update({"downsample": mask.downsample, "mpp": mask.mpp})
     return kept
+
+
+def _tile_batches(
+    slide: Slide,
+    coords: np.ndarray,
+    geom: TileGeometry,
+    workers: int,
+    multi_z: bool,
+    focus: np.ndarray,
+    plane: np.ndarray,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, (n, tile_px, tile_px, 3))`` shard-sized batches of finished tiles."""
+    tp = geom.tile_px
+    if multi_z:  # every plane of every tile: per-tile reads in threads
+
+        def sharpest(bounds: tuple[int, int]) -> np.ndarray:
+            out = np.empty((bounds[1] - bounds[0], tp, tp, 3), np.uint8)
+            for i in range(*bounds):
+                xy = (int(coords[i, 0]), int(coords[i, 1]))
+                out[i - bounds[0]], focus[i], plane[i] = read_sharpest(slide, xy, geom)
+            return out
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            bounds = list(_batches(len(coords), SHARD_TILES))
+            for b, batch in zip(bounds, pool.map(sharpest, bounds), strict=True):
+                yield b[0], batch
+        return
+    start = 0
+    for regions in slide.iter_regions(
+        coords, geom.read_level, geom.read_size, batch_size=SHARD_TILES, workers=workers
+    ):
+        if regions.shape[1:3] != (tp, tp):
+            regions = np.stack([resize_rgb(r, (tp, tp)) for r in regions])
+        yield start, regions
+        start += len(regions)
 
 
 def _compact(group: zarr.Group, patches: zarr.Array, keep: np.ndarray) -> None:

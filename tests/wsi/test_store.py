@@ -120,7 +120,9 @@ def test_min_focus_drops_blurred_tiles(tmp_path: Path) -> None:
         mask = wsi.detect_tissue(slide)
         coords = wsi.tile_coords(slide, mask)
         assert len(coords) == 16
-        all_tiles = wsi.write_patches(slide, coords, tmp_path / "a", mask=mask)
+        all_tiles = wsi.write_patches(
+            slide, coords, tmp_path / "a", mask=mask, config=wsi.TilingConfig(focus=True)
+        )
         focus = zarr.open_group(all_tiles, mode="r")["focus"][:]
         sharp_left = coords[:, 0] < 896
         assert focus[sharp_left].max() < focus[~sharp_left].min()
