@@ -6,6 +6,7 @@ the physical pixel size and the override logic live in :mod:`wsi._slide`.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import deque
@@ -41,7 +42,8 @@ def _tiff_resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
     if "XResolution" not in tags or "YResolution" not in tags:
         return None
     unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
-    per_unit_um = {2: 25_400.0, 3: 10_000.0}.get(unit)
+    # 2 inch, 3 cm (TIFF 6); 4 mm and 5 µm are tifffile's extensions, seen in the wild
+    per_unit_um = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}.get(unit)
     if per_unit_um is None:
         return None
     out = []
@@ -131,6 +133,8 @@ class Backend:
     """Common shape of a reader. Subclasses fill the attributes in ``__init__``."""
 
     name: ClassVar[BackendName]
+    #: File containers (as sniffed by :mod:`wsi._inspect`) this reader can open at all.
+    containers: ClassVar[frozenset[str]]
     path: Path
     level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level
     level_downsamples: tuple[float, ...]
@@ -197,6 +201,7 @@ class CucimBackend(Backend):
     """cuCIM's CPU reader: the fastest path for SVS and JPEG/uncompressed tiled TIFF."""
 
     name = "cucim"
+    containers = frozenset({"tiff"})
 
     def __init__(self, path: Path) -> None:
         try:
@@ -275,6 +280,7 @@ class OpenSlideBackend(Backend):
     """OpenSlide 4 (openslide-bin): NDPI, MRXS, SCN, BIF, VMS, DICOM-WSI, generic tiled TIFF, SVS."""
 
     name = "openslide"
+    containers = frozenset({"tiff", "dicom", "text", "unknown"})  # text: VMS/MRXS index files
 
     def __init__(self, path: Path) -> None:
         import openslide
@@ -287,6 +293,12 @@ class OpenSlideBackend(Backend):
                 path, "OpenSlide does not recognise the format.", "check the file type."
             ) from exc
         except openslide.OpenSlideError as exc:
+            if "Unsupported" in str(exc):
+                raise UnsupportedSlideError(
+                    path,
+                    f"OpenSlide cannot decode this variant ({exc}).",
+                    "try backend='tifffile'.",
+                ) from exc
             raise CorruptSlideError(
                 path,
                 f"OpenSlide recognises the format but cannot read it ({exc}).",
@@ -339,6 +351,7 @@ class TifffileBackend(Backend):
     """tifffile for OME-TIFF (with Z planes) and plain/stripped TIFF that the others skip."""
 
     name = "tifffile"
+    containers = frozenset({"tiff"})
 
     def __init__(self, path: Path) -> None:
         import zarr
@@ -350,6 +363,12 @@ class TifffileBackend(Backend):
         self.vendor, self.objective_power = meta["vendor"], meta["objective_power"]
         self.file_mpp, self.file_mpp_detail = meta["mpp"], meta["mpp_detail"]
         self._axes = series.axes
+        if np.dtype(series.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise UnsupportedSlideError(
+                path,
+                f"pixels are {series.dtype}, not 8/16-bit brightfield RGB.",
+                "export the image as 8-bit RGB (fluorescence and label images are not slides).",
+            )
         if "Y" not in self._axes or "X" not in self._axes:
             raise UnsupportedSlideError(
                 path,
@@ -365,8 +384,9 @@ class TifffileBackend(Backend):
             shape = levels[lvl].shape
             dims.append((int(shape[self._axes.index("X")]), int(shape[self._axes.index("Y")])))
         self.level_dimensions = tuple(dims)
-        w0 = dims[0][0]
-        self.level_downsamples = tuple(w0 / w for w, _ in dims)
+        w0, h0 = dims[0]
+        # the mean of both axes' ratios, as OpenSlide and cuCIM define it
+        self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in dims)
         self.n_focal_planes = int(series.shape[self._axes.index("Z")]) if "Z" in self._axes else 1
         self._lock = threading.Lock()  # aszarr file handles are not thread-safe
 
@@ -375,8 +395,8 @@ class TifffileBackend(Backend):
     ) -> np.ndarray:
         ds = self.level_downsamples[level]
         w_l, h_l = self.level_dimensions[level]
-        x = round(location[0] / ds)
-        y = round(location[1] / ds)
+        x = math.floor(location[0] / ds)  # cuCIM's rule: same pixels whichever reader
+        y = math.floor(location[1] / ds)
         out = np.full((size[1], size[0], 3), WHITE, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + size[0], w_l), min(y + size[1], h_l)
@@ -397,8 +417,9 @@ class TifffileBackend(Backend):
         with self._lock:
             data = np.asarray(self._arrays[level][tuple(index)])
         kept = [ax for ax in self._axes if ax in "YXSC"]
-        if "C" in kept and "S" not in kept and kept.index("C") < kept.index("Y"):
-            data = np.moveaxis(data, 0, -1)
+        channel = "S" if "S" in kept else ("C" if "C" in kept else None)
+        if channel is not None and kept.index(channel) < kept.index("Y"):  # planar layout
+            data = np.moveaxis(data, kept.index(channel), -1)
         out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb8(data)
         return out
 
@@ -414,9 +435,7 @@ def _to_rgb8(data: np.ndarray) -> np.ndarray:
     if data.dtype == np.uint16:
         data = (data >> 8).astype(np.uint8)
     elif data.dtype != np.uint8:
-        raise UnsupportedSlideError(
-            "<array>", f"pixel type {data.dtype} is not brightfield RGB.", "export 8-bit RGB."
-        )
+        raise ValueError(f"pixel type {data.dtype} is not brightfield RGB")  # checked at open
     if data.ndim == 2:
         return np.repeat(data[..., None], 3, axis=-1)
     if data.shape[-1] == 4:
@@ -430,6 +449,7 @@ class PillowBackend(Backend):
     """Plain PNG/JPEG/BMP camera fields (common in cytology): one level, held in memory."""
 
     name = "pillow"
+    containers = frozenset({"png", "jpeg", "bmp", "jp2", "tiff"})
     MAX_PIXELS = 400_000_000
 
     def __init__(self, path: Path) -> None:
@@ -456,7 +476,8 @@ class PillowBackend(Backend):
         h, w = self._rgb.shape[:2]
         self.level_dimensions = ((w, h),)
         self.level_downsamples = (1.0,)
-        if dpi and all(float(d) > 0 for d in dpi[:2]):
+        # Pillow reports (1, 1) or 72 dpi when a file records nothing; only > 1 dpi counts
+        if dpi and all(float(d) > 1 for d in dpi[:2]):
             self.file_mpp = (25_400.0 / float(dpi[0]), 25_400.0 / float(dpi[1]))
             self.file_mpp_detail = "image DPI"
 

@@ -7,6 +7,7 @@ its extension and, for TIFF, the tile table are checked here first with pure-Pyt
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ def sniff(path: Path) -> Container:
     if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
         return "jp2"
     try:
-        head.decode("utf-8")
+        # final=False: a multi-byte character cut at the end of the sample is still text
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError:
         return "unknown"
     return "text"
@@ -122,7 +124,6 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
             for page in pages:
                 if not isinstance(page, tifffile.TiffPage):
                     continue
-                _check_page_data(path, page, size)
                 if page.imagewidth > MAX_SIDE_PX or page.imagelength > MAX_SIDE_PX:
                     raise CorruptSlideError(
                         path,
@@ -130,8 +131,9 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
                         f" slide ({MAX_SIDE_PX} px per side).",
                         "the header is damaged; export the slide again.",
                     )
+                _check_page_data(path, page, size)
                 main = page.is_tiled or page.index == 0
-                if main and not _cucim_decodes(page):
+                if main and not (_cucim_decodes(page) and _jpeg_tiles_sane(tf.filehandle, page)):
                     safe = False
     except (CorruptSlideError, UnsupportedSlideError):
         raise
@@ -154,6 +156,14 @@ def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:
             " but holds no pixel data.",
             "the file is a header without image data; export the slide again.",
         )
+    expected = _expected_segments(page)
+    if len(offsets) < expected:
+        raise CorruptSlideError(
+            path,
+            f"image directory {page.index} lists {len(offsets)} tiles/strips but its size"
+            f" ({page.imagewidth}×{page.imagelength} px) needs {expected}.",
+            "the tile table is damaged; export the slide again.",
+        )
     end = max(o + c for o, c in zip(offsets, counts, strict=False))
     if end > size:
         missing = sum(1 for o, c in zip(offsets, counts, strict=False) if o + c > size)
@@ -163,6 +173,65 @@ def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:
             f" ({size} bytes on disk, {end} needed).",
             "copy the slide again; the transfer was interrupted.",
         )
+
+
+def _expected_segments(page: tifffile.TiffPage) -> int:
+    planes = page.samplesperpixel if int(page.planarconfig) == 2 else 1
+    depth = max(1, int(page.imagedepth or 1))
+    if page.is_tiled:
+        tiles_x = -(-page.imagewidth // page.tilewidth)
+        tiles_y = -(-page.imagelength // page.tilelength)
+        tiles_z = -(-depth // max(1, int(page.tiledepth or 1)))
+        return tiles_x * tiles_y * tiles_z * planes
+    rows = page.rowsperstrip or page.imagelength
+    return -(-page.imagelength // max(1, rows)) * depth * planes
+
+
+#: JPEG tiles checked for SOI/EOI markers and SOF size before cuCIM may read a level. cuCIM
+#: crashes on tiles larger than declared and silently returns garbage for undecodable ones;
+#: checking every tile would read the whole file, so a spread sample guards the common cases.
+JPEG_SAMPLE_TILES = 16
+
+
+def _jpeg_tiles_sane(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> bool:
+    if int(page.compression) != 7:
+        return True
+    if page.tilewidth % 16 or page.tilelength % 16:
+        return False
+    offsets, counts = page.dataoffsets, page.databytecounts
+    step = max(1, len(offsets) // JPEG_SAMPLE_TILES)
+    for i in range(0, len(offsets), step):
+        if counts[i] == 0:
+            continue  # sparse tile: readers fill it with background
+        fh.seek(offsets[i])
+        data = fh.read(counts[i])
+        if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+            return False
+        sof = _jpeg_frame_size(data)
+        if sof is not None and sof != (page.tilelength, page.tilewidth):
+            return False
+    return True
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first SOFn marker of a JPEG stream, if any."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
+                data[i + 7 : i + 9], "big"
+            )
+        if marker == 0xDA:
+            return None
+        i += 2 + seg_len
+    return None
 
 
 def _cucim_decodes(page: tifffile.TiffPage) -> bool:

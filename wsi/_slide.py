@@ -145,7 +145,14 @@ class Slide:
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got {size}")
-        return self._backend.read_region((int(location[0]), int(location[1])), level, (w, h), z=z)
+        try:
+            return self._backend.read_region(
+                (int(location[0]), int(location[1])), level, (w, h), z=z
+            )
+        except SlideError:
+            raise
+        except Exception as exc:  # decoders raise anything from IndexError to Jpeg8Error
+            raise self._decode_error(exc, f"level {level} at {tuple(location)}") from exc
 
     def iter_regions(
         self,
@@ -162,8 +169,25 @@ class Slide:
         otherwise); memory is bounded by a few batches.
         """
         locs = np.asarray(locations, np.int64).reshape(-1, 2)
-        return self._backend.iter_regions(
+        batches = self._backend.iter_regions(
             locs, level, (int(size[0]), int(size[1])), batch_size=batch_size, workers=workers
+        )
+        done = 0
+        try:
+            for batch in batches:
+                yield batch
+                done += len(batch)
+        except SlideError:
+            raise
+        except Exception as exc:
+            where = f"level {level}, tiles {done}..{min(done + batch_size, len(locs)) - 1}"
+            raise self._decode_error(exc, where) from exc
+
+    def _decode_error(self, exc: BaseException, where: str) -> CorruptSlideError:
+        return CorruptSlideError(
+            self.path,
+            f"the {self.backend} reader failed to decode {where} ({type(exc).__name__}: {exc}).",
+            "the file is damaged; export it again (or try backend='openslide').",
         )
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
@@ -267,7 +291,7 @@ def _candidates(info: FileInfo) -> list[BackendName]:
         return order
     if info.container == "dicom":
         return ["openslide"]
-    if info.container in ("png", "jpeg", "bmp"):
+    if info.container in ("png", "jpeg", "bmp", "jp2"):
         return ["pillow"]
     return ["openslide"]
 
@@ -297,35 +321,25 @@ def open_slide(
     """
     path = _resolve_path(Path(path))
     info = inspect_file(path)
-    order = _candidates(info) if backend == "auto" else [backend]
-    if backend == "cucim" and not info.cucim_safe:
-        raise UnsupportedSlideError(
-            path,
-            "cuCIM cannot decode this TIFF (not tiled, or compressed with something other than"
-            " JPEG/JPEG 2000/none); its native reader would crash.",
-            "use backend='auto' or 'openslide'.",
-        )
-    errors: list[SlideError] = []
+    if backend == "auto":
+        order = _candidates(info)
+    else:
+        _check_forced(path, info, backend)
+        order = [backend]
+    errors: list[tuple[str, SlideError]] = []
     for name in order:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
         try:
             be = BACKENDS[name](path)
-        except CorruptSlideError:
-            raise
-        except UnsupportedSlideError as exc:
-            errors.append(exc)
-            continue
         except ImportError:
             if backend != "auto":
                 raise
             continue
+        except SlideError as exc:
+            errors.append((name, exc))
+            continue
         except Exception as exc:
-            errors.append(
-                CorruptSlideError(
-                    path, f"{name} failed ({type(exc).__name__}: {exc}).", "export it again."
-                )
-            )
+            problem = f"{name} failed ({type(exc).__name__}: {exc})."
+            errors.append((name, CorruptSlideError(path, problem, "export it again.")))
             continue
         try:
             resolved = _resolve_mpp(path, be, mpp, require_mpp)
@@ -333,15 +347,35 @@ def open_slide(
             be.close()
             raise
         return Slide(path, be, resolved, info)
-    if errors and isinstance(errors[-1], CorruptSlideError):
-        raise errors[-1]
-    tried = ", ".join(order)
+    corrupt = [e for _, e in errors if isinstance(e, CorruptSlideError)]
+    if corrupt:  # the first reader that recognised the format says best what is wrong
+        raise corrupt[0]
+    reasons = "; ".join(f"{name}: {err.problem}" for name, err in errors)
     raise UnsupportedSlideError(
         path,
-        f"no reader could open it (tried {tried}; content looks like {info.container}).",
+        f"no reader could open it (content looks like {info.container}; {reasons or 'none installed'}).",
         "check that it is a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM-WSI, TIFF) or a"
         " PNG/JPEG microscope image.",
     )
+
+
+def _check_forced(path: Path, info: FileInfo, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    if info.container not in BACKENDS[backend].containers:
+        raise UnsupportedSlideError(
+            path,
+            f"the {backend} reader cannot read {info.container.upper()} files.",
+            f"use backend='auto' (it picks {_candidates(info)[0]} for this file).",
+        )
+    if backend == "cucim" and not info.cucim_safe:
+        raise UnsupportedSlideError(
+            path,
+            "cuCIM cannot safely decode this TIFF (not tiled, compressed with something other"
+            " than JPEG/JPEG 2000/none, or JPEG tiles that disagree with the header); its native"
+            " reader would crash.",
+            "use backend='auto' or 'openslide'.",
+        )
 
 
 def _resolve_mpp(

@@ -1,10 +1,13 @@
 """Generators for a corpus of inputs that :func:`wsi.open_slide` must refuse politely.
 
 Each ``make_*`` function writes one small file (or folder) into ``directory`` and returns a
-:class:`BadInput` record saying which :class:`wsi.SlideError` subclass it must raise and a
-substring the message must contain. :func:`build_corpus` makes all of them. Everything is
-seeded and a few kilobytes to a few hundred kilobytes in size, so the whole corpus is built in
-well under a second.
+:class:`BadInput` record saying which :class:`wsi.SlideError` subclass it must raise, a
+substring the message must contain, and the first step that must notice the damage.
+:func:`build_corpus` makes all of them. Everything is seeded and at most a few hundred
+kilobytes, so the whole corpus is built in well under a second.
+
+Inputs in :data:`CRASHERS` have killed the interpreter through a native reader (cuCIM); open
+them only in a child process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tifffile
@@ -29,6 +33,9 @@ MALFORMED_DICOM = Path("bad-input") / "malformed-sm-column-major.dcm"
 SVS_SOURCE = Path("slides") / "cmu-1-small-region.svs"
 
 
+Stage = Literal["inspect", "open", "read"]
+
+
 @dataclass(frozen=True)
 class BadInput:
     """One bad input and how the library must refuse it."""
@@ -37,6 +44,9 @@ class BadInput:
     error: type[SlideError]
     match: str  # substring the error message must contain
     why: str  # what is wrong, for test ids and failure messages
+    #: First step that must refuse it: the pre-flight ``wsi._inspect.inspect_file``, the rest
+    #: of ``open_slide`` (backends, mpp), or ``Slide.read_region`` over every level.
+    stage: Stage = "inspect"
 
     @property
     def filename(self) -> str:
@@ -134,7 +144,8 @@ def make_empty_svs(directory: Path) -> BadInput:
 def make_text_svs(directory: Path) -> BadInput:
     path = directory / "notes.svs"
     path.write_text(
-        "Case 12, block A3: H&E re-cut requested.\nScanner queue: tomorrow 9:00.\n", encoding="utf-8"
+        "Case 12, block A3: H&E re-cut requested.\nScanner queue: tomorrow 9:00.\n",
+        encoding="utf-8",
     )
     return BadInput(path, UnsupportedSlideError, "text", "text file named .svs")
 
@@ -151,17 +162,25 @@ def make_not_dicom_dcm(directory: Path) -> BadInput:
     return BadInput(path, UnsupportedSlideError, "DICM", ".dcm without a DICOM preamble")
 
 
-def make_truncated_tiff(directory: Path) -> BadInput:
-    """A valid tiled pyramid-less TIFF cut to its first 60 %: tiles lie beyond the end."""
-    buf = io.BytesIO()
+def write_tiled_tiff(
+    path: Path | io.BytesIO, *, compression: str | None = None, salt: int = 3, side: int = 256
+) -> None:
+    """A single-level tiled RGB TIFF (128² tiles) at a plausible 0.5 µm/px."""
     tifffile.imwrite(
-        buf,
-        tissue_like_rgb(512, 512, salt=3),
+        path,
+        tissue_like_rgb(side, side, salt=salt),
         tile=(128, 128),
         photometric="rgb",
-        resolution=(20_000, 20_000),  # px/cm = 0.5 µm/px, so only the truncation is wrong
+        compression=compression,
+        resolution=(20_000, 20_000),  # px/cm = 0.5 µm/px, so only the damage is wrong
         resolutionunit="CENTIMETER",
     )
+
+
+def make_truncated_tiff(directory: Path) -> BadInput:
+    """A valid tiled TIFF cut to its first 60 %: tiles lie beyond the end."""
+    buf = io.BytesIO()
+    write_tiled_tiff(buf, side=512)
     data = buf.getvalue()
     path = directory / "truncated.tif"
     path.write_bytes(data[: int(len(data) * 0.6)])
@@ -184,12 +203,26 @@ def make_huge_tiff_no_data(directory: Path) -> BadInput:
 
 
 def make_huge_tiff_past_eof(directory: Path) -> BadInput:
-    """Declares 10 000 000² px; its one tile points 1 GB past the end of the file."""
+    """Declares 10 000 000² px; its one tile points 1 GiB past the end of the file.
+
+    Re-copying cannot help a 152-byte file that claims 10¹⁴ px, so the message must name the
+    impossible size rather than blame an interrupted transfer.
+    """
     path = directory / "huge-past-eof.tif"
-    path.write_bytes(
-        tiff_from_entries(_huge_tiled_rgb_entries(10_000_000, 1 << 30, 256 * 256 * 3))
+    path.write_bytes(tiff_from_entries(_huge_tiled_rgb_entries(10_000_000, 1 << 30, 196_608)))
+    return BadInput(
+        path, CorruptSlideError, "10000000×10000000", "10⁷×10⁷ px header, tile past EOF"
     )
-    return BadInput(path, CorruptSlideError, "10000000", "10⁷×10⁷ px header, tile past EOF")
+
+
+def make_huge_tiff_with_a_tile(directory: Path) -> BadInput:
+    """Declares 10 000 000² px and holds one short tile inside the file: only the size is wrong."""
+    tile_bytes = 64
+    header_len = len(tiff_from_entries(_huge_tiled_rgb_entries(10_000_000, 0, tile_bytes)))
+    header = tiff_from_entries(_huge_tiled_rgb_entries(10_000_000, header_len, tile_bytes))
+    path = directory / "huge-one-tile.tif"
+    path.write_bytes(header + bytes(tile_bytes))
+    return BadInput(path, CorruptSlideError, "10000000×10000000", "10⁷×10⁷ px header, one tile")
 
 
 def make_missing_mpp_tiff(directory: Path) -> BadInput:
@@ -201,7 +234,9 @@ def make_missing_mpp_tiff(directory: Path) -> BadInput:
         photometric="rgb",
         resolutionunit="NONE",
     )
-    return BadInput(path, MppError, "no physical pixel size", "tiled TIFF, ResolutionUnit NONE")
+    return BadInput(
+        path, MppError, "no physical pixel size", "tiled TIFF, ResolutionUnit NONE", "open"
+    )
 
 
 def make_bogus_mpp_tiff(directory: Path) -> BadInput:
@@ -215,21 +250,91 @@ def make_bogus_mpp_tiff(directory: Path) -> BadInput:
         resolution=(72, 72),
         resolutionunit="INCH",
     )
-    return BadInput(path, MppError, "352.778", "tiled TIFF at 72 dpi")
+    return BadInput(path, MppError, "352.778", "tiled TIFF at 72 dpi", "open")
 
 
 def make_truncated_png(directory: Path) -> BadInput:
     data = _png_bytes(tissue_like_rgb(128, 128, salt=6))
     path = directory / "field.png"
     path.write_bytes(data[: len(data) // 2])
-    return BadInput(path, CorruptSlideError, "decoded", "PNG cut in half")
+    return BadInput(path, CorruptSlideError, "decoded", "PNG cut in half", "open")
 
 
 def make_folder_without_dicom(directory: Path) -> BadInput:
     path = directory / "dicom-series"
     path.mkdir()
     (path / "README.txt").write_text("DICOM export pending\n", encoding="utf-8")
-    return BadInput(path, UnsupportedSlideError, ".dcm", "folder with no .dcm files")
+    return BadInput(path, UnsupportedSlideError, ".dcm", "folder with no .dcm files", "open")
+
+
+def _patch_tile(
+    path: Path, tile: int, *, byte_count: int | None = None, garbage: bool = False
+) -> None:
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        counts_at = page.tags["TileByteCounts"].valueoffset
+        offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+    data = bytearray(path.read_bytes())
+    if byte_count is not None:
+        struct.pack_into("<I", data, counts_at + 4 * tile, byte_count)
+    if garbage:
+        data[offset : offset + count] = _rng(7).integers(0, 256, count, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def make_short_tile_tiff(directory: Path) -> BadInput:
+    """Uncompressed tiles; tile 1 declares 296 bytes instead of 128·128·3 = 49 152."""
+    path = directory / "short-tile.tif"
+    write_tiled_tiff(path, salt=8)
+    _patch_tile(path, 1, byte_count=296)
+    return BadInput(path, CorruptSlideError, "decode", "tile byte count too small", "read")
+
+
+def make_garbage_jpeg_tile_tiff(directory: Path) -> BadInput:
+    """JPEG tiles; tile 1 is overwritten with random bytes (no JPEG markers at all)."""
+    path = directory / "garbage-jpeg-tile.tif"
+    write_tiled_tiff(path, compression="jpeg", salt=9)
+    _patch_tile(path, 1, garbage=True)
+    return BadInput(path, CorruptSlideError, "decode", "JPEG tile replaced by noise", "read")
+
+
+def make_tile_table_too_short(directory: Path) -> BadInput:
+    """ImageWidth says 384 px (3 × 2 tiles of 128²); the tile table lists the 2 × 2 of 256 px."""
+    path = directory / "short-tile-table.tif"
+    write_tiled_tiff(path, salt=10)
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages.first.tags["ImageWidth"]
+        at, fmt = tag.valueoffset, "<I" if tag.dtype == 4 else "<H"
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, at, 384)
+    path.write_bytes(bytes(data))
+    return BadInput(path, CorruptSlideError, "tile", "tile table shorter than the image needs")
+
+
+def make_float_tiff(directory: Path) -> BadInput:
+    """A float32 RGB map (e.g. model output) handed over as a slide: not brightfield RGB."""
+    path = directory / "probability-map.tif"
+    rgb = tissue_like_rgb(96, 128, salt=11).astype(np.float32) / 255
+    tifffile.imwrite(
+        path, rgb, photometric="rgb", resolution=(20_000, 20_000), resolutionunit="CENTIMETER"
+    )
+    return BadInput(path, UnsupportedSlideError, "float32", "float32 RGB TIFF", "open")
+
+
+def make_jpeg_tiles_wider_than_declared(directory: Path) -> BadInput:
+    """JPEG tiles are 128 px wide but TileWidth says 64 (ImageWidth halved to keep the tile
+    table consistent). cuCIM decodes each tile into a 64-px buffer and kills the interpreter
+    (SIGSEGV / SIGABRT), so the pre-flight keeps cuCIM away from it (sampled SOF check) and
+    OpenSlide reports the mismatch when a region is read."""
+    path = directory / "jpeg-tiles-wider-than-declared.tif"
+    write_tiled_tiff(path, compression="jpeg", salt=13)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tf:
+        for name, value in (("TileWidth", 64), ("ImageWidth", 128)):
+            tag = tf.pages.first.tags[name]
+            struct.pack_into("<I" if tag.dtype == 4 else "<H", data, tag.valueoffset, value)
+    path.write_bytes(bytes(data))
+    return BadInput(path, CorruptSlideError, "decode", "JPEG tiles larger than TileWidth", "read")
 
 
 GENERATORS: tuple[Callable[[Path], BadInput], ...] = (
@@ -240,14 +345,43 @@ GENERATORS: tuple[Callable[[Path], BadInput], ...] = (
     make_truncated_tiff,
     make_huge_tiff_no_data,
     make_huge_tiff_past_eof,
+    make_huge_tiff_with_a_tile,
     make_missing_mpp_tiff,
     make_bogus_mpp_tiff,
     make_truncated_png,
     make_folder_without_dicom,
+    make_short_tile_tiff,
+    make_garbage_jpeg_tile_tiff,
+    make_tile_table_too_short,
+    make_float_tiff,
 )
 
+#: Inputs that have killed the interpreter through a native reader. Open them only in a child
+#: process (``wsi._inspect.inspect_file`` alone is pure Python and safe in-process).
+CRASHERS: tuple[Callable[[Path], BadInput], ...] = (make_jpeg_tiles_wider_than_declared,)
 
-def build_corpus(directory: Path, *, shared_data: Path | None = None) -> list[BadInput]:
+
+def real_bad_inputs(directory: Path, shared_data: Path) -> list[BadInput]:
+    """Bad inputs made from (or being) real files of the shared data; empty if it is absent."""
+    records = []
+    if (shared_data / SVS_SOURCE).is_file():
+        records.append(make_truncated_svs(directory, shared_data / SVS_SOURCE))
+    if (shared_data / MALFORMED_DICOM).is_file():
+        records.append(
+            BadInput(
+                shared_data / MALFORMED_DICOM,
+                CorruptSlideError,
+                "DICOM",
+                "DICOM SM without ImageType / DimensionOrganizationType / frame positions",
+                "open",
+            )
+        )
+    return records
+
+
+def build_corpus(
+    directory: Path, *, shared_data: Path | None = None, include_crashers: bool = False
+) -> list[BadInput]:
     """Write every generated bad input into ``directory``; add the real ones if data exists.
 
     Parameters
@@ -255,17 +389,11 @@ def build_corpus(directory: Path, *, shared_data: Path | None = None) -> list[Ba
     directory : an existing, empty folder (e.g. pytest's ``tmp_path``).
     shared_data : root of the shared test data. When given and present, the corpus also holds a
         truncated copy of a real SVS and a reference (not a copy) to the real malformed DICOM.
+    include_crashers : also write :data:`CRASHERS`; only for code that opens the corpus in a
+        child process.
     """
-    records = [make(directory) for make in GENERATORS]
-    if shared_data is not None and (shared_data / SVS_SOURCE).is_file():
-        records.append(make_truncated_svs(directory, shared_data / SVS_SOURCE))
-    if shared_data is not None and (shared_data / MALFORMED_DICOM).is_file():
-        records.append(
-            BadInput(
-                shared_data / MALFORMED_DICOM,
-                CorruptSlideError,
-                "DICOM",
-                "DICOM SM without ImageType / DimensionOrganizationType / frame positions",
-            )
-        )
+    makers = GENERATORS + CRASHERS if include_crashers else GENERATORS
+    records = [make(directory) for make in makers]
+    if shared_data is not None:
+        records += real_bad_inputs(directory, shared_data)
     return records
