@@ -52,8 +52,12 @@ def tile(
         str, typer.Option("--mode", help="tissue (sections) or smear (cytology).")
     ] = "tissue",
     min_tissue: Annotated[
-        float, typer.Option("--min-tissue", help="Minimum mask coverage of a tile.")
-    ] = 0.25,
+        float | None,
+        typer.Option(
+            "--min-tissue",
+            help="Minimum mask coverage of a tile [default: 0.25 tissue, 0.05 smear].",
+        ),
+    ] = None,
     min_focus: Annotated[
         float | None,
         typer.Option("--min-focus", help="Drop tiles whose Laplacian variance is below this."),

@@ -9,6 +9,7 @@ from ._errors import (
     UnsupportedSlideError,
 )
 from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, Mpp, Slide, open_slide
+from ._smear import smear_mask
 from ._store import (
     TileResult,
     TilingConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "read_store_attrs",
     "read_tile",
     "slide_id_for",
+    "smear_mask",
     "store_path",
     "tile_coords",
     "tile_geometry",

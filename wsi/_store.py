@@ -34,6 +34,7 @@ from zarr.codecs import BloscCodec
 from ._errors import NoTissueError
 from ._slide import BackendChoice, Slide, open_slide, resize_rgb
 from ._tiling import (
+    MIN_TISSUE,
     TileGeometry,
     focus_score,
     read_sharpest,
@@ -64,7 +65,7 @@ class TilingConfig:
     target_mpp: float = 0.5
     tile_px: int = 224
     stride_px: int | None = None
-    min_tissue: float = 0.25
+    min_tissue: float | None = None  # None: by mode (0.25 tissue, 0.05 smear)
     mode: Mode = "tissue"
     min_focus: float | None = None
     focus: bool = False
@@ -406,7 +407,7 @@ def tile_slide(
             raise NoTissueError(
                 slide.path,
                 f"tissue was found but no {cfg.tile_px}-px tile at {cfg.target_mpp} µm/px is"
-                f" covered ≥ {cfg.min_tissue:.0%} by it.",
+                f" covered ≥ {cfg.min_tissue or MIN_TISSUE[cfg.mode]:.0%} by it.",
                 "lower --min-tissue or --tile-px, or check the mask in the thumbnail.",
             )
         if on_total:

@@ -15,6 +15,8 @@ from ._tissue import TissueMask
 #: A level may be this much coarser than the target and still be resampled up to it;
 #: beyond that the slide simply does not hold the requested detail.
 UPSAMPLE_TOLERANCE = 1.10
+#: Default minimum mask coverage of a tile, by detection mode.
+MIN_TISSUE: dict[str, float] = {"tissue": 0.25, "smear": 0.05}
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def tile_coords(
     target_mpp: float = 0.5,
     tile_px: int = 224,
     stride_px: int | None = None,
-    min_tissue: float = 0.25,
+    min_tissue: float | None = None,
 ) -> np.ndarray:
     """Top-left level-0 corners of the tiles to cut.
 
@@ -96,7 +98,9 @@ def tile_coords(
     target_mpp : output resolution in µm/px.
     tile_px : output tile side in pixels.
     stride_px : grid step in output pixels (``< tile_px`` overlaps); default ``tile_px``.
-    min_tissue : minimum fraction of a tile the mask must cover.
+    min_tissue : minimum fraction of a tile the mask must cover; default by mask mode
+        (:data:`MIN_TISSUE`): 0.25 for tissue sheets, 0.05 for smears, where a 100 µm cell
+        cluster lying across grid lines covers only ~15 % of each of four tiles.
 
     Returns
     -------
@@ -109,7 +113,7 @@ def tile_coords(
     if mask is None or grid.size == 0:
         return grid
     frac = tissue_fraction(mask, grid, geom.size_level0)
-    return grid[frac >= min_tissue]
+    return grid[frac >= (MIN_TISSUE[mask.mode] if min_tissue is None else min_tissue)]
 
 
 def grid_coords(dimensions: tuple[int, int], geom: TileGeometry) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import tifffile
 from scipy import ndimage
 
 Stain = Literal["pap", "giemsa"]
@@ -33,6 +34,7 @@ _PALETTES: dict[str, dict[str, np.ndarray]] = {
         "cytoplasm": np.array([0.26, 0.09, 0.12]),  # cyanophilic (light green SF): blue-green
         "cytoplasm_alt": np.array([0.04, 0.20, 0.17]),  # eosinophilic / orange G: pink
         "debris": np.array([0.55, 0.60, 0.66]),
+        "rbc": np.array([0.04, 0.24, 0.22]),  # eosinophilic / orange-red, no nucleus
         "haze": np.array([0.020, 0.016, 0.012]),
     },
     "giemsa": {
@@ -41,6 +43,7 @@ _PALETTES: dict[str, dict[str, np.ndarray]] = {
         "cytoplasm": np.array([0.20, 0.13, 0.05]),  # pale basophilic blue
         "cytoplasm_alt": np.array([0.08, 0.18, 0.06]),  # lilac / pink
         "debris": np.array([0.50, 0.58, 0.45]),
+        "rbc": np.array([0.06, 0.26, 0.16]),  # pink-red
         "haze": np.array([0.014, 0.020, 0.010]),
     },
 }
@@ -64,11 +67,14 @@ class SmearTruth:
         Isolated cells, at least 20 µm from any cluster, clump or debris patch.
     single_radius_px : (M,) float64 ndarray
     clump_center_px : (K, 2) int64 ndarray
-        Thick clumps: 40–80 overlapping, dark cells; unreadable, should not be tiled.
+        Thick clumps: 40–120 cells piled 3–4.5 layers deep; unreadable, should not be tiled.
     clump_radius_px : (K,) float64 ndarray
     debris_center_px : (D, 2) int64 ndarray
         Specks smaller than a nucleus (< 8 µm²).
     debris_radius_px : (D,) float64 ndarray
+    rbc_center_px : (R, 2) int64 ndarray
+        Red blood cells, anywhere (also over cells): stained, but without a nucleus.
+    rbc_radius_px : (R,) float64 ndarray
     debris_patch_center_px : (P, 2) int64 ndarray
         Areas holding only debris (no cells): most of the specks lie in these.
     debris_patch_radius_px : (P,) float64 ndarray
@@ -94,6 +100,8 @@ class SmearTruth:
     clump_radius_px: np.ndarray
     debris_center_px: np.ndarray
     debris_radius_px: np.ndarray
+    rbc_center_px: np.ndarray
+    rbc_radius_px: np.ndarray
     debris_patch_center_px: np.ndarray
     debris_patch_radius_px: np.ndarray
     cell_ellipse_px: np.ndarray
@@ -150,14 +158,17 @@ class SmearTruth:
         w = math.ceil(self.width_px / downsample)
         out = np.zeros((h, w), bool)
         keep = np.isin(self.cell_kind, kinds)
-        for x, y, a, b, th in self.cell_ellipse_px[keep] / [downsample, downsample, downsample, downsample, 1]:
+        scale = np.array([downsample, downsample, downsample, downsample, 1.0])
+        for x, y, a, b, th in self.cell_ellipse_px[keep] / scale:
             prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5, y - 0.5, a, b, th, 0.0, (h, w))
             if prof is not None:
                 out[y0:y1, x0:x1] |= prof > 0
         return out
 
     def object_distance_px(self, downsample: float = 1.0) -> np.ndarray:
-        """Distance (in grid pixels) to the nearest planted thing: cell, clump, debris speck or patch.
+        """Distance (in grid pixels) to the nearest cell, clump, debris speck or debris patch.
+
+        Red blood cells do not count: they are background that a detector must ignore.
 
         Returns
         -------
@@ -173,8 +184,8 @@ class SmearTruth:
             for (cx, cy), r in zip(centers / downsample, radii / downsample, strict=True):
                 y0, y1 = max(0, int(cy - r - 1)), min(h, int(cy + r + 2))
                 x0, x1 = max(0, int(cx - r - 1)), min(w, int(cx + r + 2))
-                disc = (xx[:, x0:x1] + 0.5 - cx) ** 2 + (yy[y0:y1] + 0.5 - cy) ** 2 <= max(r, 0.5) ** 2
-                occupied[y0:y1, x0:x1] |= disc
+                d2 = (xx[:, x0:x1] + 0.5 - cx) ** 2 + (yy[y0:y1] + 0.5 - cy) ** 2
+                occupied[y0:y1, x0:x1] |= d2 <= max(r, 0.5) ** 2
         return np.asarray(ndimage.distance_transform_edt(~occupied), np.float64)
 
 
@@ -188,6 +199,7 @@ def make_smear(
     n_single_cells: int = 150,
     n_clumps: int = 3,
     n_debris: int = 400,
+    n_rbc: int = 0,
     seed: int = 0,
     stain: Stain = "pap",
     compression: Literal["jpeg", "zlib"] = "jpeg",
@@ -205,8 +217,10 @@ def make_smear(
     mpp : level-0 µm/px; all planted sizes are in µm, so the smear looks the same at any mpp.
     n_clusters : cohesive clusters of 10–60 cells within a radius of 40–120 µm.
     n_single_cells : isolated cells (half lymphocyte-like, half larger) away from the groups.
-    n_clumps : thick clumps of overlapping dark cells (radius 25–45 µm).
+    n_clumps : thick clumps, 3–4.5 layers of overlapping cells (radius 25–45 µm).
     n_debris : specks of 1–3 µm; about 70 % lie in cell-free debris patches.
+    n_rbc : red blood cells (7–8 µm discs with central pallor, no nucleus) strewn over the
+        whole smear, as in a bloody aspirate. They are not cells worth tiling.
     seed : the RNG seed; the same arguments give the same file.
     stain : ``"pap"`` (blue-green/pink cytoplasm, dark blue nuclei) or ``"giemsa"`` (pale blue
         cytoplasm, purple nuclei).
@@ -215,9 +229,9 @@ def make_smear(
     Returns
     -------
     SmearTruth
+        What was planted. Groups that do not fit apart from each other on a small slide are
+        left out, so the truth may hold fewer than asked for.
     """
-    import tifffile
-
     rgb, truth = render_smear(
         width_px=width_px,
         height_px=height_px,
@@ -226,6 +240,7 @@ def make_smear(
         n_single_cells=n_single_cells,
         n_clumps=n_clumps,
         n_debris=n_debris,
+        n_rbc=n_rbc,
         seed=seed,
         stain=stain,
     )
@@ -265,6 +280,7 @@ def render_smear(
     n_single_cells: int = 150,
     n_clumps: int = 3,
     n_debris: int = 400,
+    n_rbc: int = 0,
     seed: int = 0,
     stain: Stain = "pap",
 ) -> tuple[np.ndarray, SmearTruth]:
@@ -286,6 +302,7 @@ def render_smear(
         ("n_single_cells", n_single_cells),
         ("n_clumps", n_clumps),
         ("n_debris", n_debris),
+        ("n_rbc", n_rbc),
     ):
         if n < 0:
             raise ValueError(f"{name} must be ≥ 0, got {n}")
@@ -296,7 +313,9 @@ def render_smear(
     placer = _DiscPlacer(w_um, h_um, rng)
 
     cells: list[_Cell] = []
-    cluster_c, cluster_r, cluster_n = [], [], []
+    cluster_c: list[tuple[float, float]] = []
+    cluster_r: list[float] = []
+    cluster_n: list[int] = []
     for _ in range(n_clusters):
         r = float(rng.uniform(40.0, 120.0))
         c = placer.place(r, gap_um=40.0)
@@ -307,7 +326,8 @@ def render_smear(
         cluster_c.append(c)
         cluster_r.append(_extent(members, c))
         cluster_n.append(len(members))
-    clump_c, clump_r = [], []
+    clump_c: list[tuple[float, float]] = []
+    clump_r: list[float] = []
     for _ in range(n_clumps):
         r = float(rng.uniform(25.0, 45.0))
         c = placer.place(r, gap_um=40.0)
@@ -319,9 +339,10 @@ def render_smear(
         clump_r.append(_extent(members, c))
 
     # Debris: most specks in a few cell-free patches, the rest strewn over the smear.
-    n_patched = int(round(0.7 * n_debris))
+    n_patched = round(0.7 * n_debris)
     n_patches = math.ceil(n_patched / 60) if n_patched else 0
-    patch_c, patch_r = [], []
+    patch_c: list[tuple[float, float]] = []
+    patch_r: list[float] = []
     for _ in range(n_patches):
         r = float(rng.uniform(30.0, 60.0))
         c = placer.place(r, gap_um=30.0)
@@ -331,7 +352,8 @@ def render_smear(
         patch_r.append(r)
     debris_xy: list[np.ndarray] = []
     if patch_c:
-        which = rng.integers(0, len(patch_c), n_patched)
+        area = np.asarray(patch_r) ** 2  # same density of specks in every patch
+        which = rng.choice(len(patch_c), n_patched, p=area / area.sum())
         ang = rng.uniform(0, 2 * np.pi, n_patched)
         rad = np.sqrt(rng.uniform(0, 1, n_patched)) * np.asarray(patch_r)[which]
         debris_xy.append(np.asarray(patch_c)[which] + np.c_[rad * np.cos(ang), rad * np.sin(ang)])
@@ -341,18 +363,23 @@ def render_smear(
     debris_r_um = rng.uniform(0.5, 1.5, len(debris_um))
 
     # Isolated cells: anywhere at least 20 µm clear of the groups and patches.
-    single_c, single_r = [], []
-    for _ in range(n_single_cells):
-        lymph = rng.random() < 0.5
-        a = float(rng.uniform(3.5, 5.0) if lymph else rng.uniform(6.0, 11.0))
-        c = placer.place(a, gap_um=20.0, remember=False)
-        if c is None:
-            break
-        cells.append(_one_cell(rng, c, a, pal, kind=KIND_SINGLE, group=-1, lymph=lymph))
-        single_c.append(c)
-        single_r.append(a)
+    lymph = rng.random(n_single_cells) < 0.5
+    a_single = np.where(
+        lymph, rng.uniform(3.5, 5.0, n_single_cells), rng.uniform(6.0, 11.0, n_single_cells)
+    )
+    centres = placer.scatter(a_single, gap_um=20.0)
+    placed = ~np.isnan(centres[:, 0])
+    single_c = [(float(x), float(y)) for x, y in centres[placed]]
+    single_r = [float(a) for a in a_single[placed]]
+    for c, a, ly in zip(single_c, single_r, lymph[placed], strict=True):
+        cells.append(_one_cell(rng, c, a, pal, kind=KIND_SINGLE, group=-1, lymph=bool(ly)))
 
-    rgb = _paint(rng, cells, debris_um, debris_r_um, pal, width_px, height_px, mpp)
+    rbc_um = np.c_[rng.uniform(0, w_um, n_rbc), rng.uniform(0, h_um, n_rbc)]
+    rbc_r_um = rng.uniform(3.4, 4.1, n_rbc)
+
+    rgb = _paint(
+        rng, cells, debris_um, debris_r_um, rbc_um, rbc_r_um, pal, width_px, height_px, mpp
+    )
 
     def px(xy: list[tuple[float, float]] | np.ndarray) -> np.ndarray:
         arr = np.asarray(xy, np.float64).reshape(-1, 2)
@@ -375,6 +402,8 @@ def render_smear(
         clump_radius_px=np.asarray(clump_r, np.float64) / mpp,
         debris_center_px=px(debris_um),
         debris_radius_px=debris_r_um / mpp,
+        rbc_center_px=px(rbc_um),
+        rbc_radius_px=rbc_r_um / mpp,
         debris_patch_center_px=px(patch_c),
         debris_patch_radius_px=np.asarray(patch_r, np.float64) / mpp,
         cell_ellipse_px=ell,
@@ -437,6 +466,28 @@ class _DiscPlacer:
             self.discs.append((x, y, r))
         return x, y
 
+    def scatter(self, radii: np.ndarray, *, gap_um: float, rounds: int = 50) -> np.ndarray:
+        """Centres (µm) for discs of ``radii`` clear of the placed discs; they may overlap each
+        other and are not remembered. (n, 2) float64, NaN where no place was found."""
+        n = len(radii)
+        out = np.full((n, 2), np.nan)
+        todo = np.flatnonzero(2 * (radii + 10.0) < min(self.w, self.h))
+        placed = np.asarray(self.discs, np.float64).reshape(-1, 3)
+        for _ in range(rounds):
+            if todo.size == 0:
+                break
+            margin = radii[todo] + 10.0
+            cand = np.c_[
+                self.rng.uniform(margin, self.w - margin), self.rng.uniform(margin, self.h - margin)
+            ]
+            dist = np.hypot(
+                cand[:, None, 0] - placed[None, :, 0], cand[:, None, 1] - placed[None, :, 1]
+            )
+            clear = (dist >= placed[None, :, 2] + radii[todo, None] + gap_um).all(axis=1)
+            out[todo[clear]] = cand[clear]
+            todo = todo[~clear]
+        return out
+
 
 def _extent(cells: list[_Cell], c: tuple[float, float]) -> float:
     """Radius (µm) of the smallest disc about ``c`` holding every cell of a group."""
@@ -485,7 +536,11 @@ def _one_cell(
 
 
 def _cluster_cells(
-    rng: np.random.Generator, c: tuple[float, float], r: float, pal: dict[str, np.ndarray], group: int
+    rng: np.random.Generator,
+    c: tuple[float, float],
+    r: float,
+    pal: dict[str, np.ndarray],
+    group: int,
 ) -> list[_Cell]:
     """A cohesive monolayer: cells touch, nuclei rarely overlap."""
     a_mean = 8.0
@@ -514,10 +569,14 @@ def _cluster_cells(
 
 
 def _clump_cells(
-    rng: np.random.Generator, c: tuple[float, float], r: float, pal: dict[str, np.ndarray], group: int
+    rng: np.random.Generator,
+    c: tuple[float, float],
+    r: float,
+    pal: dict[str, np.ndarray],
+    group: int,
 ) -> list[_Cell]:
-    """A thick, three-dimensional clump: many cells piled on each other."""
-    n = int(rng.integers(40, 81))
+    """A thick, three-dimensional clump: cells piled three to four and a half layers deep."""
+    n = int(np.clip(round(rng.uniform(3.0, 4.5) * r * r / 8.0**2), 40, 120))
     a = rng.uniform(6.5, 9.5, n)
     rad = np.sqrt(rng.uniform(0, 1, n)) * np.maximum(r - a, 1.0)
     t = rng.uniform(0, 2 * np.pi, n)
@@ -548,8 +607,8 @@ def _ellipse_profile(
     """
     h, w = shape
     reach = max(a, b) + edge + 1.0
-    y0, y1 = max(0, int(math.floor(y - reach))), min(h, int(math.ceil(y + reach)) + 1)
-    x0, x1 = max(0, int(math.floor(x - reach))), min(w, int(math.ceil(x + reach)) + 1)
+    y0, y1 = max(0, math.floor(y - reach)), min(h, math.ceil(y + reach) + 1)
+    x0, x1 = max(0, math.floor(x - reach)), min(w, math.ceil(x + reach) + 1)
     if y1 <= y0 or x1 <= x0:
         return None, (0, 0, 0, 0)
     dy = (np.arange(y0, y1, dtype=np.float32) - y)[:, None]
@@ -570,6 +629,8 @@ def _paint(
     cells: list[_Cell],
     debris_um: np.ndarray,
     debris_r_um: np.ndarray,
+    rbc_um: np.ndarray,
+    rbc_r_um: np.ndarray,
     pal: dict[str, np.ndarray],
     width_px: int,
     height_px: int,
@@ -604,6 +665,12 @@ def _paint(
     debris_od = pal["debris"] * rng.uniform(0.7, 1.3, (len(debris_um), 1))
     for (x, y), r, col in zip(debris_um / mpp, debris_r_um / mpp, debris_od, strict=True):
         shapes.append((float(x), float(y), float(r), float(r), 0.0, col, False))
+    rbc_od = pal["rbc"] * rng.uniform(0.8, 1.2, (len(rbc_um), 1))
+    for (x, y), r, col in zip(rbc_um / mpp, rbc_r_um / mpp, rbc_od, strict=True):
+        shapes.append((float(x), float(y), float(r), float(r), 0.0, col, False))
+        shapes.append(
+            (float(x), float(y), 0.45 * float(r), 0.45 * float(r), 0.0, -0.5 * col, False)
+        )
     if shapes:
         geo = np.array([s[:4] for s in shapes])
         reach = np.maximum(geo[:, 2], geo[:, 3]) + edge + 2
@@ -619,12 +686,18 @@ def _paint(
         for tx in range(0, w, tile):
             tw = min(tile, w - tx)
             img = base_x[g0, tx : tx + tw] * (1 - f) + base_x[g0 + 1, tx : tx + tw] * f
-            here = rows_here[(hi_x[rows_here] >= tx) & (lo_x[rows_here] < tx + tw)] if shapes else rows_here
+            here = (
+                rows_here[(hi_x[rows_here] >= tx) & (lo_x[rows_here] < tx + tw)]
+                if shapes
+                else rows_here
+            )
             if here.size:
                 od = np.zeros((th, tw, 3), np.float32)
                 for i in here:
                     x, y, a, b, theta, col, is_nucleus = shapes[i]
-                    _add(od, tx, ty, x, y, a, b, theta, edge, col, chromatin if is_nucleus else None)
+                    _add(
+                        od, tx, ty, x, y, a, b, theta, edge, col, chromatin if is_nucleus else None
+                    )
                 img *= np.exp(od * np.float32(-math.log(10.0)))
             oy, ox = (int(v) for v in rng.integers(0, tile, 2))
             img += noise[oy : oy + th, ox : ox + tw]
@@ -648,7 +721,9 @@ def _add(
     chromatin: np.ndarray | None,
 ) -> None:
     """Add one ellipse's optical density to the tile whose top-left is level-0 ``(tx, ty)``."""
-    prof, (y0, y1, x0, x1) = _ellipse_profile(x - 0.5 - tx, y - 0.5 - ty, a, b, theta, edge, od.shape[:2])
+    prof, (y0, y1, x0, x1) = _ellipse_profile(
+        x - 0.5 - tx, y - 0.5 - ty, a, b, theta, edge, od.shape[:2]
+    )
     if prof is None:
         return
     if chromatin is not None:  # coarse chromatin: ±20 % granularity
@@ -666,5 +741,3 @@ def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
         img = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
     s = img.reshape(hp // f, f, wp // f, f, 3).sum(axis=(1, 3), dtype=np.uint32)
     return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
-
-
