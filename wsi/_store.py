@@ -20,6 +20,7 @@ import datetime as _dt
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -173,7 +174,8 @@ def write_patches(
         slide, target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, stride_px=cfg.stride_px
     )
     try:
-        kept = _write_arrays(slide, coords, tmp, geom, cfg, mask, workers, progress)
+        with fast_codecs():
+            kept = _write_arrays(slide, coords, tmp, geom, cfg, mask, workers, progress)
         group = zarr.open_group(tmp, mode="r+")
         group.attrs[ATTRS_KEY] = _attrs(slide, sid, geom, cfg, mask, kept)
         if final.exists():
@@ -183,6 +185,23 @@ def write_patches(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@contextmanager
+def fast_codecs() -> Iterator[None]:
+    """Use the zarrs (Rust) codec pipeline for arrays opened or created inside the block.
+
+    zarr-python encodes each 1-tile inner chunk of a shard through asyncio tasks, which costs
+    more than decoding the tile did; zarrs does the whole shard natively. Scoped, so importing
+    OncoTrace never changes a user's own zarr configuration.
+    """
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:  # pragma: no cover - zarrs is a dependency; keep working without it
+        yield
+        return
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        yield
 
 
 def _write_arrays(
