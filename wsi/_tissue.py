@@ -17,8 +17,9 @@ Mode = Literal["tissue", "smear"]
 #: Default overview resolutions (µm/px): a tissue sheet is found at 8 µm/px; single cells
 #: (10–20 µm) need ~2 µm/px to be seen at all.
 MASK_MPP: dict[str, float] = {"tissue": 8.0, "smear": 2.0}
-#: Overviews larger than this many pixels are made coarser so memory stays bounded.
-MAX_OVERVIEW_PX = 80_000_000
+#: Overviews larger than this many pixels are made coarser so memory stays bounded (smear
+#: detection peaks at ~19 bytes per overview pixel: 40 M px is ~0.75 GB).
+MAX_OVERVIEW_PX = 40_000_000
 
 
 @dataclass(frozen=True)
