@@ -197,6 +197,34 @@ class Backend:
         return {}
 
 
+#: cuCIM's per-process tile cache. Tiles of 224 px straddle up to four 256-px JPEG tiles;
+#: without the cache each JPEG tile is decoded ~2.3 times (measured: 2x faster reads with it).
+CUCIM_CACHE_MIB = 256
+
+
+def _configure_cucim_cache() -> None:
+    """Point cuCIM at a config enabling its tile cache, unless the user has their own.
+
+    The CPU wheel's reader plugin reads its cache settings from ``CUCIM_CONFIG_PATH`` when the
+    first image is opened; ``CuImage.cache(...)`` from Python does not reach it (measured).
+    """
+    import json
+    import os
+    import tempfile
+
+    if os.environ.get("CUCIM_CONFIG_PATH"):
+        return
+    folder = Path(tempfile.gettempdir()) / f"oncotrace-cucim-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / ".cucim.json"
+    want = {"cache": {"type": "per_process", "memory_capacity": CUCIM_CACHE_MIB}}
+    if not cfg.exists() or json.loads(cfg.read_text() or "{}") != want:
+        tmp = cfg.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, cfg)
+    os.environ["CUCIM_CONFIG_PATH"] = str(cfg)
+
+
 class CucimBackend(Backend):
     """cuCIM's CPU reader: the fastest path for SVS and JPEG/uncompressed tiled TIFF."""
 
@@ -212,6 +240,7 @@ class CucimBackend(Backend):
                 " (CPU) or `pip install 'oncotrace[cucim]'` (GPU)"
             ) from exc
         self.path = path
+        _configure_cucim_cache()
         try:
             self._img = CuImage(str(path))
         except Exception as exc:
