@@ -20,10 +20,10 @@ import datetime as _dt
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
