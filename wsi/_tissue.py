@@ -94,24 +94,31 @@ def detect_tissue(
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue in degrees, saturation and value in [0, 1], computed in float32."""
-    f = rgb.astype(np.float32) / 255.0
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    mx = f.max(axis=-1)
-    mn = f.min(axis=-1)
+    """Hue in degrees, saturation and value in [0, 1]; (h, w) float32 each.
+
+    Channel-wise maxima of separate planes: reducing over the trailing RGB axis is ~10x slower
+    on a 3000² overview.
+    """
+    r = rgb[..., 0].astype(np.float32)
+    g = rgb[..., 1].astype(np.float32)
+    b = rgb[..., 2].astype(np.float32)
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
     delta = mx - mn
-    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
-    safe = np.maximum(delta, 1e-6)
-    hue = np.where(
-        mx == r,
-        ((g - b) / safe) % 6.0,
-        np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    hue = np.where(delta > 0, hue * 60.0, 0.0)
-    return hue.astype(np.float32), sat.astype(np.float32), mx
+    sat = delta / np.maximum(mx, 1.0)
+    inv = 60.0 / np.maximum(delta, 1e-6)
+    red_max = mx == r
+    hue = (g - b) * inv
+    hue = np.where((mx == g) & ~red_max, (b - r) * inv + 120.0, hue)
+    hue = np.where((mx == b) & (mx != g) & ~red_max, (r - g) * inv + 240.0, hue)
+    hue[hue < 0] += 360.0
+    hue[delta == 0] = 0.0
+    return hue, sat, mx / 255.0
 
 
-def ink_classes(rgb: np.ndarray) -> dict[str, np.ndarray]:
+def ink_classes(
+    rgb: np.ndarray, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Pen-marker candidates by colour: ``green``, ``blue``, ``red``, ``black``; (h, w) bool each.
 
     Stains rarely take these colours at overview resolution: eosin is pink (hue 300–360°,
@@ -122,7 +129,7 @@ def ink_classes(rgb: np.ndarray) -> dict[str, np.ndarray]:
     Blue stains (Giemsa, toluidine blue) do look like blue marker: :func:`tissue_mask`
     tells them apart by extent.
     """
-    hue, sat, val = _hsv(rgb)
+    hue, sat, val = _hsv(rgb) if hsv is None else hsv
     return {
         "green": (hue >= 70) & (hue <= 180) & (sat > 0.12) & (val < 0.95),
         # IHC hematoxylin counterstain is blue too, but pale (saturation < 0.45).
@@ -150,8 +157,9 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, dict[str, floa
     Returns the (h, w) bool mask and QC numbers (``tissue_fraction``, ``ink_fraction``,
     ``saturation_threshold``).
     """
-    _, sat, val = _hsv(rgb)
-    classes = ink_classes(rgb)
+    hsv = _hsv(rgb)
+    _, sat, val = hsv
+    classes = ink_classes(rgb, hsv)
     stained = (sat > 0.07) & (val > 0.2)
     n_stained = max(1, int(stained.sum()))
     raw_ink = np.zeros(sat.shape, bool)
