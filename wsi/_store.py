@@ -17,6 +17,7 @@ anything named ``<slide_id>.zarr`` is finished.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import shutil
 import uuid
@@ -174,7 +175,7 @@ def write_patches(
         slide, target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, stride_px=cfg.stride_px
     )
     try:
-        with fast_codecs():
+        with fast_codecs(), _gc_frozen():
             kept = _write_arrays(slide, coords, tmp, geom, cfg, mask, workers, progress)
         group = zarr.open_group(tmp, mode="r+")
         group.attrs[ATTRS_KEY] = _attrs(slide, sid, geom, cfg, mask, kept)
@@ -204,6 +205,21 @@ def fast_codecs() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Keep the cyclic garbage collector off the objects that already exist.
+
+    The tile loop allocates many short-lived objects, so the collector runs constantly, and each
+    run walks everything imported (numpy, scipy, skimage, zarr): 25 % of the tiling CPU on a 50k
+    slide. Freezing moves today's objects out of its sight; new garbage is still collected.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _write_arrays(
     slide: Slide,
     coords: np.ndarray,
@@ -216,9 +232,10 @@ def _write_arrays(
 ) -> int:
     n, tp = len(coords), cfg.tile_px
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    # LZ4 without shuffle: tissue tiles only compress ~1.15x with anything, so the codec is
-    # chosen for speed; it still squeezes glass and background-heavy edge tiles.
-    blosc = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+    # LZ4 level 1, no shuffle: tissue tiles compress only ~1.08-1.15x with any lossless codec,
+    # so the codec is chosen for speed (0.12 ms/tile, faster than writing raw bytes; level 5
+    # costs 0.45 ms for 1.09x); it still squeezes glass and background-heavy edge tiles.
+    blosc = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
     patches = group.create_array(
         "patches",
         shape=(n, tp, tp, 3),

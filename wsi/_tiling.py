@@ -137,8 +137,10 @@ def tissue_fraction(
     m = mask.mask
     if coords.size == 0:
         return np.zeros(0, np.float32)
-    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
-    sat[1:, 1:] = m.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 holds any overview (<= 40 M px) and halves the memory traffic of int64
+    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int32)
+    np.cumsum(m, axis=0, dtype=np.int32, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
     ds = mask.downsample
     x0 = np.clip(np.round(coords[:, 0] / ds).astype(np.int64), 0, m.shape[1])
     y0 = np.clip(np.round(coords[:, 1] / ds).astype(np.int64), 0, m.shape[0])
@@ -146,7 +148,7 @@ def tissue_fraction(
     y1 = np.clip(np.round((coords[:, 1] + size_level0[1]) / ds).astype(np.int64), 0, m.shape[0])
     x1 = np.maximum(x1, np.minimum(x0 + 1, m.shape[1]))
     y1 = np.maximum(y1, np.minimum(y0 + 1, m.shape[0]))
-    total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    total = sat[y1, x1].astype(np.int64) - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     return (total / area).astype(np.float32)
 
