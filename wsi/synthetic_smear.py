@@ -109,34 +109,9 @@ class SmearTruth:
     cell_group: np.ndarray
 
     # -- the same in micrometres ------------------------------------------------------------
-    @property
-    def cluster_center_um(self) -> np.ndarray:
-        """(N, 2) float64 ndarray of cluster centres in µm from the slide's top-left corner."""
-        return self.cluster_center_px * self.mpp
-
-    @property
-    def cluster_radius_um(self) -> np.ndarray:
-        return self.cluster_radius_px * self.mpp
-
-    @property
-    def single_center_um(self) -> np.ndarray:
-        return self.single_center_px * self.mpp
-
-    @property
-    def clump_center_um(self) -> np.ndarray:
-        return self.clump_center_px * self.mpp
-
-    @property
-    def clump_radius_um(self) -> np.ndarray:
-        return self.clump_radius_px * self.mpp
-
-    @property
-    def debris_center_um(self) -> np.ndarray:
-        return self.debris_center_px * self.mpp
-
-    @property
-    def debris_patch_radius_um(self) -> np.ndarray:
-        return self.debris_patch_radius_px * self.mpp
+    def um(self, field: str) -> np.ndarray:
+        """Any ``*_px`` field in µm from the slide's top-left corner, e.g. ``um("cluster_center")``."""
+        return np.asarray(getattr(self, f"{field}_px")) * self.mpp
 
     # -- rasterised truth -------------------------------------------------------------------
     def cell_mask(

@@ -100,7 +100,8 @@ def test_make_smear_writes_a_pyramid_that_reads_back_at_its_mpp(
     truth = sm.truth
     assert len(truth.cluster_center_px) == 12 and len(truth.clump_center_px) == 3
     assert ((truth.cluster_n_cells >= 10) & (truth.cluster_n_cells <= 60)).all()
-    assert (truth.cluster_radius_um <= 120 + 1e-6).all() and (truth.cluster_radius_um > 15).all()
+    radius_um = truth.um("cluster_radius")
+    assert (radius_um <= 120 + 1e-6).all() and (radius_um > 15).all()
     assert truth.cluster_center_px.dtype == np.int64 and truth.cluster_center_px.shape == (12, 2)
     # What was planted is where the pixels are: cells are darker than the glass around them.
     grey = sm.level0[::4, ::4].mean(axis=2)
