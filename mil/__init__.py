@@ -1,3 +1,66 @@
-"""mil stage (see ../shared/ARCHITECTURE.md). Filled in by later issues."""
+"""mil — patch encoders, embeddings, attention-MIL heads, training and evaluation."""
 
-__all__: list[str] = []
+from . import _metrics as metrics
+from ._embed import embed, read_features
+from ._encoders import (
+    EncoderConfig,
+    WeightsError,
+    create_encoder,
+    encoder_config,
+    list_encoders,
+    register_encoder,
+)
+from ._metrics import (
+    BinaryMetrics,
+    McNemarResult,
+    MetricCI,
+    MulticlassMetrics,
+    apply_temperature,
+    auc_ci,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    compare_readers,
+    conformal_fit,
+    conformal_sets,
+    delong_auc,
+    delong_test,
+    empirical_coverage,
+    expected_calibration_error,
+    fit_temperature,
+    mcnemar_test,
+    multiclass_metrics,
+    reliability_curve,
+)
+
+__all__ = [
+    "BinaryMetrics",
+    "EncoderConfig",
+    "McNemarResult",
+    "MetricCI",
+    "MulticlassMetrics",
+    "WeightsError",
+    "apply_temperature",
+    "auc_ci",
+    "binary_metrics",
+    "bootstrap_ci",
+    "choose_threshold",
+    "compare_readers",
+    "conformal_fit",
+    "conformal_sets",
+    "create_encoder",
+    "delong_auc",
+    "delong_test",
+    "embed",
+    "empirical_coverage",
+    "encoder_config",
+    "expected_calibration_error",
+    "fit_temperature",
+    "list_encoders",
+    "mcnemar_test",
+    "metrics",
+    "multiclass_metrics",
+    "read_features",
+    "register_encoder",
+    "reliability_curve",
+]

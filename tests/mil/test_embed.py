@@ -1,0 +1,76 @@
+"""Embedding a tile store: aligned with coords, self-describing, resumable, refuses bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import mil
+import wsi
+from mil._pathomics import pathomics_features
+from wsi.synthetic import make_tissue_squares
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    planted = make_tissue_squares(
+        tmp_path / "s.tiff",
+        size=(2048, 1536),
+        mpp=0.25,
+        squares=[(0, 0, 1792, 1344)],
+        compression="jpeg",
+    )
+    return wsi.tile_slide(planted.path, tmp_path / "stores").store
+
+
+def test_features_are_row_aligned_with_coords_and_describe_themselves(store: Path) -> None:
+    path = mil.embed(store, "pathomics", batch_size=5)
+    feats, coords, attrs = mil.read_features(store, "pathomics")
+    g = zarr.open_group(store, mode="r")
+    assert feats.shape == (g["patches"].shape[0], mil.encoder_config("pathomics").dim)
+    np.testing.assert_array_equal(coords, g["coords"][:])
+    for i in (0, 7, len(feats) - 1):  # each row is the features of that tile, computed alone
+        np.testing.assert_allclose(
+            feats[i], pathomics_features(g["patches"][i : i + 1], 0.5)[0], rtol=1e-5, atol=1e-6
+        )
+    assert (
+        attrs["complete"]
+        and attrs["encoder"]["name"] == "pathomics"
+        and attrs["dim"] == feats.shape[1]
+    )
+    assert path.name == "pathomics" and not list(path.parent.glob(".*partial*"))
+
+
+def test_a_second_run_with_the_same_weights_is_skipped(store: Path) -> None:
+    calls = []
+    mil.embed(store, "pathomics")
+    mil.embed(store, "pathomics", progress=calls.append)
+    assert calls == []  # nothing recomputed
+    mil.embed(store, "pathomics", progress=calls.append, overwrite=True)
+    assert sum(calls) == zarr.open_group(store, mode="r")["coords"].shape[0]
+
+
+def test_tiles_at_the_wrong_resolution_are_refused(tmp_path: Path) -> None:
+    planted = make_tissue_squares(
+        tmp_path / "s.tiff", size=(2048, 1536), mpp=0.25, squares=[(0, 0, 1792, 1344)]
+    )
+    store = wsi.tile_slide(planted.path, tmp_path / "o", wsi.TilingConfig(target_mpp=1.0)).store
+    with pytest.raises(ValueError, match=r"--mpp-target 0\.5"):
+        mil.embed(store, "pathomics")
+
+
+def test_an_unfinished_store_is_refused(store: Path) -> None:
+    g = zarr.open_group(store, mode="r+")
+    attrs = dict(g.attrs["oncotrace"])
+    attrs["complete"] = False
+    g.attrs["oncotrace"] = attrs
+    with pytest.raises(ValueError, match="oncotrace tile"):
+        mil.embed(store, "pathomics")
+
+
+def test_missing_features_name_the_command_to_run(store: Path) -> None:
+    with pytest.raises(KeyError, match="oncotrace embed"):
+        mil.read_features(store, "uni")
