@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.color import rgb2hed
+from skimage.color.colorconv import hed_from_rgb
 
 #: hematoxylin optical density above which a pixel counts as nuclear (after rgb2hed)
 NUCLEUS_OD = 0.05
@@ -18,6 +18,9 @@ AREA_EDGES_UM2 = (6.0, 20.0, 40.0, 70.0, 110.0, 170.0, 260.0, np.inf)
 HIST_BINS = 12
 HIST_MAX_OD = 0.3
 WORK_MPP = 1.0
+# skimage.color.rgb2hed: stains = log(rgb) / log(1e-6) @ hed_from_rgb, clipped at 0
+_OD_LUT = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
+_HED_FROM_RGB = np.asarray(hed_from_rgb, np.float32)
 
 
 def _feature_names() -> list[str]:
@@ -67,18 +70,26 @@ def pathomics_features(tiles: np.ndarray, mpp: float) -> np.ndarray:
     # Work at ~1 µm/px: nuclei (5-15 µm) stay 5-15 px wide and the cost drops 4x at 0.5 µm/px.
     f = max(1, round(WORK_MPP / mpp))
     h, w = tiles.shape[1] // f, tiles.shape[2] // f
-    small = tiles[:, : h * f, : w * f].reshape(b, h, f, w, f, 3).mean((2, 4), dtype=np.float32)
+    acc = np.zeros((b, h, w, 3), np.uint16)
+    for dy in range(f):  # strided sums: far faster than a mean over reshaped axes
+        for dx in range(f):
+            acc += tiles[:, dy : h * f : f, dx : w * f : f]
+    small_u8 = ((acc + (f * f) // 2) // (f * f)).astype(np.uint8)
+    small = small_u8.astype(np.float32)
     mpp = mpp * f
     px_um2 = mpp * mpp
     flat_n = h * w
-    hed = rgb2hed(small / 255.0).astype(np.float32)  # (B, h, w, 3) optical densities
+    # colour deconvolution (skimage's H&E-DAB matrix) through a 256-entry log table
+    hed = np.maximum(_OD_LUT[small_u8] @ _HED_FROM_RGB, 0.0)  # (B, h, w, 3) optical densities
     feats: list[np.ndarray] = []
     for c in range(3):
         ch = hed[..., c].reshape(b, -1)
         q = np.percentile(ch, [10, 50, 90], axis=1)
         feats += [ch.mean(1), ch.std(1), q[0], q[1], q[2]]
         # per-tile histogram: digitise once, then count per (tile, bin) with bincount
-        idx = np.clip((ch * (HIST_BINS / HIST_MAX_OD)).astype(np.int64), 0, HIST_BINS - 1)
+        idx = np.minimum(
+            (ch * (HIST_BINS / HIST_MAX_OD)).astype(np.int32), HIST_BINS - 1
+        )  # ch >= 0
         counts = np.bincount(
             (idx + np.arange(b)[:, None] * HIST_BINS).ravel(), minlength=b * HIST_BINS
         )
@@ -86,7 +97,7 @@ def pathomics_features(tiles: np.ndarray, mpp: float) -> np.ndarray:
     rgb = small.reshape(b, -1, 3) / 255.0
     for c in range(3):
         feats += [rgb[..., c].mean(1), rgb[..., c].std(1)]
-    od = -np.log(np.clip(rgb, 1 / 255, 1.0)).mean(-1)
+    od = (_OD_LUT[small_u8].mean(-1) * -np.log(1e-6)).reshape(b, -1)  # -log(I/I0)
     feats += [od.mean(1), od.std(1), (od < 0.05).mean(1), (od > 0.8).mean(1)]
 
     # nuclei: hematoxylin-dense connected components, labelled per tile (no links across tiles)
@@ -162,7 +173,7 @@ def pathomics_features(tiles: np.ndarray, mpp: float) -> np.ndarray:
     )
     hg = np.abs(np.diff(haem, axis=2)).reshape(b, -1)
     feats += [grad.mean(1), grad.std(1), lap.reshape(b, -1).var(1), blocks.std(1), hg.mean(1)]
-    gidx = np.clip((np.sqrt(grad) * 16).astype(np.int64), 0, 7)  # sqrt-spaced, 0 .. 0.25
+    gidx = np.minimum((np.sqrt(grad) * 16).astype(np.int32), 7)  # sqrt-spaced bins, 0 .. 0.25
     gcounts = np.bincount((gidx + np.arange(b)[:, None] * 8).ravel(), minlength=b * 8).reshape(b, 8)
     feats += list((gcounts / grad.shape[1]).T)
     out = np.stack([np.asarray(f, np.float32) for f in feats], axis=1)
