@@ -10,6 +10,17 @@ from ._encoders import (
     list_encoders,
     register_encoder,
 )
+from ._heads import (
+    HeadConfig,
+    MILHead,
+    MILOutput,
+    MILPool,
+    create_head,
+    list_heads,
+    load_head,
+    register_head,
+    save_head,
+)
 from ._metrics import (
     BinaryMetrics,
     McNemarResult,
@@ -36,6 +47,10 @@ from ._metrics import (
 __all__ = [
     "BinaryMetrics",
     "EncoderConfig",
+    "HeadConfig",
+    "MILHead",
+    "MILOutput",
+    "MILPool",
     "McNemarResult",
     "MetricCI",
     "MulticlassMetrics",
@@ -49,6 +64,7 @@ __all__ = [
     "conformal_fit",
     "conformal_sets",
     "create_encoder",
+    "create_head",
     "delong_auc",
     "delong_test",
     "embed",
@@ -57,10 +73,14 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "list_encoders",
+    "list_heads",
+    "load_head",
     "mcnemar_test",
     "metrics",
     "multiclass_metrics",
     "read_features",
     "register_encoder",
+    "register_head",
     "reliability_curve",
+    "save_head",
 ]
