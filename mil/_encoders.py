@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from ._pathomics import FEATURE_NAMES, pathomics_features
+from ._state import state_dict_mismatch
 
 Output = Literal["features", "pool", "cls", "cls+mean"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -410,24 +411,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
 def load_weights_strict(model: Any, sd: Mapping[str, Any], source: str) -> None:
     """Load ``sd`` into ``model``; any missing/unexpected key or shape mismatch is an error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k}: expected {tuple(own[k].shape)}, found {tuple(sd[k].shape)}"
-        for k in own
-        if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    problem = state_dict_mismatch(model.state_dict(), sd)
+    if problem:
         raise WeightsError(
-            f"{source}: the checkpoint does not match the architecture: {'; '.join(parts)}."
+            f"{source}: the checkpoint does not match the architecture: {problem}."
             " Fix: use the checkpoint published for this encoder, or pick the encoder it belongs to."
         )
     model.load_state_dict(dict(sd), strict=True)

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._state import state_dict_mismatch
+
 __all__ = [
     "HeadConfig",
     "MILHead",
@@ -993,25 +995,11 @@ def load_head(directory: str | Path, *, device: str | torch.device = "cpu") -> M
         )
     model = MILHead(HeadConfig.from_dict(meta["config"]))
     found = load_file(str(weights_path), device="cpu")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: expected {expected[k]}, found {tuple(found[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(found[k].shape) != expected[k]
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        if shapes:
-            parts.append("shape mismatches: " + "; ".join(shapes))
+    problem = state_dict_mismatch(model.state_dict(), found)
+    if problem:
         raise ValueError(
             f"{weights_path} does not match the config in {config_path}: "
-            + "; ".join(parts)
+            + problem
             + ". Were the two files written by different save_head calls?"
         )
     model.load_state_dict(found)
