@@ -1,0 +1,756 @@
+"""Training and evaluation of MIL heads on embedded slides.
+
+``load_cohort`` reads ``labels.csv`` and the embedded tile stores into a :class:`CohortData`;
+``fit`` trains a head one case at a time; ``predict`` returns class probabilities and attention;
+``cross_validate`` / ``train_and_evaluate`` run patient-grouped evaluations with out-of-fold
+predictions; ``save_model`` / ``load_model`` write and read safetensors + JSON (never pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from wsi import read_store_attrs
+
+from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
+
+if TYPE_CHECKING:
+    from ._heads import MILHead
+
+FloatArray = NDArray[np.float32]
+IntArray = NDArray[np.int64]
+
+_RESERVED = ("slide_id", "patient_id", "site")
+_SEX = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortData:
+    """Bags, labels and covariates of a cohort, row-aligned by case (slide).
+
+    Attributes
+    ----------
+    slide_ids, patient_ids, sites : (N,) str ndarrays.
+    bags : list of N (N_i, D) float32 ndarrays of tile features.
+    coords : list of N (N_i, 2) int64 ndarrays, level-0 ``(x, y)`` of each tile.
+    tile_size_level0 : (N,) int64 ndarray, tile side in level-0 px per slide.
+    labels : dict task -> (N,) int64 class indices (-1 where the label is empty).
+    class_names : dict task -> tuple of class names (sorted), indexed by ``labels``.
+    covariates : (N, K) float32 standardised covariates, or None.
+    covariate_names : names of the K covariates.
+    covariate_mean, covariate_std : (K,) float64, the standardisation applied.
+    encoder, in_dim : the encoder whose features were loaded and its embedding dim.
+    """
+
+    slide_ids: NDArray[np.str_]
+    patient_ids: NDArray[np.str_]
+    sites: NDArray[np.str_]
+    bags: list[FloatArray]
+    coords: list[IntArray]
+    tile_size_level0: IntArray
+    labels: dict[str, IntArray]
+    class_names: dict[str, tuple[str, ...]]
+    covariates: FloatArray | None
+    covariate_names: tuple[str, ...]
+    covariate_mean: NDArray[np.float64]
+    covariate_std: NDArray[np.float64]
+    encoder: str
+    in_dim: int
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    @property
+    def tasks(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.class_names)
+
+    def covariate_spec(self) -> dict[str, Any]:
+        """Names and standardisation of the covariates, as written to ``model.json``."""
+        return {
+            "names": list(self.covariate_names),
+            "mean": [float(x) for x in self.covariate_mean],
+            "std": [float(x) for x in self.covariate_std],
+            "encoding": {"sex": {"M": 0, "F": 1}} if "sex" in self.covariate_names else {},
+        }
+
+
+def _covariate_column(name: str, values: list[str], csv_path: Path) -> NDArray[np.float64]:
+    missing = [i for i, v in enumerate(values) if v.strip() == ""]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: covariate {name!r} is empty in {len(missing)} row(s) (e.g. data row "
+            f"{missing[0] + 1}); impute it (and add a missingness indicator) or drop it."
+        )
+    try:
+        return np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        pass
+    lowered = {v.strip().lower() for v in values}
+    if lowered <= set(_SEX):
+        return np.array([_SEX[v.strip().lower()] for v in values], dtype=np.float64)
+    bad = sorted({v for v in values if not _is_float(v)})[:5]
+    raise ValueError(
+        f"{csv_path}: covariate {name!r} is not numeric (values like {bad}). Covariates must be "
+        "numbers, or M/F for sex; one-hot encode other categories into numeric columns."
+    )
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def load_cohort(
+    stores_dir: str | Path,
+    labels_csv: str | Path,
+    encoder: str,
+    tasks: Sequence[str] = ("label",),
+    covariates: Sequence[str] = (),
+    *,
+    covariate_stats: Mapping[str, Sequence[float]] | None = None,
+) -> CohortData:
+    """Read ``labels.csv`` and the features of ``stores_dir/<slide_id>.zarr`` for each row.
+
+    Parameters
+    ----------
+    stores_dir : folder of tile stores embedded with ``encoder``.
+    labels_csv : CSV with columns ``slide_id, patient_id, site``, one column per task and one per
+        covariate. Empty task cells become label -1 (ignored in the loss and metrics).
+    encoder : registered encoder name whose features to load.
+    tasks : task columns; class names are the sorted distinct values.
+    covariates : numeric columns (``sex`` may be M/F, coded M=0, F=1), standardised.
+    covariate_stats : ``{"mean": [...], "std": [...]}`` to reuse a trained model's
+        standardisation instead of computing it from this cohort.
+
+    Returns
+    -------
+    CohortData
+    """
+    from ._embed import read_features
+    from ._encoders import encoder_config
+
+    stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
+    if not labels_csv.is_file():
+        raise FileNotFoundError(f"{labels_csv}: labels file not found.")
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{labels_csv}: no data rows.")
+    columns = list(rows[0])
+    need = [*_RESERVED, *tasks, *covariates]
+    absent = [c for c in need if c not in columns]
+    if absent:
+        raise ValueError(
+            f"{labels_csv}: missing column(s) {absent}; the file has {columns}. Check the task "
+            "and covariate names."
+        )
+    if not tasks:
+        raise ValueError("pass at least one task column.")
+    slide_ids = [r["slide_id"] for r in rows]
+    dup = sorted({s for s in slide_ids if slide_ids.count(s) > 1})
+    if dup:
+        raise ValueError(f"{labels_csv}: slide_id(s) {dup[:5]} appear more than once.")
+    unknown = [s for s in slide_ids if not (stores_dir / f"{s}.zarr").exists()]
+    if unknown:
+        raise FileNotFoundError(
+            f"{labels_csv}: {len(unknown)} slide(s) have no tile store in {stores_dir}: "
+            f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}. Fix: tile and embed them "
+            f"(`oncotrace tile` then `oncotrace embed --encoder {encoder}`), or drop their rows."
+        )
+
+    labels: dict[str, IntArray] = {}
+    class_names: dict[str, tuple[str, ...]] = {}
+    for task in tasks:
+        values = [r[task].strip() for r in rows]
+        names = tuple(sorted({v for v in values if v}))
+        if len(names) < 2:
+            raise ValueError(
+                f"{labels_csv}: task {task!r} has {len(names)} class(es) {list(names)}; a "
+                "classifier needs at least two. Check the column or drop the task."
+            )
+        index = {n: i for i, n in enumerate(names)}
+        labels[task] = np.array([index[v] if v else -1 for v in values], dtype=np.int64)
+        class_names[task] = names
+
+    cov: FloatArray | None = None
+    k = len(covariates)
+    mean, std = np.zeros(k), np.ones(k)
+    if k:
+        raw = np.stack(
+            [_covariate_column(c, [r[c] for r in rows], labels_csv) for c in covariates], axis=1
+        )
+        if covariate_stats is not None:
+            mean = np.asarray(covariate_stats["mean"], dtype=np.float64)
+            std = np.asarray(covariate_stats["std"], dtype=np.float64)
+            if mean.shape != (k,) or std.shape != (k,):
+                raise ValueError(f"covariate_stats must give {k} means and stds.")
+        else:
+            mean, std = raw.mean(axis=0), raw.std(axis=0)
+            std = np.where(std > 0, std, 1.0)  # a constant covariate stays 0, not NaN
+        cov = ((raw - mean) / std).astype(np.float32)
+
+    dim = encoder_config(encoder).dim
+    bags: list[FloatArray] = []
+    coords: list[IntArray] = []
+    tile_sizes: list[int] = []
+    for sid in slide_ids:
+        store = stores_dir / f"{sid}.zarr"
+        feats, xy, attrs = read_features(store, encoder)
+        enc_attr = attrs.get("encoder")
+        found = enc_attr.get("name") if isinstance(enc_attr, Mapping) else enc_attr
+        if found is not None and found != encoder:
+            raise ValueError(
+                f"{store}: features under {encoder!r} were written by encoder {found!r}. "
+                f"Fix: re-embed with `oncotrace embed {store} --encoder {encoder} --overwrite`."
+            )
+        if feats.ndim != 2 or feats.shape[1] != dim:
+            raise ValueError(
+                f"{store}: features have shape {feats.shape} but encoder {encoder!r} has dim "
+                f"{dim}. Fix: re-embed with `oncotrace embed {store} --encoder {encoder} "
+                "--overwrite`."
+            )
+        if feats.shape[0] == 0:
+            raise ValueError(f"{store}: no tiles; drop the slide or check tissue detection.")
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"{store}: NaN/inf in the features of {int(bad.sum())} tile(s) (e.g. rows "
+                f"{np.flatnonzero(bad)[:5].tolist()}). Fix: re-embed (try fp32 precision)."
+            )
+        ts = (read_store_attrs(store) or {}).get("tile_size_level0", 0)
+        tile_sizes.append(round(float(ts[0] if isinstance(ts, Sequence) else ts)))
+        bags.append(feats)
+        coords.append(np.asarray(xy, dtype=np.int64))
+
+    return CohortData(
+        slide_ids=np.array(slide_ids, dtype=str),
+        patient_ids=np.array([r["patient_id"] for r in rows], dtype=str),
+        sites=np.array([r["site"] for r in rows], dtype=str),
+        bags=bags,
+        coords=coords,
+        tile_size_level0=np.array(tile_sizes, dtype=np.int64),
+        labels=labels,
+        class_names=class_names,
+        covariates=cov,
+        covariate_names=tuple(covariates),
+        covariate_mean=np.asarray(mean, dtype=np.float64),
+        covariate_std=np.asarray(std, dtype=np.float64),
+        encoder=encoder,
+        in_dim=dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _label_arrays(
+    labels: Mapping[str, ArrayLike], tasks: Mapping[str, Sequence[str]], n: int
+) -> dict[str, IntArray]:
+    missing = [t for t in tasks if t not in labels]
+    if missing:
+        raise ValueError(f"labels lack task(s) {missing}; pass labels for every task.")
+    out = {}
+    for task, classes in tasks.items():
+        y = np.asarray(labels[task]).reshape(-1)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(
+                f"labels[{task!r}] must be integer class indices (-1 = unknown), got {y.dtype}."
+            )
+        if y.size != n:
+            raise ValueError(f"labels[{task!r}] has {y.size} entries for {n} bags.")
+        if y.size and (y.min() < -1 or y.max() >= len(classes)):
+            raise ValueError(
+                f"labels[{task!r}] must lie in -1..{len(classes) - 1} (classes {list(classes)})."
+            )
+        out[task] = y.astype(np.int64)
+    return out
+
+
+def _class_weights(y: IntArray, n_classes: int, mode: str | None) -> NDArray[np.float32]:
+    if mode is None:
+        return np.ones(n_classes, np.float32)
+    if mode != "balanced":
+        raise ValueError(f"class_weights must be 'balanced' or None, got {mode!r}.")
+    known = y[y >= 0]
+    counts = np.bincount(known, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, known.size / (n_classes * np.maximum(counts, 1)), 0.0)
+    return w.astype(np.float32)
+
+
+def _epoch_loss(
+    model: MILHead,
+    bags: Sequence[FloatArray],
+    labels: Mapping[str, IntArray],
+    covariates: FloatArray | None,
+    weights: Mapping[str, Any],
+) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i, bag in enumerate(bags):
+            cov = None if covariates is None else torch.from_numpy(covariates[i])
+            out = model(torch.from_numpy(bag), cov)
+            for task, w in weights.items():
+                y = int(labels[task][i])
+                if y >= 0:
+                    logit = out.logits[task].unsqueeze(0)
+                    total += float(F.cross_entropy(logit, torch.tensor([y]), weight=w))
+    return total / max(len(bags), 1)
+
+
+def fit(
+    bags: Sequence[ArrayLike],
+    labels: Mapping[str, ArrayLike],
+    *,
+    tasks: Mapping[str, Sequence[str]],
+    in_dim: int,
+    head: str = "abmil-gated",
+    covariates: ArrayLike | None = None,
+    epochs: int = 40,
+    lr: float = 2e-4,
+    weight_decay: float = 1e-4,
+    val: tuple[Sequence[ArrayLike], Mapping[str, ArrayLike]]
+    | tuple[Sequence[ArrayLike], Mapping[str, ArrayLike], ArrayLike | None]
+    | None = None,
+    patience: int = 8,
+    seed: int = 0,
+    max_instances: int | None = None,
+    class_weights: Literal["balanced"] | None = "balanced",
+    head_options: Mapping[str, Any] | None = None,
+) -> tuple[MILHead, dict[str, Any]]:
+    """Train a MIL head one case at a time (batch size 1) with Adam.
+
+    Loss per case: the sum over tasks of class-weighted cross entropy (cases with label -1 for a
+    task skip it) plus the head's auxiliary loss.
+
+    Parameters
+    ----------
+    bags : N arrays (N_i, D) of instance features.
+    labels : dict task -> (N,) int class indices into ``tasks[task]`` (-1 = unknown).
+    tasks : dict task -> class names.
+    in_dim : D.
+    head : a registered head name (:func:`mil.list_heads`).
+    covariates : (N, K) float array of standardised covariates, optional.
+    epochs : maximum passes over the training cases.
+    lr, weight_decay : Adam settings.
+    val : ``(bags, labels)`` or ``(bags, labels, covariates)`` for early stopping: training stops
+        after ``patience`` epochs without a lower validation loss and the best weights are kept.
+    seed : seeds torch and the case order / instance subsampling.
+    max_instances : random subsample of at most this many instances per bag and step, for big
+        bags (all instances are used for validation and prediction).
+    class_weights : ``"balanced"`` (inverse class frequency) or None.
+    head_options : further :func:`mil.create_head` options (``hidden``, ``dropout``, ...).
+
+    Returns
+    -------
+    model : the trained head, in eval mode.
+    history : dict with ``train_loss`` and ``val_loss`` per epoch, ``best_epoch``, ``epochs_run``.
+
+    Notes
+    -----
+    Runs on the CPU with the caller's ``torch.get_num_threads()``; the global torch RNG is
+    re-seeded by this call.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ._heads import create_head
+
+    arrays = [np.asarray(b, dtype=np.float32) for b in bags]
+    n = len(arrays)
+    if n == 0:
+        raise ValueError("no training bags.")
+    for i, b in enumerate(arrays):
+        if b.ndim != 2 or b.shape[1] != in_dim or b.shape[0] == 0:
+            raise ValueError(f"bag {i} has shape {b.shape}; expected (N_i >= 1, {in_dim}).")
+    y = _label_arrays(labels, tasks, n)
+    cov = None if covariates is None else np.asarray(covariates, dtype=np.float32).reshape(n, -1)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+
+    val_data: tuple[list[FloatArray], dict[str, IntArray], FloatArray | None] | None = None
+    if val is not None:
+        vb = [np.asarray(b, dtype=np.float32) for b in val[0]]
+        vc = val[2] if len(val) == 3 else None
+        val_data = (
+            vb,
+            _label_arrays(val[1], tasks, len(vb)),
+            None if vc is None else np.asarray(vc, dtype=np.float32).reshape(len(vb), -1),
+        )
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = create_head(
+        head,
+        in_dim,
+        tasks,
+        covariates=0 if cov is None else cov.shape[1],
+        **dict(head_options or {}),
+    )
+    weights = {
+        t: torch.from_numpy(_class_weights(y[t], len(c), class_weights)) for t, c in tasks.items()
+    }
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "best_epoch": None}
+    best = math.inf
+    best_state: dict[str, Any] | None = None
+    stale = 0
+    for epoch in range(epochs):
+        model.train()
+        running = 0.0
+        for i in rng.permutation(n):
+            bag = arrays[i]
+            if max_instances is not None and bag.shape[0] > max_instances:
+                bag = bag[np.sort(rng.choice(bag.shape[0], max_instances, replace=False))]
+            case_labels = {t: int(y[t][i]) for t in tasks if y[t][i] >= 0}
+            out = model(
+                torch.from_numpy(bag),
+                None if cov is None else torch.from_numpy(cov[i]),
+                labels=case_labels,
+            )
+            loss = out.aux_loss
+            for t, yi in case_labels.items():
+                loss = loss + F.cross_entropy(
+                    out.logits[t].unsqueeze(0), torch.tensor([yi]), weight=weights[t]
+                )
+            if not loss.requires_grad:  # no labelled task for this case
+                continue
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running += float(loss.detach())
+        history["train_loss"].append(running / n)
+        if val_data is None:
+            continue
+        vloss = _epoch_loss(model, val_data[0], val_data[1], val_data[2], weights)
+        history["val_loss"].append(vloss)
+        if vloss < best - 1e-6:
+            best, stale = vloss, 0
+            best_state = copy.deepcopy(model.state_dict())
+            history["best_epoch"] = epoch
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    history["epochs_run"] = len(history["train_loss"])
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif val_data is None:
+        history["best_epoch"] = history["epochs_run"] - 1
+    return model.eval(), history
+
+
+def predict(
+    model: MILHead,
+    bags: Sequence[ArrayLike],
+    covariates: ArrayLike | None = None,
+) -> tuple[dict[str, NDArray[np.float64]], list[dict[str, NDArray[np.float32]]]]:
+    """Class probabilities and attention for each case (single-bag heads).
+
+    Parameters
+    ----------
+    model : a trained head.
+    bags : N arrays (N_i, D).
+    covariates : (N, K) array if the head takes covariates.
+
+    Returns
+    -------
+    proba : dict task -> (N, C) float64 ndarray, rows summing to 1, columns in class order.
+    attention : list of N dicts task -> (N_i,) float32 ndarray of attention over the tiles.
+    """
+    import torch
+
+    model.eval()
+    n = len(bags)
+    cov = None if covariates is None else np.asarray(covariates, dtype=np.float32).reshape(n, -1)
+    tasks = model.config.tasks
+    proba = {t: np.zeros((n, len(c)), np.float64) for t, c in tasks.items()}
+    attention: list[dict[str, NDArray[np.float32]]] = []
+    with torch.no_grad():
+        for i, bag in enumerate(bags):
+            x = torch.from_numpy(np.asarray(bag, dtype=np.float32))
+            out = model(x, None if cov is None else torch.from_numpy(cov[i]))
+            att = {}
+            for t in tasks:
+                proba[t][i] = torch.softmax(out.logits[t].double(), dim=-1).numpy()
+                a = out.attention[t]
+                att[t] = a.numpy().astype(np.float32) if isinstance(a, torch.Tensor) else a
+            attention.append(att)
+    return proba, attention
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out predictions and metrics.
+
+    Attributes
+    ----------
+    case_idx : (M,) int64 indices into the cohort of the evaluated cases.
+    fold : (M,) int64 fold of each evaluated case.
+    proba : dict task -> (M, C) probabilities (out-of-fold for cross-validation).
+    attention : list of M dicts task -> (N_i,) attention.
+    metrics : dict task -> BinaryMetrics or MulticlassMetrics (patient-grouped bootstrap), or
+        None when the evaluated cases hold a single class of that task.
+    histories : one training history per fold.
+    """
+
+    case_idx: IntArray
+    fold: IntArray
+    proba: dict[str, NDArray[np.float64]]
+    attention: list[dict[str, NDArray[np.float32]]]
+    metrics: dict[str, Any]
+    histories: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _subset(data: CohortData, idx: IntArray) -> tuple[list[FloatArray], dict[str, IntArray], Any]:
+    return (
+        [data.bags[i] for i in idx],
+        {t: y[idx] for t, y in data.labels.items()},
+        None if data.covariates is None else data.covariates[idx],
+    )
+
+
+def _metrics(
+    data: CohortData,
+    idx: IntArray,
+    proba: Mapping[str, NDArray[np.float64]],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    from ._metrics import binary_metrics, multiclass_metrics
+
+    out: dict[str, Any] = {}
+    for task, names in data.class_names.items():
+        y = data.labels[task][idx]
+        keep = y >= 0
+        groups = data.patient_ids[idx][keep]
+        p = proba[task][keep]
+        if len(np.unique(y[keep])) < 2:
+            out[task] = None  # one class on the evaluated side: no AUC
+        elif len(names) == 2:
+            out[task] = binary_metrics(y[keep], p[:, 1], groups=groups, n_boot=n_boot, seed=seed)
+        else:
+            out[task] = multiclass_metrics(
+                y[keep], p, class_names=names, groups=groups, n_boot=n_boot, seed=seed
+            )
+    return out
+
+
+def _run_folds(
+    data: CohortData,
+    folds: Sequence[tuple[IntArray, IntArray]],
+    *,
+    val_fraction: float,
+    seed: int,
+    n_boot: int,
+    fit_kw: Mapping[str, Any],
+) -> tuple[Evaluation, MILHead]:
+    first = next(iter(data.class_names))
+    n = len(data)
+    proba = {t: np.full((n, len(c)), np.nan) for t, c in data.class_names.items()}
+    attention: list[dict[str, Any]] = [{} for _ in range(n)]
+    fold_of = np.full(n, -1, np.int64)
+    histories = []
+    model = None
+    for f, (train_idx, test_idx) in enumerate(folds):
+        val = None
+        fit_idx = train_idx
+        if val_fraction > 0:
+            fit_idx, val_idx = inner_validation(
+                train_idx, data.labels[first], data.patient_ids, val_fraction, seed + f
+            )
+            val = _subset(data, val_idx)
+        b, y, c = _subset(data, fit_idx)
+        model, hist = fit(
+            b,
+            y,
+            tasks=data.class_names,
+            in_dim=data.in_dim,
+            covariates=c,
+            val=val,
+            seed=seed + f,
+            **fit_kw,
+        )
+        histories.append(hist)
+        tb, _, tc = _subset(data, test_idx)
+        p, att = predict(model, tb, tc)
+        for t in proba:
+            proba[t][test_idx] = p[t]
+        for j, i in enumerate(test_idx):
+            attention[i] = att[j]
+        fold_of[test_idx] = f
+    if model is None:
+        raise ValueError("no folds to run.")
+    idx = np.flatnonzero(fold_of >= 0).astype(np.int64)
+    ev = Evaluation(
+        case_idx=idx,
+        fold=fold_of[idx],
+        proba={t: p[idx] for t, p in proba.items()},
+        attention=[attention[i] for i in idx],
+        metrics=_metrics(data, idx, {t: p[idx] for t, p in proba.items()}, n_boot, seed),
+        histories=histories,
+    )
+    return ev, model
+
+
+def cross_validate(
+    data: CohortData,
+    *,
+    k: int = 5,
+    split: Literal["kfold", "site"] = "kfold",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    n_boot: int = 1000,
+    **fit_kw: Any,
+) -> Evaluation:
+    """Patient-grouped k-fold (stratified on the first task) or leave-one-site-out evaluation.
+
+    Parameters
+    ----------
+    data : from :func:`load_cohort`.
+    k : folds for ``split="kfold"``.
+    split : ``"kfold"``, or ``"site"`` for one fold per site holding that site out.
+    val_fraction : share of each fold's training patients held out for early stopping (0: none,
+        train for ``epochs``).
+    seed : split, initialisation and bootstrap seed.
+    n_boot : bootstrap resamples for the metric CIs.
+    **fit_kw : passed to :func:`fit` (``head``, ``epochs``, ``lr``, ``max_instances``, ...).
+
+    Returns
+    -------
+    Evaluation
+        Out-of-fold predictions of every case, with metrics on them.
+    """
+    first = next(iter(data.class_names))
+    if split == "kfold":
+        folds = grouped_kfold(data.labels[first], data.patient_ids, k, seed)
+    elif split == "site":
+        folds = [
+            site_holdout(data.sites, s, groups=data.patient_ids) for s in np.unique(data.sites)
+        ]
+    else:
+        raise ValueError(f"split must be 'kfold' or 'site', got {split!r}.")
+    ev, _ = _run_folds(
+        data, folds, val_fraction=val_fraction, seed=seed, n_boot=n_boot, fit_kw=fit_kw
+    )
+    return ev
+
+
+def train_and_evaluate(
+    data: CohortData,
+    *,
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    n_boot: int = 1000,
+    **fit_kw: Any,
+) -> tuple[MILHead, Evaluation]:
+    """One patient-grouped, stratified train/test split (7:3 by default): train, then evaluate.
+
+    Returns
+    -------
+    model : trained on the training side (minus its inner validation patients).
+    evaluation : predictions and metrics on the test side.
+    """
+    first = next(iter(data.class_names))
+    split = grouped_split(data.labels[first], data.patient_ids, test_fraction, seed)
+    ev, model = _run_folds(
+        data, [split], val_fraction=val_fraction, seed=seed, n_boot=n_boot, fit_kw=fit_kw
+    )
+    return model, ev
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_model(
+    directory: str | Path,
+    model: MILHead,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    data: CohortData | None = None,
+) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` with everything needed to reuse the model.
+
+    Parameters
+    ----------
+    directory : created if needed.
+    model : a trained head.
+    config : training configuration (epochs, lr, split, seed, ...), stored under ``training``.
+    metrics : dict task -> metrics object or plain values, stored under ``metrics``.
+    data : the cohort trained on; its encoder name and dim, task class names and covariate
+        names with their standardisation are stored so new data can be prepared identically.
+
+    Returns
+    -------
+    Path of the directory.
+    """
+    from ._heads import _CONFIG_FILE, save_head
+
+    directory = save_head(model, directory)
+    path = directory / _CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["tasks"] = {t: list(c) for t, c in model.config.tasks.items()}
+    if data is not None:
+        meta["encoder"] = {"name": data.encoder, "dim": data.in_dim}
+        meta["covariates"] = data.covariate_spec()
+    meta["training"] = _jsonable(dict(config or {}))
+    meta["metrics"] = _jsonable(dict(metrics or {}))
+    path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return directory
+
+
+def load_model(directory: str | Path) -> tuple[MILHead, dict[str, Any]]:
+    """Read a model written by :func:`save_model`: ``(head in eval mode, model.json contents)``."""
+    from ._heads import _CONFIG_FILE, load_head
+
+    model = load_head(directory)
+    meta = json.loads((Path(directory) / _CONFIG_FILE).read_text())
+    return model, meta
