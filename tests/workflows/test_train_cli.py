@@ -1,0 +1,94 @@
+"""`oncotrace train` on a small phantom cohort: outputs, patient-grouped folds, bad labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import mil
+import wsi
+from mil.phantom import make_cohort
+from workflows.cli import app
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    c = make_cohort(root, n_cases=12, size_px=(1536, 1024), seed=3)
+    for path in c.slide_paths:
+        mil.embed(wsi.tile_slide(path, root / "stores").store, "pathomics")
+    return root
+
+
+def _run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, ["train", *args])
+    return res.exit_code, res.output + (repr(res.exception) if res.exception else "")
+
+
+def test_kfold_writes_model_metrics_and_grouped_predictions(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    code, output = _run(
+        "--stores",
+        str(cohort / "stores"),
+        "--labels",
+        str(cohort / "labels.csv"),
+        "--out",
+        str(out),
+        "--folds",
+        "3",
+        "--covariates",
+        "age,sex",
+        "--epochs",
+        "5",
+        "--n-boot",
+        "50",
+    )
+    assert code == 0, output
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["encoder"]["name"] == "pathomics" and meta["covariates"]["names"] == ["age", "sex"]
+    assert (out / "model.safetensors").is_file() and "label" in json.loads(
+        (out / "metrics.json").read_text()
+    )
+    with open(out / "predictions_heldout.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(cohort / "labels.csv", newline="") as fh:
+        n_slides = sum(1 for _ in csv.DictReader(fh))
+    assert len(rows) == n_slides  # every case predicted once, out of fold
+    folds_of = defaultdict(set)
+    for r in rows:
+        folds_of[r["patient_id"]].add(r["fold"])
+    assert all(len(f) == 1 for f in folds_of.values()), "a patient was split across folds"
+    model, _ = mil.load_model(out)
+    assert model is not None
+
+
+def test_holdout_split_and_unknown_slides(cohort: Path, tmp_path: Path) -> None:
+    code, output = _run(
+        "--stores",
+        str(cohort / "stores"),
+        "--labels",
+        str(cohort / "labels.csv"),
+        "--out",
+        str(tmp_path / "m"),
+        "--split",
+        "7:3",
+        "--epochs",
+        "3",
+        "--n-boot",
+        "20",
+    )
+    assert code == 0, output
+    bad = tmp_path / "labels.csv"
+    text = (cohort / "labels.csv").read_text().splitlines()
+    bad.write_text(
+        "\n".join([*text, text[1].replace(text[1].split(",")[0], "NOT_A_SLIDE", 1)]) + "\n"
+    )
+    code, output = _run(
+        "--stores", str(cohort / "stores"), "--labels", str(bad), "--out", str(tmp_path / "x")
+    )
+    assert code != 0 and "NOT_A_SLIDE" in output
