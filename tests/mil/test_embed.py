@@ -74,3 +74,17 @@ def test_an_unfinished_store_is_refused(store: Path) -> None:
 def test_missing_features_name_the_command_to_run(store: Path) -> None:
     with pytest.raises(KeyError, match="oncotrace embed"):
         mil.read_features(store, "uni")
+
+
+def test_features_written_in_whole_chunks_match_tile_by_tile(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mil._embed as embed_mod
+
+    monkeypatch.setattr(embed_mod, "FEATURE_CHUNK", 7)  # batches of 5 straddle chunks of 7
+    mil.embed(store, "pathomics", batch_size=5)
+    feats, _, _ = mil.read_features(store, "pathomics")
+    g = zarr.open_group(store, mode="r")
+    assert g["features/pathomics"].chunks == (7, feats.shape[1])
+    want = pathomics_features(np.asarray(g["patches"][:]), 0.5)
+    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6)
