@@ -51,48 +51,12 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._load import CpuMonitor  # noqa: E402
+
 DATA = HERE / "_data"
 TILE_PX = 224
 TARGET_MPP = 0.5
 TARGETS = {"ratio": 0.9, "pathomics_tiles_per_s": 200.0}
-
-
-# --------------------------------------------------------------------------------------------
-# machine load
-# --------------------------------------------------------------------------------------------
-class CpuMonitor:
-    """CPU used by *other* processes over a phase, as a fraction of the machine.
-
-    Busy jiffies of the whole machine (/proc/stat) minus this process's own CPU time.
-    """
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.busy0 = self._busy()
-        self.own0 = self._own()
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as fh:
-                vals = [int(v) for v in fh.readline().split()[1:]]
-        except OSError:
-            return None
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def foreign_fraction(self) -> float | None:
-        busy = self._busy()
-        if busy is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        foreign = (busy - self.busy0) - (self._own() - self.own0)
-        return max(0.0, foreign) / (wall * (os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------------------------
