@@ -38,7 +38,6 @@ def test_every_registered_architecture_builds_with_its_dim(name: str) -> None:
 
 
 def test_preprocessing_applies_the_configured_mean_and_std() -> None:
-    enc = mil.create_encoder("h-optimus-0", weights="random") if GIANT else None
     cfg = mil.encoder_config("h-optimus-0")
     model = torch.nn.Identity()
     enc = TimmEncoder(cfg, model, "cpu", "fp32", "test")
