@@ -225,6 +225,38 @@ def _configure_cucim_cache() -> None:
     os.environ["CUCIM_CONFIG_PATH"] = str(cfg)
 
 
+#: Files this process has opened with cuCIM, by the key of cuCIM's tile cache.
+_CUCIM_SEEN: dict[tuple[int, int, int], tuple[str, int, int, int]] = {}
+_CUCIM_SEEN_LOCK = threading.Lock()
+
+
+def _claim_cucim_cache(path: Path) -> None:
+    """Refuse a file whose cuCIM cache key is already held by a different file.
+
+    cuCIM keys its process-wide tile cache on (st_dev, st_ino, the *nanosecond part* of the
+    mtime) and never invalidates it. A slide deleted and another written in its place (the inode
+    is reused) or a slide rewritten in place can share that key, above all on file systems with
+    coarse timestamps, and cuCIM then returns the old file's tiles (reproduced). A file is
+    identified here by its path, size, full mtime and ctime; a second identity under one key is
+    refused, so ``open_slide`` falls back to the next reader.
+    """
+    import os
+
+    st = os.stat(path)
+    key = (int(st.st_dev), int(st.st_ino), int(st.st_mtime_ns % 1_000_000_000))
+    ident = (os.path.realpath(path), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns))
+    with _CUCIM_SEEN_LOCK:
+        held = _CUCIM_SEEN.setdefault(key, ident)
+    if held != ident:
+        raise UnsupportedSlideError(
+            path,
+            "cuCIM's tile cache in this process already holds tiles of another file with the same"
+            f" device, inode and mtime nanoseconds ({held[0]}); cuCIM would return stale pixels.",
+            "let backend='auto' pick another reader, use backend='openslide', or open it in a"
+            " new process.",
+        )
+
+
 class CucimBackend(Backend):
     """cuCIM's CPU reader: the fastest path for SVS and JPEG/uncompressed tiled TIFF."""
 
@@ -241,6 +273,7 @@ class CucimBackend(Backend):
             ) from exc
         self.path = path
         _configure_cucim_cache()
+        _claim_cucim_cache(path)
         try:
             self._img = CuImage(str(path))
         except Exception as exc:
