@@ -716,6 +716,7 @@ def save_model(
     metrics: Mapping[str, Any] | None = None,
     *,
     data: CohortData | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` + ``model.json`` with everything needed to reuse the model.
 
@@ -727,6 +728,9 @@ def save_model(
     metrics : dict task -> metrics object or plain values, stored under ``metrics``.
     data : the cohort trained on; its encoder name and dim, task class names and covariate
         names with their standardisation are stored so new data can be prepared identically.
+    extra : further JSON-able top-level sections (e.g. ``calibration``: per-task temperature,
+        decision threshold and conformal quantile fitted on validation data). They may not
+        replace the sections written here.
 
     Returns
     -------
@@ -743,6 +747,10 @@ def save_model(
         meta["covariates"] = data.covariate_spec()
     meta["training"] = _jsonable(dict(config or {}))
     meta["metrics"] = _jsonable(dict(metrics or {}))
+    for key, value in (extra or {}).items():
+        if key in meta:
+            raise ValueError(f"extra section {key!r} would overwrite model.json's own {key!r}.")
+        meta[key] = _jsonable(value)
     path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return directory
 

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from workflows import _evaluate_cli, _import_cli
 from workflows._batch import BatchReport, find_slides, tile_batch
 from wsi import TilingConfig
 
@@ -400,6 +401,11 @@ def demo(
         f"  tile stores (Zarr v3)            {stores}\n"
         f"  model + metrics + predictions    {model_dir}"
     )
+
+
+# Commands that live in their own modules register themselves on the app.
+_evaluate_cli.register(app, console)
+_import_cli.register(app, console)
 
 
 def main() -> None:
