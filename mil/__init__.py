@@ -10,6 +10,13 @@ from ._encoders import (
     list_encoders,
     register_encoder,
 )
+from ._evaluate import (
+    ConformalResult,
+    Estimate,
+    TaskEvaluation,
+    evaluate_predictions,
+    fit_calibration,
+)
 from ._heads import (
     HeadConfig,
     MILHead,
@@ -43,6 +50,7 @@ from ._metrics import (
     multiclass_metrics,
     reliability_curve,
 )
+from ._report import plot_confusion, plot_reliability, plot_roc, render_html
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
 from ._train import (
     CohortData,
@@ -59,7 +67,9 @@ from ._train import (
 __all__ = [
     "BinaryMetrics",
     "CohortData",
+    "ConformalResult",
     "EncoderConfig",
+    "Estimate",
     "Evaluation",
     "HeadConfig",
     "MILHead",
@@ -68,6 +78,7 @@ __all__ = [
     "McNemarResult",
     "MetricCI",
     "MulticlassMetrics",
+    "TaskEvaluation",
     "WeightsError",
     "apply_temperature",
     "auc_ci",
@@ -85,8 +96,10 @@ __all__ = [
     "embed",
     "empirical_coverage",
     "encoder_config",
+    "evaluate_predictions",
     "expected_calibration_error",
     "fit",
+    "fit_calibration",
     "fit_temperature",
     "grouped_kfold",
     "grouped_split",
@@ -99,11 +112,15 @@ __all__ = [
     "mcnemar_test",
     "metrics",
     "multiclass_metrics",
+    "plot_confusion",
+    "plot_reliability",
+    "plot_roc",
     "predict",
     "read_features",
     "register_encoder",
     "register_head",
     "reliability_curve",
+    "render_html",
     "save_head",
     "save_model",
     "site_holdout",
