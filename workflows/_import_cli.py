@@ -1,10 +1,203 @@
-"""``oncotrace import-features`` (being written; registers nothing yet)."""
+"""``oncotrace import-features``: CLAM/TRIDENT ``.h5`` feature files → one tile store per slide.
+
+A file that cannot be imported becomes one row of ``<out>/errors.csv`` (the same columns as
+``oncotrace tile`` writes) and the others go on; ``--strict`` makes failures change the exit code.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated
+
 import typer
 from rich.console import Console
+from rich.table import Table
+
+from workflows._batch import BatchReport, write_errors_csv
+from wsi._store import package_version
+
+H5_SUFFIXES = frozenset({".h5", ".hdf5"})
+SUMMARY_FILE = "import-features.json"
+
+
+def find_feature_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (one level deep, ``*.h5`` / ``*.hdf5``) into sorted, unique paths."""
+    found: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found += sorted(
+                c
+                for c in p.iterdir()
+                if c.is_file() and not c.name.startswith(".") and c.suffix.lower() in H5_SUFFIXES
+            )
+        else:
+            found.append(p)  # named explicitly: let the reader say what is wrong with it
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def import_batch(
+    files: Sequence[Path],
+    out_dir: Path,
+    name: str,
+    *,
+    tile_px: int | None = None,
+    mpp: float | None = None,
+    overwrite: bool = False,
+    on_done: Callable[[str, bool], None] | None = None,
+) -> BatchReport:
+    """Import every file; a failure becomes one ``errors.csv`` row and the rest go on.
+
+    ``errors.csv`` and ``import-features.json`` in ``out_dir`` describe this run (rewritten
+    each run, so a file fixed since the last run drops out of the error list).
+    """
+    from mil._import import FeatureImportError, import_features
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = BatchReport()
+    t0 = time.perf_counter()
+    ids: dict[str, Path] = {}
+    for path in files:
+        sid = path.stem
+        ok = False
+        if sid in ids:
+            report.errors.append(
+                _row(
+                    path,
+                    "DuplicateSlideId",
+                    f"{path}: slide id {sid!r} is already used by {ids[sid]}. Fix: rename one of"
+                    " the files; stores are named by file stem.",
+                )
+            )
+        else:
+            ids[sid] = path
+            try:
+                res = import_features(
+                    path, out_dir, name, tile_px=tile_px, mpp=mpp, overwrite=overwrite
+                )
+            except FeatureImportError as exc:
+                report.errors.append(_row(path, type(exc).__name__, str(exc)))
+            except (OSError, MemoryError, RuntimeError, ValueError, KeyError) as exc:
+                report.errors.append(
+                    _row(
+                        path,
+                        type(exc).__name__,
+                        f"{path}: {exc}. Fix: see the message; rerun the same command to retry"
+                        " this file.",
+                    )
+                )
+            else:
+                ok = True
+                row: dict[str, object] = {
+                    "slide_id": res.slide_id,
+                    "store": str(res.store),
+                    "n_tiles": res.n_tiles,
+                    "dim": res.dim,
+                    "format": res.format,
+                    "action": res.action,
+                    "seconds": round(res.seconds, 3),
+                }
+                (report.skipped if res.skipped else report.done).append(row)
+        if on_done:
+            on_done(sid, ok)
+    report.seconds = time.perf_counter() - t0
+    write_errors_csv(out_dir / "errors.csv", report.errors)
+    summary = {
+        "package_version": package_version(),
+        "name": name,
+        "tile_px_level0": tile_px,
+        "mpp": mpp,
+        "overwrite": overwrite,
+        "files": [str(p) for p in files],
+        "done": report.done,
+        "skipped": report.skipped,
+        "errors": report.errors,
+        "seconds": report.seconds,
+    }
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return report
+
+
+def _row(path: Path, error_type: str, message: str) -> dict[str, str]:
+    return {"slide": str(path), "stage": "import", "error_type": error_type, "message": message}
 
 
 def register(app: typer.Typer, console: Console) -> None:
     """Add the ``import-features`` command to ``app``."""
+
+    @app.command("import-features")
+    def import_features_cmd(
+        files: Annotated[
+            list[Path],
+            typer.Argument(help="CLAM/TRIDENT .h5 feature files, or folders of them."),
+        ],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Folder for the per-slide Zarr stores.")
+        ],
+        name: Annotated[
+            str,
+            typer.Option(
+                "--name",
+                help="Encoder name to store them under (features/<name>); pass it to"
+                " `oncotrace train --encoder`.",
+            ),
+        ],
+        mpp: Annotated[
+            float | None,
+            typer.Option("--mpp", help="Level-0 µm/px, for files that do not record it."),
+        ] = None,
+        tile_px: Annotated[
+            int | None,
+            typer.Option(
+                "--tile-px", help="Tile side in level-0 pixels, for files that do not record it."
+            ),
+        ] = None,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                "--overwrite", help="Replace features/<name> that came from another file."
+            ),
+        ] = False,
+        strict: Annotated[
+            bool, typer.Option("--strict", help="Exit non-zero if any file failed.")
+        ] = False,
+    ) -> None:
+        """Import patch features from CLAM/TRIDENT .h5 files: one store per slide, no patches."""
+        paths = find_feature_files(files)
+        if not paths:
+            console.print(f"[red]No .h5 files found in {', '.join(map(str, files))}.[/red]")
+            raise typer.Exit(2)
+        report = import_batch(paths, out, name, tile_px=tile_px, mpp=mpp, overwrite=overwrite)
+        table = Table(title=f"import-features → {out} (features/{name})")
+        for col in ("slide", "status", "tiles", "dim", "from"):
+            table.add_column(col)
+        for r in report.done:
+            table.add_row(
+                str(r["slide_id"]),
+                f"[green]{r['action']}",
+                str(r["n_tiles"]),
+                str(r["dim"]),
+                str(r["format"]),
+            )
+        for r in report.skipped:
+            table.add_row(str(r["slide_id"]), "[cyan]up to date", str(r["n_tiles"]), "", "")
+        for e in report.errors:
+            table.add_row(Path(e["slide"]).stem, f"[red]{e['error_type']}", "", "", "")
+        console.print(table)
+        if report.errors:
+            console.print(
+                f"[yellow]{report.n_failed} file(s) failed; see {out / 'errors.csv'}.[/yellow]"
+            )
+            for e in report.errors:
+                console.print(f"  [red]•[/red] {e['message']}")
+        if report.n_failed and strict:
+            raise typer.Exit(1)
