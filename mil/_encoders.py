@@ -22,6 +22,8 @@ from ._pathomics import FEATURE_NAMES, pathomics_features
 from ._state import state_dict_mismatch
 
 Output = Literal["features", "pool", "cls", "cls+mean"]
+#: How a published checkpoint names its tensors: timm's own names, or transformers' Dinov2Model.
+CheckpointFormat = Literal["timm", "dinov2-hf"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -50,6 +52,8 @@ class EncoderConfig:
     hub_id: str | None = None
     licence: str = ""
     giant: bool = False  # >= ~1 B parameters: tests build it only on request
+    checkpoint_format: CheckpointFormat = "timm"
+    notes: str = ""  # where the recipe's facts come from
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,6 +197,33 @@ TIMM_ENCODERS: tuple[EncoderConfig, ...] = (
         output="cls",
         hub_id="MahmoodLab/UNI",
         licence="CC-BY-NC-ND-4.0 (gated; academic research only)",
+    ),
+    EncoderConfig(
+        name="phikon-v2",
+        dim=1024,
+        arch="vit_large_patch16_224",
+        timm_kwargs={
+            "img_size": 224,
+            "patch_size": 16,
+            # any value creates the layer-scale parameters; the checkpoint's lambda1 replace it
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "dynamic_img_size": False,
+        },
+        output="cls",
+        hub_id="owkin/phikon-v2",
+        licence="Owkin non-commercial licence (LICENSE.pdf on the hub page; not gated)",
+        checkpoint_format="dinov2-hf",
+        notes=(
+            "ViT-L/16 trained with DINOv2 on PANCAN-XL at 20x (0.5 um/px); CLS token of the"
+            " final layernorm, 1024-d; 224 px; ImageNet mean/std; no register tokens."
+            " Sources: huggingface.co/owkin/phikon-v2 model card ('ViT-L/16 via DINOv2', CLS"
+            " token, licence link to LICENSE.pdf, files config.json + model.safetensors,"
+            " Transformers/dinov2 tags); arXiv:2409.09173 (ViT-L, DINOv2); TRIDENT"
+            " Phikonv2InferenceEncoder (1024-d CLS, Resize/CenterCrop 224, ImageNet mean/std)."
+            " Weights are the transformers Dinov2Model checkpoint, remapped to timm names at"
+            " load (see _dinov2_hf_to_timm)."
+        ),
     ),
     EncoderConfig(
         name="uni2-h",
@@ -452,15 +483,20 @@ def _make_timm(
         fingerprint = _load_from_hub(cfg, model)
     else:
         path = Path(weights)
-        target = model
-        load_weights_strict(target, _adapt_keys(cfg, read_state_dict(path), target), str(path))
+        sd = _adapt_keys(cfg, read_state_dict(path), model, str(path))
+        load_weights_strict(model, sd, str(path))
         fingerprint = _fingerprint(path)
     dev, prec = _resolve_device(device, precision)
     return TimmEncoder(cfg, model, dev, prec, fingerprint)
 
 
-def _adapt_keys(cfg: EncoderConfig, sd: dict[str, Any], model: Any) -> dict[str, Any]:
-    """Map a full timm ResNet50 checkpoint onto the layer-3 truncated feature extractor."""
+def _adapt_keys(
+    cfg: EncoderConfig, sd: dict[str, Any], model: Any, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """Bring a published checkpoint's names onto ``model``: transformers DINOv2 → timm ViT, or a
+    full timm ResNet50 → the layer-3 truncated feature extractor."""
+    if cfg.checkpoint_format == "dinov2-hf":
+        return _dinov2_hf_to_timm(cfg, sd, model, source)
     if cfg.output != "pool":
         return sd
     own = model.state_dict()
@@ -470,6 +506,132 @@ def _adapt_keys(cfg: EncoderConfig, sd: dict[str, Any], model: Any) -> dict[str,
         for k, v in sd.items()
         if k in own or not (k.startswith("layer4.") or k.startswith("fc."))
     }
+
+
+# -- transformers Dinov2Model checkpoints (Phikon-v2) -----------------------------------------
+# Per-block tensors that only change their name; q/k/v are fused separately.
+_DINOV2_BLOCK_RENAMES = (
+    ("norm1.weight", "norm1.weight"),
+    ("norm1.bias", "norm1.bias"),
+    ("attention.output.dense.weight", "attn.proj.weight"),
+    ("attention.output.dense.bias", "attn.proj.bias"),
+    ("layer_scale1.lambda1", "ls1.gamma"),
+    ("norm2.weight", "norm2.weight"),
+    ("norm2.bias", "norm2.bias"),
+    ("mlp.fc1.weight", "mlp.fc1.weight"),
+    ("mlp.fc1.bias", "mlp.fc1.bias"),
+    ("mlp.fc2.weight", "mlp.fc2.weight"),
+    ("mlp.fc2.bias", "mlp.fc2.bias"),
+    ("layer_scale2.lambda1", "ls2.gamma"),
+)
+_DINOV2_TOP_RENAMES = (
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.patch_embeddings.projection.weight", "patch_embed.proj.weight"),
+    ("embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias"),
+    ("layernorm.weight", "norm.weight"),
+    ("layernorm.bias", "norm.bias"),
+)
+_DINOV2_POS = "embeddings.position_embeddings"
+
+
+def _dinov2_hf_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes a transformers Dinov2Model checkpoint for ``model`` holds
+    (without the position embeddings, whose grid may differ, and the unused mask token)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    d = own["cls_token"][-1]
+    shapes = {hf: own[timm_name] for hf, timm_name in _DINOV2_TOP_RENAMES}
+    for i in range(len(model.blocks)):
+        pre = f"encoder.layer.{i}."
+        for hf, timm_name in _DINOV2_BLOCK_RENAMES:
+            shapes[pre + hf] = own[f"blocks.{i}.{timm_name}"]
+        for part in ("query", "key", "value"):
+            shapes[f"{pre}attention.attention.{part}.weight"] = (d, d)
+            shapes[f"{pre}attention.attention.{part}.bias"] = (d,)
+    return shapes
+
+
+class _Shape:
+    """Stands in for a tensor where only its shape is compared."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _resample_pos_embed(pos: Any, grid: int) -> Any:
+    """(1, 1 + g*g, D) position embeddings → (1, 1 + grid*grid, D), CLS entry kept.
+
+    Bicubic, ``align_corners=False``, no antialiasing, in float32: what transformers'
+    ``Dinov2Embeddings.interpolate_pos_encoding`` computes at every forward pass for an input
+    of ``grid`` patches a side, so doing it once at load gives the same features at 224 px.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    d = pos.shape[-1]
+    g = round((pos.shape[1] - 1) ** 0.5)
+    patch = pos[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2).float()
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos.dtype)
+    return torch.cat([pos[:, :1], patch], dim=1)
+
+
+def _dinov2_hf_to_timm(
+    cfg: EncoderConfig, sd: dict[str, Any], model: Any, source: str
+) -> dict[str, Any]:
+    """Rename a transformers ``Dinov2Model`` state dict to timm ``VisionTransformer`` names.
+
+    q/k/v projections are stacked into timm's fused ``qkv`` (rows q, k, v), ``layer_scaleN.lambda1``
+    becomes ``lsN.gamma``, the final ``layernorm`` becomes ``norm``, and the ``mask_token`` (used
+    only in masked-image pretraining) is dropped. Position embeddings for another square grid
+    than the model's (e.g. 37x37 from a 518 px config) are resampled once to the model's grid,
+    as transformers itself does on the fly (:func:`_resample_pos_embed`). A checkpoint already in
+    timm names is passed through for the strict load to judge.
+    """
+    import torch
+
+    if sd and all(k.startswith("dinov2.") for k in sd):  # a *ForImageClassification checkpoint
+        sd = {k[len("dinov2.") :]: v for k, v in sd.items()}
+    if not any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+        return sd
+    expected = _dinov2_hf_shapes(model)
+    found = {k: v for k, v in sd.items() if k not in (_DINOV2_POS, "embeddings.mask_token")}
+    problem = state_dict_mismatch({k: _Shape(v) for k, v in expected.items()}, found)
+    own_pos = tuple(model.pos_embed.shape)
+    pos = sd.get(_DINOV2_POS)
+    side = round(((pos.shape[1] - 1) if pos is not None and pos.ndim == 3 else 0) ** 0.5)
+    pos_ok = (
+        pos is not None
+        and pos.ndim == 3
+        and pos.shape[0] == 1
+        and pos.shape[2] == own_pos[2]
+        and side * side + 1 == pos.shape[1]
+    )
+    if not pos_ok:
+        what = "missing" if pos is None else f"found {tuple(pos.shape)}"
+        pos_problem = (
+            f"{_DINOV2_POS}: expected (1, 1 + n*n, {own_pos[2]}) (n*n patches on a square grid"
+            f" plus CLS; {own_pos} at {cfg.input_px} px), {what}"
+        )
+        problem = f"{problem}; {pos_problem}" if problem else pos_problem
+    if problem:
+        raise WeightsError(
+            f"{source}: the transformers DINOv2 checkpoint does not match encoder {cfg.name!r}"
+            f" ({len(model.blocks)} layers, width {own_pos[2]}): {problem}."
+            f" Fix: use the checkpoint published as {cfg.hub_id} (model.safetensors), or pick the"
+            " encoder it belongs to."
+        )
+    out = {timm_name: sd[hf] for hf, timm_name in _DINOV2_TOP_RENAMES}
+    pos = sd[_DINOV2_POS]
+    grid = round((own_pos[1] - 1) ** 0.5)
+    out["pos_embed"] = pos if pos.shape[1] == own_pos[1] else _resample_pos_embed(pos, grid)
+    for i in range(len(model.blocks)):
+        pre = f"encoder.layer.{i}."
+        for hf, timm_name in _DINOV2_BLOCK_RENAMES:
+            out[f"blocks.{i}.{timm_name}"] = sd[pre + hf]
+        for kind in ("weight", "bias"):
+            qkv = [sd[f"{pre}attention.attention.{p}.{kind}"] for p in ("query", "key", "value")]
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
+    return out
 
 
 def _load_from_hub(cfg: EncoderConfig, model: Any) -> str:
@@ -487,9 +649,8 @@ def _load_from_hub(cfg: EncoderConfig, model: Any) -> str:
             f" reached ({type(exc).__name__}). Fix: download the checkpoint where you have access"
             f" and pass --weights PATH (licence: {cfg.licence})."
         ) from exc
-    load_weights_strict(
-        model, _adapt_keys(cfg, read_state_dict(path), model), f"{cfg.hub_id}/model.safetensors"
-    )
+    source = f"{cfg.hub_id}/model.safetensors"
+    load_weights_strict(model, _adapt_keys(cfg, read_state_dict(path), model, source), source)
     return _fingerprint(path)
 
 

@@ -130,3 +130,181 @@ def test_pathomics_features_follow_planted_nuclei() -> None:
     np.testing.assert_allclose(
         enc(np.concatenate([glass, sparse, dense] * 3)), np.tile(f, (3, 1)), rtol=1e-5, atol=1e-6
     )
+
+
+# -- Phikon-v2: a transformers Dinov2Model checkpoint loaded into timm ---------------------------
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_phikon_v2_recipe_is_the_published_vit_l16() -> None:
+    cfg = mil.encoder_config("phikon-v2")
+    assert (cfg.dim, cfg.input_px, cfg.output, cfg.reg_tokens) == (1024, 224, "cls", 0)
+    assert (cfg.mean, cfg.std) == IMAGENET and cfg.hub_id == "owkin/phikon-v2"
+    assert "non-commercial" in cfg.licence and "owkin/phikon-v2" in cfg.notes
+    with torch.device("meta"):  # shapes only: no 300 M random numbers drawn
+        model = build_timm_model(cfg)
+    assert len(model.blocks) == 24 and model.embed_dim == 1024
+    assert model.blocks[0].attn.num_heads == 16 and model.blocks[0].mlp.fc1.out_features == 4096
+    assert tuple(model.patch_embed.proj.weight.shape) == (1024, 3, 16, 16)
+    assert tuple(model.pos_embed.shape) == (1, 14 * 14 + 1, 1024)  # CLS + 14x14, no registers
+    assert tuple(model.blocks[23].ls2.gamma.shape) == (1024,)  # layer scale present
+
+
+def test_phikon_v2_preprocessing_is_imagenet() -> None:
+    enc = TimmEncoder(mil.encoder_config("phikon-v2"), torch.nn.Identity(), "cpu", "fp32", "t")
+    x = enc.preprocess(np.full((1, 224, 224, 3), (30, 140, 250), np.uint8)).numpy()
+    expect = (np.array([30, 140, 250]) / 255.0 - np.array(IMAGENET[0])) / np.array(IMAGENET[1])
+    np.testing.assert_allclose(x[0, :, 100, 5], expect, rtol=1e-5)
+
+
+TINY = "phikon-v2-tiny-test"
+TINY_DEPTH, TINY_DIM = 2, 64
+
+
+@pytest.fixture
+def tiny_phikon(monkeypatch: pytest.MonkeyPatch) -> mil.EncoderConfig:
+    """Phikon-v2's recipe and loading path at 2 layers x 64 wide, registered for one test."""
+    import dataclasses
+
+    from mil import _encoders
+
+    cfg = mil.encoder_config("phikon-v2")
+    kw = {**cfg.timm_kwargs, "embed_dim": TINY_DIM, "depth": TINY_DEPTH, "num_heads": 4}
+    tiny = dataclasses.replace(cfg, name=TINY, dim=TINY_DIM, timm_kwargs=kw)
+    monkeypatch.setitem(_encoders._REGISTRY, TINY, (tiny, _encoders._REGISTRY["phikon-v2"][1]))
+    return tiny
+
+
+def _random_reference(cfg: mil.EncoderConfig, seed: int = 5) -> torch.nn.Module:
+    """A timm model whose every tensor matters (timm starts biases at 0 and layer scale at 1e-5)."""
+    torch.manual_seed(seed)
+    model = build_timm_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_scale = name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight"))
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_scale else 0.0))
+    return model.eval()
+
+
+def _as_transformers_dinov2(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse mapping, written out by hand from transformers' Dinov2Model names."""
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    d = sd["cls_token"].shape[-1]
+    hf = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.mask_token": torch.zeros(1, d),
+        "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+    }
+    for i in range(TINY_DEPTH):
+        b, L = f"blocks.{i}.", f"encoder.layer.{i}."
+        qw, kw, vw = (
+            sd[b + "attn.qkv.weight"][:d],
+            sd[b + "attn.qkv.weight"][d : 2 * d],
+            sd[b + "attn.qkv.weight"][2 * d :],
+        )
+        qb, kb, vb = (
+            sd[b + "attn.qkv.bias"][:d],
+            sd[b + "attn.qkv.bias"][d : 2 * d],
+            sd[b + "attn.qkv.bias"][2 * d :],
+        )
+        hf |= {
+            L + "norm1.weight": sd[b + "norm1.weight"],
+            L + "norm1.bias": sd[b + "norm1.bias"],
+            L + "attention.attention.query.weight": qw.contiguous(),
+            L + "attention.attention.query.bias": qb.contiguous(),
+            L + "attention.attention.key.weight": kw.contiguous(),
+            L + "attention.attention.key.bias": kb.contiguous(),
+            L + "attention.attention.value.weight": vw.contiguous(),
+            L + "attention.attention.value.bias": vb.contiguous(),
+            L + "attention.output.dense.weight": sd[b + "attn.proj.weight"],
+            L + "attention.output.dense.bias": sd[b + "attn.proj.bias"],
+            L + "layer_scale1.lambda1": sd[b + "ls1.gamma"],
+            L + "norm2.weight": sd[b + "norm2.weight"],
+            L + "norm2.bias": sd[b + "norm2.bias"],
+            L + "mlp.fc1.weight": sd[b + "mlp.fc1.weight"],
+            L + "mlp.fc1.bias": sd[b + "mlp.fc1.bias"],
+            L + "mlp.fc2.weight": sd[b + "mlp.fc2.weight"],
+            L + "mlp.fc2.bias": sd[b + "mlp.fc2.bias"],
+            L + "layer_scale2.lambda1": sd[b + "ls2.gamma"],
+        }
+    return hf
+
+
+@pytest.mark.parametrize("prefix", ["", "dinov2."])
+def test_a_transformers_dinov2_checkpoint_reproduces_the_timm_model(
+    tiny_phikon: mil.EncoderConfig, tmp_path: Path, prefix: str
+) -> None:
+    from safetensors.torch import save_file
+
+    ref = _random_reference(tiny_phikon)
+    hf = _as_transformers_dinov2(ref)
+    assert len(hf) == 7 + 18 * TINY_DEPTH
+    save_file({prefix + k: v for k, v in hf.items()}, tmp_path / "model.safetensors")
+    enc = mil.create_encoder(TINY, weights=tmp_path, precision="fp32")
+    tiles = _tiles(2)
+    expect = TimmEncoder(tiny_phikon, ref, "cpu", "fp32", "ref")(tiles)
+    got = enc(tiles)
+    assert got.shape == (2, TINY_DIM)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+    # the comparison can fail: query and key swapped in one block changes the features
+    swapped = dict(hf)
+    q, k = (
+        "encoder.layer.1.attention.attention.query.weight",
+        "encoder.layer.1.attention.attention.key.weight",
+    )
+    swapped[q], swapped[k] = hf[k], hf[q]
+    save_file(swapped, tmp_path / "swapped.safetensors")
+    bad = mil.create_encoder(TINY, weights=tmp_path / "swapped.safetensors", precision="fp32")
+    assert np.abs(bad(tiles) - expect).max() > 1e-3
+
+
+def test_position_embeddings_of_another_grid_are_resampled_bicubically(
+    tiny_phikon: mil.EncoderConfig, tmp_path: Path
+) -> None:
+    """A 518-px style 37x37 grid becomes 14x14 as transformers interpolates it for 224 px."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    hf = _as_transformers_dinov2(_random_reference(tiny_phikon))
+    torch.manual_seed(9)
+    big = torch.randn(1, 1 + 37 * 37, TINY_DIM)
+    hf["embeddings.position_embeddings"] = big
+    save_file(hf, tmp_path / "model.safetensors")
+    enc = mil.create_encoder(TINY, weights=tmp_path, precision="fp32")
+    pos = enc.model.pos_embed.detach()  # type: ignore[attr-defined]
+    grid = big[0, 1:].T.reshape(1, TINY_DIM, 37, 37)
+    want = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
+    assert tuple(pos.shape) == (1, 197, TINY_DIM)
+    torch.testing.assert_close(pos[0, 0], big[0, 0])
+    torch.testing.assert_close(pos[0, 1:], want[0].reshape(TINY_DIM, 196).T)
+
+
+def test_a_wrong_transformers_checkpoint_lists_expected_and_found(
+    tiny_phikon: mil.EncoderConfig, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    hf = _as_transformers_dinov2(_random_reference(tiny_phikon))
+    hf.pop("encoder.layer.1.attention.attention.key.bias")
+    hf["encoder.layer.0.mlp.fc1.weight"] = torch.zeros(100, TINY_DIM)
+    save_file(hf, tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError) as err:
+        mil.create_encoder(TINY, weights=tmp_path / "bad.safetensors")
+    msg = str(err.value)
+    assert "bad.safetensors" in msg and "Fix:" in msg
+    assert "encoder.layer.1.attention.attention.key.bias" in msg
+    assert (
+        f"encoder.layer.0.mlp.fc1.weight: expected ({4 * TINY_DIM}, {TINY_DIM}), found (100, {TINY_DIM})"
+        in msg
+    )
+
+    hf = _as_transformers_dinov2(_random_reference(tiny_phikon))
+    hf["embeddings.position_embeddings"] = torch.zeros(1, 150, TINY_DIM)  # 149 is no square
+    save_file(hf, tmp_path / "pos.safetensors")
+    with pytest.raises(WeightsError, match=r"position_embeddings: expected .*found \(1, 150, 64\)"):
+        mil.create_encoder(TINY, weights=tmp_path / "pos.safetensors")
