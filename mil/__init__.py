@@ -11,9 +11,11 @@ from ._encoders import (
     register_encoder,
 )
 from ._evaluate import (
+    CalibratedPredictions,
     ConformalResult,
     Estimate,
     TaskEvaluation,
+    apply_calibration,
     evaluate_predictions,
     fit_calibration,
 )
@@ -66,6 +68,7 @@ from ._train import (
 
 __all__ = [
     "BinaryMetrics",
+    "CalibratedPredictions",
     "CohortData",
     "ConformalResult",
     "EncoderConfig",
@@ -80,6 +83,7 @@ __all__ = [
     "MulticlassMetrics",
     "TaskEvaluation",
     "WeightsError",
+    "apply_calibration",
     "apply_temperature",
     "auc_ci",
     "binary_metrics",

@@ -442,14 +442,8 @@ def evaluate_predictions(
         if len(np.unique(y_all[idx])) < 2:
             out[task] = None
             continue
-        rec = None
-        if calibration is not None:
-            rec = calibration["tasks"].get(task)
-            if rec is not None and tuple(rec.get("class_names", names)) != names:
-                raise ValueError(
-                    f"calibration of task {task!r} was fitted for classes "
-                    f"{rec.get('class_names')}, not {list(names)}; refit the calibration."
-                )
+        rec = None if calibration is None else calibration["tasks"].get(task)
+        _check_record(task, names, rec)
         out[task] = _evaluate_task(
             task,
             names,
@@ -484,25 +478,17 @@ def _evaluate_task(
 ) -> TaskEvaluation:
     notes: list[str] = []
     c = len(names)
-    temperature = float(rec.get("temperature", 1.0)) if rec else 1.0
-    p = apply_temperature(_logits(p_raw), temperature) if temperature != 1.0 else p_raw
+    cp = _calibrate_task(names, p_raw, rec, conformal_level)
+    p, temperature, threshold, source = cp.proba, cp.temperature, cp.threshold, cp.threshold_source
+    predicted = cp.predicted
     grouped = groups is not None
     boot: dict[str, Any] = {"groups": groups, "n_boot": n_boot, "level": level, "seed": seed}
     metrics: dict[str, Estimate] = {}
     per_class: dict[str, Estimate] = {}
     auc_boot: Estimate | None = None
-    threshold: float | None = None
 
     with _collect(notes):
-        if c == 2:
-            stored = rec.get("threshold") if rec else None
-            if stored is not None:
-                threshold = float(stored)
-                rule = rec.get("threshold_rule") if rec else None
-                source = f"chosen on validation data ({rule} rule)"
-            else:
-                threshold = 0.5
-                source = "0.5 (no threshold chosen on validation data)"
+        if threshold is not None:
             bm = binary_metrics(y, p[:, 1], threshold=threshold, **boot)
             for name, ci in bm.metrics.items():
                 metrics[name] = _from_ci(ci, grouped)
@@ -510,15 +496,12 @@ def _evaluate_task(
             lo, hi = bm.auc_delong
             metrics["auc"] = Estimate(auc_boot.estimate, lo, hi, level, "DeLong")
             confusion = bm.confusion
-            predicted = (p[:, 1] >= threshold).astype(np.int64)
         else:
-            source = "argmax (the most probable class)"
             ks = (1, 3) if c > 3 else (1,)
             mm = multiclass_metrics(y, p, class_names=names, k=ks, **boot)
             for name, ci in mm.metrics.items():
                 metrics[name] = _from_ci(ci, grouped)
             confusion = mm.confusion
-            predicted = p.argmax(axis=1).astype(np.int64)
             for j, name in enumerate(names):
                 metrics[f"sensitivity[{name}]"] = _from_ci(
                     bootstrap_ci(_recall_of(j, True), y, predicted, **boot), grouped
@@ -533,7 +516,18 @@ def _evaluate_task(
         ece_raw = expected_calibration_error(y, _cal_input(p_raw), n_bins)
         ece = expected_calibration_error(y, _cal_input(p), n_bins)
         conf, freq, counts = reliability_curve(y, _cal_input(p), n_bins)
-        conformal = _conformal(rec, p, y, conformal_level, boot, grouped)
+        conformal = None
+        if cp.sets is not None and cp.level is not None and cp.qhat is not None:
+            sets = cp.sets
+            cov = bootstrap_ci(lambda yy, ss: empirical_coverage(ss, yy), y, sets, **boot)
+            conformal = ConformalResult(
+                level=cp.level,
+                qhat=cp.qhat,
+                sets=sets,
+                coverage=_from_ci(cov, grouped),
+                mean_set_size=float(sets.sum(axis=1).mean()),
+                n_calibration=cp.n_calibration,
+            )
 
     patients = groups if groups is not None else np.arange(y.size).astype(str)
     per_class_patients = {n: len(set(patients[y == j].tolist())) for j, n in enumerate(names)}
@@ -584,38 +578,124 @@ def _recall_of(j: int, positive: bool) -> Callable[[NDArray[Any], NDArray[Any]],
     return fn
 
 
-def _conformal(
+@dataclass(frozen=True)
+class CalibratedPredictions:
+    """A calibration record applied to one task's predicted probabilities.
+
+    Attributes
+    ----------
+    proba : (N, C) temperature-scaled probabilities (the input when T = 1).
+    predicted : (N,) int64 called class: binary ``proba[:, 1] >= threshold``, else argmax.
+    threshold : binary threshold (0.5 without a stored one), None for multi-class tasks.
+    threshold_source : where the decision rule came from, in words.
+    temperature : the temperature applied.
+    sets : (N, C) bool conformal prediction sets, or None without a conformal record.
+    level, qhat : coverage level and LAC quantile of the sets (qhat inf: all classes).
+    n_calibration : validation cases behind the conformal quantile.
+    """
+
+    proba: FloatArray
+    predicted: IntArray
+    threshold: float | None
+    threshold_source: str
+    temperature: float
+    sets: NDArray[np.bool_] | None
+    level: float | None
+    qhat: float | None
+    n_calibration: int
+
+
+def apply_calibration(
+    proba: Mapping[str, ArrayLike],
+    class_names: Mapping[str, Sequence[str]],
+    calibration: Mapping[str, Any] | None,
+    *,
+    conformal_level: float | None = None,
+) -> dict[str, CalibratedPredictions]:
+    """Temperature, decision rule and conformal sets of a :func:`fit_calibration` record.
+
+    Parameters
+    ----------
+    proba : task -> (N, C) uncalibrated probabilities (e.g. from :func:`mil.predict`).
+    class_names : task -> class names in column order.
+    calibration : the record, or None (T = 1, threshold 0.5 / argmax, no sets).
+    conformal_level : coverage of the sets; default the stored level (another level is derived
+        from the validation scores stored in the record).
+
+    Returns
+    -------
+    dict task -> :class:`CalibratedPredictions`
+    """
+    if calibration is not None and "tasks" not in calibration:
+        raise ValueError(
+            "calibration must be the record returned by fit_calibration (with a 'tasks' "
+            "section); model.json files written before calibration existed have none — pass "
+            "calibration=None."
+        )
+    out = {}
+    for task, names_seq in class_names.items():
+        names = tuple(str(n) for n in names_seq)
+        p = np.asarray(proba[task], dtype=np.float64)
+        if p.ndim != 2 or p.shape[1] != len(names):
+            raise ValueError(
+                f"proba[{task!r}] has shape {p.shape}; expected (N, {len(names)}) for the "
+                f"classes {list(names)}."
+            )
+        rec = None if calibration is None else calibration["tasks"].get(task)
+        _check_record(task, names, rec)
+        out[task] = _calibrate_task(names, p, rec, conformal_level)
+    return out
+
+
+def _check_record(task: str, names: tuple[str, ...], rec: Mapping[str, Any] | None) -> None:
+    if rec is not None and tuple(rec.get("class_names", names)) != names:
+        raise ValueError(
+            f"calibration of task {task!r} was fitted for classes {rec.get('class_names')}, "
+            f"not {list(names)}; refit the calibration."
+        )
+
+
+def _calibrate_task(
+    names: tuple[str, ...],
+    p_raw: FloatArray,
     rec: Mapping[str, Any] | None,
-    p: FloatArray,
-    y: IntArray,
     conformal_level: float | None,
-    boot: Mapping[str, Any],
-    grouped: bool,
-) -> ConformalResult | None:
-    conf_rec = (rec or {}).get("conformal")
-    if not conf_rec:
-        return None
-    stored_level = float(conf_rec["level"])
-    lvl = stored_level if conformal_level is None else float(conformal_level)
-    scores = conf_rec.get("scores") or []
-    if not scores:
-        return None  # nothing was fitted (no labelled validation cases)
-    if abs(lvl - stored_level) < 1e-12:
-        q = conf_rec.get("qhat")
-        qhat = math.inf if q is None else float(q)
+) -> CalibratedPredictions:
+    temperature = float(rec.get("temperature", 1.0)) if rec else 1.0
+    p = apply_temperature(_logits(p_raw), temperature) if temperature != 1.0 else p_raw
+    threshold: float | None = None
+    if len(names) == 2:
+        stored = rec.get("threshold") if rec else None
+        if stored is not None:
+            threshold = float(stored)
+            rule = rec.get("threshold_rule") if rec else None
+            source = f"chosen on validation data ({rule} rule)"
+        else:
+            threshold = 0.5
+            source = "0.5 (no threshold chosen on validation data)"
+        predicted = (p[:, 1] >= threshold).astype(np.int64)
     else:
-        if not 0.0 < lvl < 1.0:
-            raise ValueError(f"conformal_level must be in (0, 1), e.g. 0.9; got {lvl!r}.")
-        qhat = _conformal_quantile(scores, lvl)
-    sets = conformal_sets(p, qhat)
-    cov = bootstrap_ci(lambda yy, ss: empirical_coverage(ss, yy), y, sets, **boot)
-    return ConformalResult(
-        level=lvl,
-        qhat=qhat,
-        sets=sets,
-        coverage=_from_ci(cov, grouped),
-        mean_set_size=float(sets.sum(axis=1).mean()),
-        n_calibration=len(scores),
+        source = "argmax (the most probable class)"
+        predicted = p.argmax(axis=1).astype(np.int64)
+    sets, lvl, qhat, n_cal = None, None, None, 0
+    conf_rec = (rec or {}).get("conformal")
+    scores = (conf_rec or {}).get("scores") or []
+    if conf_rec and scores:  # no scores: nothing was fitted (no labelled validation cases)
+        stored_level = float(conf_rec["level"])
+        lvl = stored_level if conformal_level is None else float(conformal_level)
+        if abs(lvl - stored_level) < 1e-12:
+            q = conf_rec.get("qhat")
+            qhat = math.inf if q is None else float(q)
+        else:
+            if not 0.0 < lvl < 1.0:
+                raise ValueError(f"conformal_level must be in (0, 1), e.g. 0.9; got {lvl!r}.")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # too few scores: inf, i.e. all classes
+                qhat = _conformal_quantile(scores, lvl)
+        sets = conformal_sets(p, qhat)
+        n_cal = len(scores)
+    return CalibratedPredictions(
+        p, predicted, threshold, source, temperature, sets, lvl, qhat, n_cal
     )
 
 
