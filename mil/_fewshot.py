@@ -51,8 +51,7 @@ def case_embeddings(bags: Sequence[ArrayLike], pool: Pool = "mean") -> FloatArra
     -------
     (N, D) or (N, 2D) float64 ndarray
     """
-    if pool not in ("mean", "mean+max"):
-        raise ValueError(f"pool must be 'mean' or 'mean+max', got {pool!r}.")
+    _check_pool(pool)
     if isinstance(bags, np.ndarray) and bags.dtype != object:
         raise TypeError(
             f"case_embeddings expects a list of (N_i, D) bags, got one {bags.ndim}-D array; "
@@ -80,6 +79,11 @@ def case_embeddings(bags: Sequence[ArrayLike], pool: Pool = "mean") -> FloatArra
         parts = [b.mean(axis=0)] + ([b.max(axis=0)] if pool == "mean+max" else [])
         out.append(np.concatenate(parts))
     return np.stack(out)
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in ("mean", "mean+max"):
+        raise ValueError(f"pool must be 'mean' or 'mean+max', got {pool!r}.")
 
 
 def _as_matrix(x: ArrayLike, name: str = "embeddings") -> FloatArray:
@@ -211,6 +215,7 @@ class PrototypeHead(_FewShotHead):
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}.")
+        _check_pool(self.pool)
 
     def fit(self, x: ArrayLike, y: ArrayLike) -> PrototypeHead:
         """Fit on (N, D) embeddings ``x`` and N labels ``y``; returns ``self``."""
@@ -267,6 +272,7 @@ class LinearProbeHead(_FewShotHead):
     def __post_init__(self) -> None:
         if not (math.isfinite(self.C) and self.C > 0):
             raise ValueError(f"C must be a positive number, got {self.C}.")
+        _check_pool(self.pool)
 
     def fit(self, x: ArrayLike, y: ArrayLike) -> LinearProbeHead:
         """Fit on (N, D) embeddings ``x`` and N labels ``y``; returns ``self``."""
@@ -296,7 +302,9 @@ class LinearProbeHead(_FewShotHead):
         """(N, C) class probabilities, columns in ``classes_`` order."""
         s = self.decision_function(x)
         if s.shape[1] == 1:
-            p1 = 1.0 / (1.0 + np.exp(-s[:, 0]))
+            from scipy.special import expit
+
+            p1 = expit(s[:, 0])
             return np.column_stack([1.0 - p1, p1])
         return _softmax(s)
 

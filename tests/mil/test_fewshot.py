@@ -236,6 +236,8 @@ def test_bad_inputs_are_clear_errors() -> None:
         fewshot_evaluate(bags, y, g, method="knn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pool"):
         fewshot_evaluate(bags, y, g, pool="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pool"):
+        fewshot_evaluate(case_embeddings(bags), y, g, pool="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k_shots"):
         fewshot_evaluate(bags, y, g, k_shots=(0,))
     with pytest.raises(ValueError, match="repeats"):
