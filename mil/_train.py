@@ -297,9 +297,88 @@ def _class_weights(y: IntArray, n_classes: int, mode: str | None) -> NDArray[np.
     return w.astype(np.float32)
 
 
+Bag = ArrayLike | Mapping[str, ArrayLike | None]
+"""One case: an (N, D) array, or for a multi-modal head a dict modality -> (N_m, D_m) array
+(``None`` or absent for a missing modality)."""
+
+
+def _dims(in_dim: int | Mapping[str, int]) -> dict[str, int] | int:
+    if isinstance(in_dim, Mapping):
+        if not in_dim:
+            raise ValueError("in_dim must name at least one modality.")
+        return {str(m): int(d) for m, d in in_dim.items()}
+    return int(in_dim)
+
+
+def _check_shape(shape: tuple[int, ...], dim: int, where: str) -> None:
+    if len(shape) != 2 or shape[1] != dim or shape[0] == 0:
+        raise ValueError(f"{where} has shape {tuple(shape)}; expected (N_i >= 1, {dim}).")
+
+
+def _check_bags(bags: Sequence[Bag], in_dim: dict[str, int] | int, what: str) -> None:
+    """Shapes of every bag, without reading lazy bags (``bags.shapes``)."""
+    shapes = getattr(bags, "shapes", None)
+    for i in range(len(bags)):
+        if isinstance(in_dim, dict):
+            if shapes is not None:
+                raise TypeError(f"{what}: lazy bag sequences are single-modality.")
+            bag = bags[i]
+            if not isinstance(bag, Mapping):
+                raise TypeError(
+                    f"{what} {i} is a {type(bag).__name__}; this head is multi-modal "
+                    f"({sorted(in_dim)}): pass a dict modality -> (N, D) array per case."
+                )
+            unknown = sorted(set(bag) - set(in_dim))
+            if unknown:
+                raise ValueError(
+                    f"{what} {i} has unknown modalities {unknown}; in_dim names {sorted(in_dim)}."
+                )
+            given = {m: x for m, x in bag.items() if x is not None}
+            if not given:
+                raise ValueError(
+                    f"{what} {i} has no modality; give at least one of {sorted(in_dim)}."
+                )
+            for m, x in given.items():
+                _check_shape(np.shape(x), in_dim[m], f"{what} {i} modality {m!r}")
+        else:
+            single: Any = bags[i] if shapes is None else None
+            if isinstance(single, Mapping):
+                raise TypeError(
+                    f"{what} {i} is a dict of modalities but in_dim is a single dim; pass "
+                    "in_dim={modality: dim} for a multi-modal head."
+                )
+            shape = tuple(shapes[i]) if shapes is not None else np.shape(single)
+            _check_shape(shape, in_dim, f"{what} {i}")
+
+
+def _as_input(
+    bag: Bag, rng: np.random.Generator | None = None, max_instances: int | None = None
+) -> Any:
+    """A case as the head takes it: a float32 tensor, or a dict modality -> tensor."""
+    import torch
+
+    def one(x: ArrayLike) -> Any:
+        a = np.asarray(x, dtype=np.float32)
+        if rng is not None and max_instances is not None and a.shape[0] > max_instances:
+            a = a[np.sort(rng.choice(a.shape[0], max_instances, replace=False))]
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    if isinstance(bag, Mapping):
+        return {m: one(x) for m, x in bag.items() if x is not None}
+    return one(bag)
+
+
+def _attention_numpy(a: Any) -> Any:
+    import torch
+
+    if isinstance(a, Mapping):
+        return {m: _attention_numpy(v) for m, v in a.items()}
+    return a.numpy().astype(np.float32) if isinstance(a, torch.Tensor) else a
+
+
 def _epoch_loss(
     model: MILHead,
-    bags: Sequence[FloatArray],
+    bags: Sequence[Bag],
     labels: Mapping[str, IntArray],
     covariates: FloatArray | None,
     weights: Mapping[str, Any],
@@ -307,12 +386,14 @@ def _epoch_loss(
     import torch
     import torch.nn.functional as F
 
+    from ._bags import prefetch_bags
+
     model.eval()
     total = 0.0
     with torch.no_grad():
-        for i, bag in enumerate(bags):
+        for i, bag in prefetch_bags(bags, range(len(bags))):
             cov = None if covariates is None else torch.from_numpy(covariates[i])
-            out = model(torch.from_numpy(bag), cov)
+            out = model(_as_input(bag), cov)
             for task, w in weights.items():
                 y = int(labels[task][i])
                 if y >= 0:
@@ -322,18 +403,18 @@ def _epoch_loss(
 
 
 def fit(
-    bags: Sequence[ArrayLike],
+    bags: Sequence[Bag],
     labels: Mapping[str, ArrayLike],
     *,
     tasks: Mapping[str, Sequence[str]],
-    in_dim: int,
+    in_dim: int | Mapping[str, int],
     head: str = "abmil-gated",
     covariates: ArrayLike | None = None,
     epochs: int = 40,
     lr: float = 2e-4,
     weight_decay: float = 1e-4,
-    val: tuple[Sequence[ArrayLike], Mapping[str, ArrayLike]]
-    | tuple[Sequence[ArrayLike], Mapping[str, ArrayLike], ArrayLike | None]
+    val: tuple[Sequence[Bag], Mapping[str, ArrayLike]]
+    | tuple[Sequence[Bag], Mapping[str, ArrayLike], ArrayLike | None]
     | None = None,
     patience: int = 8,
     seed: int = 0,
@@ -341,26 +422,30 @@ def fit(
     class_weights: Literal["balanced"] | None = "balanced",
     head_options: Mapping[str, Any] | None = None,
 ) -> tuple[MILHead, dict[str, Any]]:
-    """Train a MIL head one case at a time (batch size 1) with Adam.
+    """Train a MIL head one case at a time (batch size 1) with AdamW.
 
     Loss per case: the sum over tasks of class-weighted cross entropy (cases with label -1 for a
     task skip it) plus the head's auxiliary loss.
 
     Parameters
     ----------
-    bags : N arrays (N_i, D) of instance features.
+    bags : N cases. Each an (N_i, D) array of instance features, or, when ``in_dim`` is a dict,
+        a dict modality -> (N_m, D_m) array (a missing modality ``None`` or absent). Any
+        ``Sequence`` works: :class:`mil.ZarrBags` reads each case from its store when needed,
+        the next ones on a background thread while the model trains.
     labels : dict task -> (N,) int class indices into ``tasks[task]`` (-1 = unknown).
     tasks : dict task -> class names.
-    in_dim : D.
+    in_dim : D, or dict modality -> D_m for a multi-modal head (one attention pooling per
+        modality, fused before the classifiers).
     head : a registered head name (:func:`mil.list_heads`).
     covariates : (N, K) float array of standardised covariates, optional.
     epochs : maximum passes over the training cases.
-    lr, weight_decay : Adam settings.
+    lr, weight_decay : AdamW settings.
     val : ``(bags, labels)`` or ``(bags, labels, covariates)`` for early stopping: training stops
         after ``patience`` epochs without a lower validation loss and the best weights are kept.
     seed : seeds torch and the case order / instance subsampling.
-    max_instances : random subsample of at most this many instances per bag and step, for big
-        bags (all instances are used for validation and prediction).
+    max_instances : random subsample of at most this many instances per bag (and modality) and
+        step, for big bags (all instances are used for validation and prediction).
     class_weights : ``"balanced"`` (inverse class frequency) or None.
     head_options : further :func:`mil.create_head` options (``hidden``, ``dropout``, ...).
 
@@ -372,28 +457,28 @@ def fit(
     Notes
     -----
     Runs on the CPU with the caller's ``torch.get_num_threads()``; the global torch RNG is
-    re-seeded by this call.
+    re-seeded by this call. Same inputs and seed give the same model.
     """
     import torch
     import torch.nn.functional as F
 
+    from ._bags import prefetch_bags
     from ._heads import create_head
 
-    arrays = [np.asarray(b, dtype=np.float32) for b in bags]
-    n = len(arrays)
+    n = len(bags)
     if n == 0:
         raise ValueError("no training bags.")
-    for i, b in enumerate(arrays):
-        if b.ndim != 2 or b.shape[1] != in_dim or b.shape[0] == 0:
-            raise ValueError(f"bag {i} has shape {b.shape}; expected (N_i >= 1, {in_dim}).")
+    dims = _dims(in_dim)
+    _check_bags(bags, dims, "bag")
     y = _label_arrays(labels, tasks, n)
     cov = None if covariates is None else np.asarray(covariates, dtype=np.float32).reshape(n, -1)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
 
-    val_data: tuple[list[FloatArray], dict[str, IntArray], FloatArray | None] | None = None
+    val_data: tuple[Sequence[Bag], dict[str, IntArray], FloatArray | None] | None = None
     if val is not None:
-        vb = [np.asarray(b, dtype=np.float32) for b in val[0]]
+        vb = val[0]
+        _check_bags(vb, dims, "validation bag")
         vc = val[2] if len(val) == 3 else None
         val_data = (
             vb,
@@ -405,7 +490,7 @@ def fit(
     rng = np.random.default_rng(seed)
     model = create_head(
         head,
-        in_dim,
+        dims,
         tasks,
         covariates=0 if cov is None else cov.shape[1],
         **dict(head_options or {}),
@@ -413,7 +498,7 @@ def fit(
     weights = {
         t: torch.from_numpy(_class_weights(y[t], len(c), class_weights)) for t, c in tasks.items()
     }
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "best_epoch": None}
     best = math.inf
     best_state: dict[str, Any] | None = None
@@ -421,16 +506,10 @@ def fit(
     for epoch in range(epochs):
         model.train()
         running = 0.0
-        for i in rng.permutation(n):
-            bag = arrays[i]
-            if max_instances is not None and bag.shape[0] > max_instances:
-                bag = bag[np.sort(rng.choice(bag.shape[0], max_instances, replace=False))]
+        for i, bag in prefetch_bags(bags, rng.permutation(n)):
+            x = _as_input(bag, rng, max_instances)
             case_labels = {t: int(y[t][i]) for t in tasks if y[t][i] >= 0}
-            out = model(
-                torch.from_numpy(bag),
-                None if cov is None else torch.from_numpy(cov[i]),
-                labels=case_labels,
-            )
+            out = model(x, None if cov is None else torch.from_numpy(cov[i]), labels=case_labels)
             loss = out.aux_loss
             for t, yi in case_labels.items():
                 loss = loss + F.cross_entropy(
@@ -465,40 +544,39 @@ def fit(
 
 def predict(
     model: MILHead,
-    bags: Sequence[ArrayLike],
+    bags: Sequence[Bag],
     covariates: ArrayLike | None = None,
-) -> tuple[dict[str, NDArray[np.float64]], list[dict[str, NDArray[np.float32]]]]:
-    """Class probabilities and attention for each case (single-bag heads).
+) -> tuple[dict[str, NDArray[np.float64]], list[dict[str, Any]]]:
+    """Class probabilities and attention for each case.
 
     Parameters
     ----------
     model : a trained head.
-    bags : N arrays (N_i, D).
+    bags : N cases, as for :func:`fit` (arrays, dicts of modality arrays, or lazy bags).
     covariates : (N, K) array if the head takes covariates.
 
     Returns
     -------
     proba : dict task -> (N, C) float64 ndarray, rows summing to 1, columns in class order.
-    attention : list of N dicts task -> (N_i,) float32 ndarray of attention over the tiles.
+    attention : list of N dicts task -> (N_i,) float32 ndarray of attention over the tiles (for
+        a multi-modal head: task -> modality -> (N_m,) array).
     """
     import torch
+
+    from ._bags import prefetch_bags
 
     model.eval()
     n = len(bags)
     cov = None if covariates is None else np.asarray(covariates, dtype=np.float32).reshape(n, -1)
     tasks = model.config.tasks
     proba = {t: np.zeros((n, len(c)), np.float64) for t, c in tasks.items()}
-    attention: list[dict[str, NDArray[np.float32]]] = []
+    attention: list[dict[str, Any]] = []
     with torch.no_grad():
-        for i, bag in enumerate(bags):
-            x = torch.from_numpy(np.asarray(bag, dtype=np.float32))
-            out = model(x, None if cov is None else torch.from_numpy(cov[i]))
-            att = {}
+        for i, bag in prefetch_bags(bags, range(n)):
+            out = model(_as_input(bag), None if cov is None else torch.from_numpy(cov[i]))
             for t in tasks:
                 proba[t][i] = torch.softmax(out.logits[t].double(), dim=-1).numpy()
-                a = out.attention[t]
-                att[t] = a.numpy().astype(np.float32) if isinstance(a, torch.Tensor) else a
-            attention.append(att)
+            attention.append({t: _attention_numpy(out.attention[t]) for t in tasks})
     return proba, attention
 
 

@@ -343,3 +343,49 @@ def test_phantom_end_to_end(tmp_path: Path) -> None:
             f"top-10% attention tiles >= 50% inside planted regions: {in_region:.2f} < 0.80 "
             f"(malignant slides {in_region_mal:.2f}, overlapping {touch_mal:.2f})"
         )
+
+
+def _multimodal(n: int, seed: int) -> tuple[list[dict[str, np.ndarray | None]], np.ndarray]:
+    """Slides (D=16) carry no signal; ultrasound frames (D=8) carry it in 1-3 frames of positives.
+
+    One case in four has no ultrasound: the head must still give a prediction from the slide.
+    """
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.int64)
+    rng.shuffle(y)
+    cases: list[dict[str, np.ndarray | None]] = []
+    for i, label in enumerate(y):
+        slide = rng.normal(size=(int(rng.integers(20, 40)), D)).astype(np.float32)
+        frames = rng.normal(size=(int(rng.integers(6, 12)), 8)).astype(np.float32)
+        if label:
+            frames[rng.choice(len(frames), int(rng.integers(1, 4)), replace=False), :3] += 3.0
+        cases.append({"slide": slide, "ultrasound": None if i % 4 == 3 else frames})
+    return cases, y
+
+
+def test_multimodal_bags_fuse_the_modality_that_carries_the_signal() -> None:
+    dims = {"slide": D, "ultrasound": 8}
+    train, y = _multimodal(80, seed=0)
+    test, ty = _multimodal(40, seed=1)
+    model, _ = fit(
+        train, {"label": y}, tasks=TASKS, in_dim=dims, epochs=10, lr=2e-3, head_options=SMALL
+    )
+    proba, attention = predict(model, test)
+    with_us = np.array([c["ultrasound"] is not None for c in test])
+    assert roc_auc_score(ty[with_us], proba["label"][with_us, 1]) >= 0.9
+    # Without the informative modality the model has nothing to go on: near chance.
+    assert set(attention[0]["label"]) == {"slide", "ultrasound"}
+    assert set(attention[3]["label"]) == {"slide"}  # absent modality, absent attention
+    for case, att in zip(test, attention, strict=True):
+        for m, a in att["label"].items():
+            assert a.shape == (len(case[m]),) and abs(float(a.sum()) - 1) < 1e-5
+    # Refusals: a single-bag case for a multi-modal head, and an unknown modality.
+    with pytest.raises(TypeError, match="multi-modal"):
+        fit([np.zeros((3, D), np.float32)], {"label": np.array([0])}, tasks=TASKS, in_dim=dims)
+    with pytest.raises(ValueError, match="unknown modalities"):
+        fit(
+            [{"mri": np.zeros((3, 4), np.float32)}],
+            {"label": np.array([0])},
+            tasks=TASKS,
+            in_dim=dims,
+        )
