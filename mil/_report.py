@@ -178,9 +178,7 @@ def _img(path: Path) -> str:
     return f'<img alt="{_e(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _task_section(
-    ev: TaskEvaluation, figures: Mapping[str, Path], calibration_source: str | None
-) -> list[str]:
+def _task_section(ev: TaskEvaluation, figures: Mapping[str, Path]) -> list[str]:
     out = [f"<h2>Task: {_e(ev.task)}</h2>"]
     counts = ", ".join(f"{_e(k)}: {v}" for k, v in ev.patients_per_class.items())
     out.append(
@@ -210,15 +208,14 @@ def _task_section(
     out.append("</table>")
     if ev.temperature != 1.0:
         cal_words = (
-            f"after temperature scaling (T = {ev.temperature:.2f}, fitted on "
-            f"{calibration_source or 'validation data'})"
+            f"after temperature scaling (T = {ev.temperature:.2f}, fitted on validation data)"
         )
     else:
         cal_words = "without temperature scaling"
     out.append(
         "<p><b>Calibration.</b> "
         + _e(
-            f"When the model says 'x %', the case should turn out positive about x % of the "
+            f"When the model says 'x %', that should come true about x % of the "
             f"time; the expected calibration error is {ev.ece:.3f} {cal_words} and "
             f"{ev.ece_uncalibrated:.3f} before (0 means the stated probabilities match the "
             "observed frequencies)."
@@ -232,7 +229,7 @@ def _task_section(
             "<p><b>Prediction sets.</b> "
             + _e(
                 f"Each case gets the set of classes that should contain its true class "
-                f"{c.level:.0%} of the time; here the true class was in the set for "
+                f"{100 * c.level:.0f} % of the time; here the true class was in the set for "
                 f"{_pct(cov.estimate)} of cases (95 % interval {_pct(cov.low)} to "
                 f"{_pct(cov.high)}), with {c.mean_set_size:.2f} classes per set on average "
                 f"(quantile fitted on {c.n_calibration} validation cases)."
@@ -339,6 +336,7 @@ def render_html(
         "covariates": ", ".join(cov) or "none",
         "trained": train.get("trained_at", "not recorded"),
         "training evaluation": train.get("split", "not recorded"),
+        "calibration fitted on": (model.get("calibration") or {}).get("source") or "none",
         "OncoTrace version": model.get("oncotrace_version", "?"),
     }
     parts.append("<h2>Model</h2><table>")
@@ -355,10 +353,9 @@ def render_html(
                 )
     parts.append("</table>")
 
-    source = (model.get("calibration") or {}).get("source")
     for task, ev in evaluations.items():
         if ev is not None:
-            parts += _task_section(ev, figures.get(task, {}), source)
+            parts += _task_section(ev, figures.get(task, {}))
     parts += _readers_section(readers)
     parts.append(
         '<p class="small">Intervals are 95 % confidence intervals: DeLong for a single AUC, '

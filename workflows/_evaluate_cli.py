@@ -131,8 +131,10 @@ def evaluate_command(
             "sets. Retrain with `oncotrace train` to add one."
         )
         calibration = None
-    elif not calibration.get("tasks"):
+    else:
         general += [str(n) for n in calibration.get("notes", [])]
+        for task, rec in (calibration.get("tasks") or {}).items():
+            general += [f"Calibration of {task!r}: {n}" for n in rec.get("notes", [])]
     evaluations = mil.evaluate_predictions(
         y,
         proba,
