@@ -6,6 +6,7 @@ import csv
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -291,58 +292,60 @@ def test_load_cohort_errors(tmp_path: Path) -> None:
 
 
 def test_phantom_end_to_end(tmp_path: Path) -> None:
+    """The issue's acceptance run: >= 40 phantom cases, default pathomics encoder, grouped CV.
+
+    Attention is scored where the planted morphology is the evidence for the slide's class
+    (malignant sheets): in a binary task, attention learns to find positive evidence and a
+    benign slide is recognised by its absence, so benign slides' attention is reported, not
+    asserted (see the printed line).
+    """
     import wsi
     from mil import embed
     from mil.phantom import make_cohort
 
     t0 = time.perf_counter()
-    cohort = make_cohort(tmp_path / "c", n_cases=24, size_px=(1536, 1024), seed=1)
+    cohort = make_cohort(
+        tmp_path / "c", n_cases=40, size_px=(3072, 2048), region_fraction=(0.2, 0.35), seed=1
+    )
     for path in cohort.slide_paths:
         embed(wsi.tile_slide(path, tmp_path / "stores").store, ENC)
     t_data = time.perf_counter() - t0
     data = load_cohort(tmp_path / "stores", cohort.labels_csv, ENC, ["label"], ["age", "sex"])
-    ev = cross_validate(
-        data,
-        k=4,
-        epochs=30,
-        lr=1e-3,
-        n_boot=200,
-        head_options={"hidden": 64, "attn_dim": 32},
-    )
+    assert len(np.unique(data.patient_ids)) == 40
+    kw: dict = {"k": 4, "epochs": 30, "lr": 1e-3, "n_boot": 200}
+    kw["head_options"] = {"hidden": 64, "attn_dim": 32}
+    ev = cross_validate(data, **kw)
     auc = ev.metrics["label"].metrics["auc"].estimate
     malignant = data.class_names["label"].index("malignant")
-    inside, touching = [], []  # top-10 % attention tiles per slide, all slides / malignant only
+    inside: dict[int, list[np.ndarray]] = {0: [], 1: []}
     for j, i in enumerate(ev.case_idx):
         att = ev.attention[j]["label"]
         sid, xy, ts = str(data.slide_ids[i]), data.coords[i], int(data.tile_size_level0[i])
         top = np.argsort(-att)[: max(1, int(np.ceil(0.1 * len(att))))]
-        inside.append(cohort.tile_in_region(sid, xy, ts)[top])
-        if data.labels["label"][i] == malignant:
-            touching.append(cohort.region_fraction_of_tiles(sid, xy, ts)[top] > 0)
-    in_region = float(np.concatenate(inside).mean())
-    in_region_mal = float(
-        np.concatenate(
-            [
-                h
-                for h, j in zip(inside, ev.case_idx, strict=True)
-                if data.labels["label"][j] == malignant
-            ]
-        ).mean()
+        inside[int(data.labels["label"][i] == malignant)].append(
+            cohort.tile_in_region(sid, xy, ts)[top]
+        )
+    in_mal = float(np.concatenate(inside[1]).mean())
+    in_benign = float(np.concatenate(inside[0]).mean())
+
+    # Shuffled labels (by patient, so patients stay whole): the AUC's 95 % CI must hold 0.5.
+    rng = np.random.default_rng(7)
+    patients = np.unique(data.patient_ids)
+    flipped = dict(zip(patients, rng.permutation(np.arange(patients.size) % 2), strict=True))
+    shuffled = replace(
+        data,
+        labels={"label": np.array([flipped[p] for p in data.patient_ids], np.int64)},
     )
-    touch_mal = float(np.concatenate(touching).mean())
+    null = cross_validate(shuffled, **kw).metrics["label"].metrics["auc"]
     print(
-        f"phantom: {len(data)} slides, data {t_data:.1f}s, total {time.perf_counter() - t0:.1f}s, "
-        f"AUC {auc:.3f}, top-10% attention in region {in_region:.2f} (malignant slides "
-        f"{in_region_mal:.2f}; touching the region {touch_mal:.2f})"
+        f"phantom: {len(data)} slides of 40 patients, data {t_data:.1f}s, total "
+        f"{time.perf_counter() - t0:.1f}s; AUC {auc:.3f}; top-10% attention tiles >= 50% inside "
+        f"the planted region: malignant slides {in_mal:.2f}, benign slides {in_benign:.2f}; "
+        f"shuffled labels AUC {null.estimate:.3f} [{null.low:.3f}, {null.high:.3f}]"
     )
     assert auc >= 0.95
-    # On malignant slides the attended tiles overlap the planted sheets (independent truth).
-    assert touch_mal >= 0.8
-    if in_region < 0.8:
-        pytest.xfail(
-            f"top-10% attention tiles >= 50% inside planted regions: {in_region:.2f} < 0.80 "
-            f"(malignant slides {in_region_mal:.2f}, overlapping {touch_mal:.2f})"
-        )
+    assert in_mal >= 0.8
+    assert null.low <= 0.5 <= null.high
 
 
 def _multimodal(n: int, seed: int) -> tuple[list[dict[str, np.ndarray | None]], np.ndarray]:
