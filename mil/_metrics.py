@@ -893,6 +893,17 @@ def fit_temperature(
     if not 0 < lo < hi:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}.")
     rows = np.arange(n)
+    if bool(np.all(z.argmax(axis=1) == y)):
+        # Every case on the right side: the NLL falls towards 0 as T -> 0 and underflows to a
+        # flat 0 before any bound, so the minimiser's answer is arbitrary. Say so; keep T = 1.
+        warnings.warn(
+            "fit_temperature: every calibration case is already classified correctly, so no"
+            " temperature is identifiable; returning T = 1 (no scaling). Calibrate on more, or"
+            " harder, validation cases.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 1.0
 
     def nll(log_t: float) -> float:
         scaled = z / math.exp(log_t)

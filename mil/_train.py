@@ -126,19 +126,26 @@ def load_cohort(
     covariates: Sequence[str] = (),
     *,
     covariate_stats: Mapping[str, Sequence[float]] | None = None,
+    class_names: Mapping[str, Sequence[str]] | None = None,
 ) -> CohortData:
     """Read ``labels.csv`` and the features of ``stores_dir/<slide_id>.zarr`` for each row.
 
     Parameters
     ----------
     stores_dir : folder of tile stores embedded with ``encoder``.
-    labels_csv : CSV with columns ``slide_id, patient_id, site``, one column per task and one per
+    labels_csv : CSV with columns ``slide_id, patient_id`` (``site`` optional: needed only for
+        site splits; missing, every slide gets site ``""``), one column per task and one per
         covariate. Empty task cells become label -1 (ignored in the loss and metrics).
-    encoder : registered encoder name whose features to load.
-    tasks : task columns; class names are the sorted distinct values.
+    encoder : name of the ``features/<encoder>`` array to load: a registered encoder (its dim is
+        checked) or any name features were imported or embedded under (dims must agree across
+        the stores).
+    tasks : task columns; class names are the sorted distinct values (at least two).
     covariates : numeric columns (``sex`` may be M/F, coded M=0, F=1), standardised.
     covariate_stats : ``{"mean": [...], "std": [...]}`` to reuse a trained model's
         standardisation instead of computing it from this cohort.
+    class_names : dict task -> class names of a trained model: labels are indexed in that order
+        and a cohort may then hold a single class (an external test set of one class); a value
+        outside the model's classes is an error.
 
     Returns
     -------
@@ -155,7 +162,7 @@ def load_cohort(
     if not rows:
         raise ValueError(f"{labels_csv}: no data rows.")
     columns = list(rows[0])
-    need = [*_RESERVED, *tasks, *covariates]
+    need = [*_RESERVED[:2], *tasks, *covariates]
     absent = [c for c in need if c not in columns]
     if absent:
         raise ValueError(
@@ -177,10 +184,20 @@ def load_cohort(
         )
 
     labels: dict[str, IntArray] = {}
-    class_names: dict[str, tuple[str, ...]] = {}
+    names_of: dict[str, tuple[str, ...]] = {}
     for task in tasks:
         values = [r[task].strip() for r in rows]
-        names = tuple(sorted({v for v in values if v}))
+        if class_names is not None and task in class_names:
+            names = tuple(class_names[task])
+            foreign = sorted({v for v in values if v} - set(names))
+            if foreign:
+                raise ValueError(
+                    f"{labels_csv}: task {task!r} has value(s) {foreign} the model does not know;"
+                    f" its classes are {list(names)}. Fix the labels or use a model trained on"
+                    " those classes."
+                )
+        else:
+            names = tuple(sorted({v for v in values if v}))
         if len(names) < 2:
             raise ValueError(
                 f"{labels_csv}: task {task!r} has {len(names)} class(es) {list(names)}; a "
@@ -188,7 +205,7 @@ def load_cohort(
             )
         index = {n: i for i, n in enumerate(names)}
         labels[task] = np.array([index[v] if v else -1 for v in values], dtype=np.int64)
-        class_names[task] = names
+        names_of[task] = names
 
     cov: FloatArray | None = None
     k = len(covariates)
@@ -207,7 +224,10 @@ def load_cohort(
             std = np.where(std > 0, std, 1.0)  # a constant covariate stays 0, not NaN
         cov = ((raw - mean) / std).astype(np.float32)
 
-    dim = encoder_config(encoder).dim
+    try:
+        dim: int | None = encoder_config(encoder).dim
+    except KeyError:
+        dim = None  # imported or custom features: the first store sets the dim
     bags: list[FloatArray] = []
     coords: list[IntArray] = []
     tile_sizes: list[int] = []
@@ -221,11 +241,13 @@ def load_cohort(
                 f"{store}: features under {encoder!r} were written by encoder {found!r}. "
                 f"Fix: re-embed with `oncotrace embed {store} --encoder {encoder} --overwrite`."
             )
+        if feats.ndim == 2 and dim is None:
+            dim = int(feats.shape[1])
         if feats.ndim != 2 or feats.shape[1] != dim:
             raise ValueError(
-                f"{store}: features have shape {feats.shape} but encoder {encoder!r} has dim "
-                f"{dim}. Fix: re-embed with `oncotrace embed {store} --encoder {encoder} "
-                "--overwrite`."
+                f"{store}: features/{encoder} have shape {feats.shape} but {encoder!r} features"
+                f" have dim {dim} (the encoder's, or the first store's). Fix: re-embed or"
+                " re-import that slide with the same encoder as the others."
             )
         if feats.shape[0] == 0:
             raise ValueError(f"{store}: no tiles; drop the slide or check tissue detection.")
@@ -240,15 +262,16 @@ def load_cohort(
         bags.append(feats)
         coords.append(np.asarray(xy, dtype=np.int64))
 
+    assert dim is not None  # rows is non-empty, so the first store set it
     return CohortData(
         slide_ids=np.array(slide_ids, dtype=str),
         patient_ids=np.array([r["patient_id"] for r in rows], dtype=str),
-        sites=np.array([r["site"] for r in rows], dtype=str),
+        sites=np.array([r.get("site") or "" for r in rows], dtype=str),
         bags=bags,
         coords=coords,
         tile_size_level0=np.array(tile_sizes, dtype=np.int64),
         labels=labels,
-        class_names=class_names,
+        class_names=names_of,
         covariates=cov,
         covariate_names=tuple(covariates),
         covariate_mean=np.asarray(mean, dtype=np.float64),
@@ -731,6 +754,12 @@ def cross_validate(
     if split == "kfold":
         folds = grouped_kfold(data.labels[first], data.patient_ids, k, seed)
     elif split == "site":
+        if len(np.unique(data.sites)) < 2:
+            raise ValueError(
+                f"a site split needs at least two sites; this cohort has {np.unique(data.sites)}"
+                " (labels.csv without a 'site' column gives every slide site ''). Add the column"
+                " or use k-fold."
+            )
         folds = [
             site_holdout(data.sites, s, groups=data.patient_ids) for s in np.unique(data.sites)
         ]

@@ -253,6 +253,15 @@ def train(
     n_boot: Annotated[
         int, typer.Option("--n-boot", help="Bootstrap resamples for the CIs.")
     ] = 1000,
+    conformal_level: Annotated[
+        float,
+        typer.Option(
+            "--conformal-level",
+            min=0.5,
+            max=0.999,
+            help="Coverage of the conformal prediction sets calibrated on validation patients.",
+        ),
+    ] = 0.9,
 ) -> None:
     """Train an attention-MIL model with patient-grouped evaluation; never splits a patient."""
     from workflows._training import train_command
@@ -286,6 +295,7 @@ def train(
         lr=lr,
         seed=seed,
         n_boot=n_boot,
+        conformal_level=conformal_level,
     )
     table = Table(title=f"{result['n_cases']} cases, {mode}, {result['seconds']} s → {out}")
     for col in ("task", "metric", "estimate", "95 % CI"):

@@ -445,3 +445,10 @@ def test_clear_errors() -> None:
         expected_calibration_error([0, 1], np.array([[2.0, -1.0], [0.3, 0.7]]))
     with pytest.raises(ValueError, match="groups has 3"):
         bootstrap_ci(lambda a, b: 0.0, y, y, groups=[1, 2, 3])
+
+
+def test_fit_temperature_on_separated_data_warns_and_keeps_t1() -> None:
+    # All argmax correct: NLL -> 0 as T -> 0, no optimum (a minimiser would return ~0.01).
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0], [-0.5, 0.5]])
+    with pytest.warns(RuntimeWarning, match="no temperature is identifiable"):
+        assert fit_temperature(logits, np.array([0, 1, 0, 1])) == 1.0

@@ -196,11 +196,11 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 ENC, ENC_DIM = "pathomics", 89
 
 
-def _store(root: Path, sid: str, feats: np.ndarray, encoder: str = ENC) -> None:
+def _store(root: Path, sid: str, feats: np.ndarray, encoder: str = ENC, name: str = ENC) -> None:
     g = zarr.open_group(root / f"{sid}.zarr", mode="w")
     g.attrs["oncotrace"] = {"complete": True, "tile_size_level0": [224.0, 224.0]}
     g.create_array("coords", data=np.arange(2 * len(feats), dtype=np.int64).reshape(-1, 2))
-    arr = g.require_group("features").create_array(ENC, data=feats)
+    arr = g.require_group("features").create_array(name, data=feats)
     arr.attrs.update({"complete": True, "encoder": {"name": encoder, "dim": feats.shape[1]}})
 
 
@@ -286,6 +286,35 @@ def test_load_cohort_errors(tmp_path: Path) -> None:
         load_cohort(stores, csv_path, ENC, ["label"], ["bmi"])
     with pytest.raises(ValueError, match="covariate 'site' is not numeric"):
         load_cohort(stores, csv_path, ENC, ["label"], ["site"])
+
+
+def test_load_cohort_custom_features_no_site_column_and_model_classes(tmp_path: Path) -> None:
+    # Features imported under a name no encoder is registered as: the stores set the dim.
+    rows = [{k: v for k, v in r.items() if k != "site"} for r in _rows()]
+    _, csv_path = _write(tmp_path, rows)
+    custom = tmp_path / "custom"
+    rng = np.random.default_rng(1)
+    for r in rows:
+        _store(custom, r["slide_id"], rng.normal(size=(4, 12)).astype("f4"), "conch", "conch")
+    d = load_cohort(custom, csv_path, "conch")
+    assert d.in_dim == 12 and d.bags[0].shape == (4, 12)
+    assert d.sites.tolist() == [""] * 6  # no site column: allowed, but no site split
+    with pytest.raises(ValueError, match="site split needs at least two sites"):
+        cross_validate(d, split="site", epochs=1)
+    _store(custom, "S3", np.ones((4, 10), "f4"), "conch", "conch")
+    with pytest.raises(ValueError, match=r"S3\.zarr: features/conch have shape \(4, 10\)"):
+        load_cohort(custom, csv_path, "conch")
+
+    # An external cohort of one class, indexed in the model's class order.
+    one = [dict(r, label="malignant") for r in rows]
+    stores, csv_path = _write(tmp_path / "one", one)
+    model_classes = {"label": ("benign", "malignant")}
+    d = load_cohort(stores, csv_path, ENC, class_names=model_classes)
+    assert d.class_names == model_classes and d.labels["label"].tolist() == [1] * 6
+    other = [dict(r, label="lymphoma") for r in rows]
+    stores, csv_path = _write(tmp_path / "other", other)
+    with pytest.raises(ValueError, match=r"\['lymphoma'\] the model does not know"):
+        load_cohort(stores, csv_path, ENC, class_names=model_classes)
 
 
 # ---------------------------------------------------------------------------- end to end
