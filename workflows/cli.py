@@ -279,24 +279,29 @@ def train(
         except ValueError as exc:
             raise typer.BadParameter(f"--split must look like 7:3, got {split!r}") from exc
     mode = "site" if leave_site_out else ("holdout" if (split or test_site) else "kfold")
-    result = train_command(
-        stores,
-        labels,
-        out,
-        encoder=encoder,
-        head=head,
-        tasks=task or ["label"],
-        covariates=[c for c in covariates.split(",") if c],
-        split=mode,  # type: ignore[arg-type]
-        folds=folds or 5,
-        test_sites=test_site,
-        test_fraction=test_fraction,
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        n_boot=n_boot,
-        conformal_level=conformal_level,
-    )
+    try:
+        result = train_command(
+            stores,
+            labels,
+            out,
+            encoder=encoder,
+            head=head,
+            tasks=task or ["label"],
+            covariates=[c for c in covariates.split(",") if c],
+            split=mode,  # type: ignore[arg-type]
+            folds=folds or 5,
+            test_sites=test_site,
+            test_fraction=test_fraction,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            n_boot=n_boot,
+            conformal_level=conformal_level,
+        )
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        typer.echo(f"error: {msg}", err=True)  # plain: rich would fold long paths
+        raise typer.Exit(2) from exc
     table = Table(title=f"{result['n_cases']} cases, {mode}, {result['seconds']} s → {out}")
     for col in ("task", "metric", "estimate", "95 % CI"):
         table.add_column(col)

@@ -92,3 +92,41 @@ def test_holdout_split_and_unknown_slides(cohort: Path, tmp_path: Path) -> None:
         "--stores", str(cohort / "stores"), "--labels", str(bad), "--out", str(tmp_path / "x")
     )
     assert code != 0 and "NOT_A_SLIDE" in output
+
+
+def test_bad_inputs_give_one_clear_error_each(cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    labels = (cohort / "labels.csv").read_text().splitlines()
+    header = labels[0].split(",")
+    col = header.index("label")
+
+    def run(stores: Path, csv_text: list[str], *extra: str) -> tuple[int, str]:
+        path = tmp_path / f"labels{len(list(tmp_path.iterdir()))}.csv"
+        path.write_text("\n".join(csv_text) + "\n")
+        args = ["--stores", str(stores), "--labels", str(path), "--out", str(tmp_path / "m")]
+        return _run(*args, "--epochs", "2", "--n-boot", "10", *extra)
+
+    # A task with one class.
+    one = [labels[0]] + [
+        ",".join("benign" if i == col else v for i, v in enumerate(r.split(",")))
+        for r in labels[1:]
+    ]
+    code, out = run(cohort / "stores", one)
+    assert code == 2 and "has 1 class" in out and "Traceback" not in out
+
+    # Features under a name nothing was embedded with.
+    code, out = run(cohort / "stores", labels, "--encoder", "uni")
+    assert code == 2 and "uni" in out and "oncotrace embed" in out
+
+    # NaN features in one store.
+    stores = tmp_path / "stores"
+    shutil.copytree(cohort / "stores", stores)
+    sid = labels[1].split(",")[header.index("slide_id")]
+    arr = zarr.open_array(stores / f"{sid}.zarr" / "features" / "pathomics", mode="r+")
+    arr[0, 0] = np.nan
+    code, out = run(stores, labels)
+    assert code == 2 and f"{sid}.zarr" in out and "NaN" in out
