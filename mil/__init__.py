@@ -1,6 +1,7 @@
 """mil — patch encoders, embeddings, attention-MIL heads, training and evaluation."""
 
 from . import _metrics as metrics
+from ._bags import ZarrBags, prefetch_bags
 from ._embed import embed, read_features
 from ._encoders import (
     EncoderConfig,
@@ -40,6 +41,7 @@ from ._heads import (
     register_head,
     save_head,
 )
+from ._import import FeatureImportError, H5Features, import_features, read_h5_features
 from ._metrics import (
     BinaryMetrics,
     McNemarResult,
@@ -84,8 +86,10 @@ __all__ = [
     "EncoderConfig",
     "Estimate",
     "Evaluation",
+    "FeatureImportError",
     "FewShotRepeat",
     "FewShotReport",
+    "H5Features",
     "HeadConfig",
     "LinearProbeHead",
     "MILHead",
@@ -98,6 +102,7 @@ __all__ = [
     "RepeatSpread",
     "TaskEvaluation",
     "WeightsError",
+    "ZarrBags",
     "apply_calibration",
     "apply_temperature",
     "auc_ci",
@@ -124,6 +129,7 @@ __all__ = [
     "fit_temperature",
     "grouped_kfold",
     "grouped_split",
+    "import_features",
     "inner_validation",
     "list_encoders",
     "list_heads",
@@ -138,7 +144,9 @@ __all__ = [
     "plot_reliability",
     "plot_roc",
     "predict",
+    "prefetch_bags",
     "read_features",
+    "read_h5_features",
     "register_encoder",
     "register_head",
     "reliability_curve",
