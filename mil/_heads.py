@@ -44,6 +44,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -540,6 +541,21 @@ class _ModalityAttention(nn.Module):
         return (weights.unsqueeze(-1) * z).sum(dim=2), weights
 
 
+class _Standardise(nn.Module):
+    """``(x - mean) * scale`` per feature; identity until :meth:`MILHead.set_input_stats`."""
+
+    mean: Tensor
+    scale: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) * self.scale
+
+
 class _TaskClassifier(nn.Module):
     """(B, P, F) -> (B, C). With P == C, class c reads only branch c."""
 
@@ -575,6 +591,9 @@ class MILHead(nn.Module):
         pool_cls = _HEADS[config.name]
         dims = config.modality_dims
         hidden = config.hidden
+        # Instance features are standardised first (hand-crafted features span 1e-3..1e3);
+        # the statistics come from the training bags and travel with the weights.
+        self.input_norm = nn.ModuleDict({m: _Standardise(d) for m, d in dims.items()})
         self.encoders = nn.ModuleDict(
             {
                 m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(config.dropout))
@@ -776,6 +795,31 @@ class MILHead(nn.Module):
             out[task] = y
         return out
 
+    def set_input_stats(self, stats: Mapping[str, tuple[Any, Any]]) -> None:
+        """Standardise each modality's instance features with training ``(mean, std)``.
+
+        Parameters
+        ----------
+        stats : dict modality -> ``(mean, std)`` arrays of shape (D_m,); for a single-bag head
+            the key is ``"bag"`` (see :attr:`HeadConfig.modality_dims`). Features whose
+            std is 0 (constant in training) are zeroed rather than divided by 0.
+        """
+        for m, (mean, std) in stats.items():
+            if m not in self.input_norm:
+                raise ValueError(
+                    f"unknown modality {m!r}; this head has {sorted(self.input_norm)}."
+                )
+            norm = cast(_Standardise, self.input_norm[m])
+            mu = torch.as_tensor(np.asarray(mean, np.float64), dtype=norm.mean.dtype)
+            sd = torch.as_tensor(np.asarray(std, np.float64), dtype=norm.scale.dtype)
+            if mu.shape != norm.mean.shape or sd.shape != norm.scale.shape:
+                raise ValueError(
+                    f"modality {m!r}: stats of shape {tuple(mu.shape)}/{tuple(sd.shape)}, "
+                    f"expected ({norm.mean.shape[0]},)."
+                )
+            norm.mean.copy_(mu)
+            norm.scale.copy_(torch.where(sd > 0, 1.0 / sd.clamp_min(1e-12), torch.zeros_like(sd)))
+
     # ---- forward ------------------------------------------------------------------------
 
     def forward(
@@ -811,7 +855,9 @@ class MILHead(nn.Module):
         batch = ref.shape[0]
         cov = self._prepare_covariates(covariates, batch, batched, ref)
         ys = self._prepare_labels(labels, batch, ref.device)
-        encoded = {m: (self.encoders[m](x), msk) for m, (x, msk) in inputs.items()}
+        encoded = {
+            m: (self.encoders[m](self.input_norm[m](x)), msk) for m, (x, msk) in inputs.items()
+        }
         modalities = list(cfg.modality_dims)
         present = torch.stack(
             [

@@ -391,6 +391,37 @@ def _as_input(
     return one(bag)
 
 
+#: Bags sampled to estimate the instance-feature standardisation (all when fewer).
+STATS_MAX_BAGS = 256
+
+
+def _instance_stats(
+    bags: Sequence[Bag], dims: dict[str, int] | int, rng: np.random.Generator
+) -> dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]:
+    """Per-modality mean and std of the instance features of (a sample of) the training bags."""
+    from ._bags import prefetch_bags
+    from ._heads import _SINGLE
+
+    n = len(bags)
+    pick = np.sort(rng.choice(n, STATS_MAX_BAGS, replace=False)) if n > STATS_MAX_BAGS else range(n)
+    sums: dict[str, list[Any]] = {}
+    for _, bag in prefetch_bags(bags, pick):
+        parts = bag.items() if isinstance(bag, Mapping) else [(_SINGLE, bag)]
+        for m, x in parts:
+            if x is None:
+                continue
+            a = np.asarray(x, dtype=np.float64)
+            acc = sums.setdefault(m, [0, np.zeros(a.shape[1]), np.zeros(a.shape[1])])
+            acc[0] += a.shape[0]
+            acc[1] += a.sum(axis=0)
+            acc[2] += np.square(a).sum(axis=0)
+    out = {}
+    for m, (count, s1, s2) in sums.items():
+        mean = s1 / count
+        out[m] = (mean, np.sqrt(np.maximum(s2 / count - mean**2, 0.0)))
+    return out
+
+
 def _attention_numpy(a: Any) -> Any:
     import torch
 
@@ -444,6 +475,7 @@ def fit(
     max_instances: int | None = None,
     class_weights: Literal["balanced"] | None = "balanced",
     head_options: Mapping[str, Any] | None = None,
+    standardise: bool = True,
 ) -> tuple[MILHead, dict[str, Any]]:
     """Train a MIL head one case at a time (batch size 1) with AdamW.
 
@@ -471,6 +503,9 @@ def fit(
         step, for big bags (all instances are used for validation and prediction).
     class_weights : ``"balanced"`` (inverse class frequency) or None.
     head_options : further :func:`mil.create_head` options (``hidden``, ``dropout``, ...).
+    standardise : standardise each instance feature with the mean and std of the training
+        instances (of at most :data:`STATS_MAX_BAGS` sampled bags), stored in the head so
+        prediction applies the same; hand-crafted features span six orders of magnitude.
 
     Returns
     -------
@@ -518,6 +553,8 @@ def fit(
         covariates=0 if cov is None else cov.shape[1],
         **dict(head_options or {}),
     )
+    if standardise:
+        model.set_input_stats(_instance_stats(bags, dims, rng))
     weights = {
         t: torch.from_numpy(_class_weights(y[t], len(c), class_weights)) for t, c in tasks.items()
     }
