@@ -358,3 +358,12 @@ def test_interrupted_import_leaves_no_store(
     with pytest.raises(OSError, match="disk full"):
         import_features(src, tmp_path / "stores", "uni")
     assert list((tmp_path / "stores").iterdir()) == []
+
+
+def test_embed_refuses_an_imported_store_with_a_clear_error(tmp_path: Path) -> None:
+    from mil import embed
+
+    h5, _, _ = trident_file(tmp_path / "S1.h5")
+    store = import_features(h5, tmp_path / "stores", "uni").store
+    with pytest.raises(ValueError, match=r"S1\.zarr: its features were imported.*Fix:"):
+        embed(store, "pathomics")
