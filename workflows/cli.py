@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from workflows import _evaluate_cli, _import_cli
+from workflows import _evaluate_cli, _import_cli, _score_cli
 from workflows._batch import BatchReport, find_slides, tile_batch
 from wsi import TilingConfig
 
@@ -421,6 +421,7 @@ def demo(
 # Commands that live in their own modules register themselves on the app.
 _evaluate_cli.register(app, console)
 _import_cli.register(app, console)
+_score_cli.register(app, console)
 
 
 def main() -> None:

@@ -1,0 +1,249 @@
+"""`oncotrace score` on Dask: LocalCluster and a real scheduler give the same predictions, which
+equal an in-process computation; bad slides are rows of errors.csv; reruns skip finished slides;
+killed workers and a killed client do not lose or redo work."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import mil
+import wsi
+from mil.phantom import make_cohort
+from tests.wsi import badinput
+from workflows.cli import app
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A phantom cohort: half trains a model (via the library), the other half gets scored."""
+    root = tmp_path_factory.mktemp("score")
+    c = make_cohort(root / "cohort", n_cases=10, size_px=(1536, 1024), seed=5)
+    stores = root / "stores"
+    for path in c.slide_paths:
+        mil.embed(wsi.tile_slide(path, stores).store, "pathomics")
+    data = mil.load_cohort(stores, c.labels_csv, "pathomics", ["label"])
+    model, _ = mil.fit(
+        data.bags, data.labels, tasks=data.class_names, in_dim=data.in_dim, epochs=3, lr=1e-3
+    )
+    model_dir = mil.save_model(root / "model", model, data=data)
+    slides = root / "to_score"
+    slides.mkdir()
+    for path in c.slide_paths[:6]:
+        shutil.copy2(path, slides / path.name)
+    return {"root": root, "model": model_dir, "slides": slides, "stores": stores}
+
+
+def _score(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, ["score", *args])
+    return res.exit_code, res.output + (repr(res.exception) if res.exception else "")
+
+
+def _predictions(out: Path) -> dict[str, list[float]]:
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["slide_id"]: [float(r["p_0"]), float(r["p_1"])] for r in rows}
+
+
+def _expected(trained: dict[str, Path]) -> dict[str, list[float]]:
+    """The same slides predicted in-process from the training stores (identical tiles)."""
+    model, _ = mil.load_model(trained["model"])
+    out = {}
+    for p in sorted(trained["slides"].iterdir()):
+        feats, _, _ = mil.read_features(trained["stores"] / f"{p.stem}.zarr", "pathomics")
+        proba, _ = mil.predict(model, [feats])
+        out[p.stem] = proba["label"][0].tolist()
+    return out
+
+
+def test_local_cluster_scores_every_slide_then_skips_them(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "res"
+    args = [str(trained["slides"]), "--model", str(trained["model"]), "--out", str(out)]
+    code, output = _score(*args, "--workers", "2", "--threads", "1")
+    assert code == 0, output
+    got, want = _predictions(out), _expected(trained)
+    assert got.keys() == want.keys()
+    for sid in want:
+        np.testing.assert_allclose(got[sid], want[sid], atol=2e-6)
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_scored"] == 6 and run["n_failed"] == 0
+    assert len({s["worker"] for s in run["slides"].values()}) == 2  # both workers took slides
+    for sid in want:
+        here = out / "slides" / sid
+        assert {"result.json", "attention.geojson", "attention.png"} <= {
+            p.name for p in here.iterdir()
+        }
+        assert (here / "attention.ome.zarr").is_dir()
+    with open(out / "errors.csv") as f:
+        assert len(f.read().splitlines()) == 1  # header only
+
+    # Rerun: nothing is recomputed (identical per-slide timestamps), predictions identical.
+    code, output = _score(*args, "--workers", "1")
+    assert code == 0, output
+    again = json.loads((out / "run.json").read_text())
+    assert again["n_scored_this_run"] == 0 and again["n_skipped_finished"] == 6
+    assert again["slides"] == run["slides"]
+    assert _predictions(out) == got
+
+
+def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted(trained["slides"].iterdir())[:2]
+    for p in good:
+        shutil.copy2(p, folder / p.name)
+    bad = [
+        make(folder)
+        for make in (
+            badinput.make_empty_svs,
+            badinput.make_text_svs,
+            badinput.make_truncated_tiff,
+            badinput.make_missing_mpp_tiff,
+        )
+    ]
+    out = tmp_path / "res"
+    args = [str(folder), "--model", str(trained["model"]), "--out", str(out), "--workers", "1"]
+    code, output = _score(*args, "--no-heatmaps")
+    assert code == 0, output  # failures do not fail the run unless asked
+    assert set(_predictions(out)) == {p.stem for p in good}
+    with open(out / "errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["slide"]).name for r in rows) == sorted(b.filename for b in bad)
+    for r, b in zip(
+        sorted(rows, key=lambda r: Path(r["slide"]).name),
+        sorted(bad, key=lambda b: b.filename),
+        strict=True,
+    ):
+        assert r["error_type"] == b.error.__name__ and r["stage"] in ("open", "read", "tile")
+        assert b.match.lower() in r["message"].lower() and "Fix:" in r["message"]
+    code, output = _score(*args, "--no-heatmaps", "--strict")
+    assert code == 1, output
+
+
+# --------------------------------------------------------------------------- real scheduler
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    deadline = time.time() + 60
+    while not sched_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    address = json.loads(sched_file.read_text())["address"]
+    workers = [
+        subprocess.Popen(
+            [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+             "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+    yield {"address": address, "workers": workers}
+    for p in [*workers, *procs]:
+        p.kill()
+        p.wait(timeout=30)
+
+
+def test_scheduler_run_matches_local_cluster(
+    trained: dict[str, Path], cluster: dict[str, object], tmp_path: Path
+) -> None:
+    base = [str(trained["slides"]), "--model", str(trained["model"]), "--no-heatmaps"]
+    code, output = _score(*base, "--out", str(tmp_path / "local"), "--workers", "1")
+    assert code == 0, output
+    code, output = _score(
+        *base, "--out", str(tmp_path / "remote"), "--scheduler", str(cluster["address"])
+    )
+    assert code == 0, output
+    assert _predictions(tmp_path / "remote") == _predictions(tmp_path / "local")
+
+
+def test_a_killed_worker_does_not_lose_slides(
+    trained: dict[str, Path], cluster: dict[str, object], tmp_path: Path
+) -> None:
+    out = tmp_path / "res"
+    cmd = [
+        str(BIN / "oncotrace"),
+        "score",
+        str(trained["slides"]),
+        "--model",
+        str(trained["model"]),
+    ]
+    cmd += ["--out", str(out), "--scheduler", str(cluster["address"]), "--no-heatmaps"]
+    env = {**os.environ, "ONCOTRACE_TEST_SLIDE_DELAY": "1.5"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    victim = cluster["workers"][0]  # type: ignore[index]
+    deadline = time.time() + 120
+    while not list(out.glob("slides/*/result.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)  # mid-run: it holds (or is about to take) a slide
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output.decode()
+    assert set(_predictions(out)) == {p.stem for p in trained["slides"].iterdir()}
+
+
+def test_a_killed_client_resumes_without_redoing_finished_slides(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    base = [str(trained["slides"]), "--model", str(trained["model"]), "--no-heatmaps"]
+    code, output = _score(*base, "--out", str(reference), "--workers", "1")
+    assert code == 0, output
+
+    out = tmp_path / "res"
+    cmd = [str(BIN / "oncotrace"), "score", *base, "--out", str(out), "--workers", "1"]
+    env = {**os.environ, "ONCOTRACE_TEST_SLIDE_DELAY": "1.5"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while len(list(out.glob("slides/*/result.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(1.0)
+    with contextlib.suppress(ProcessLookupError):  # its LocalCluster's workers outlive it
+        os.killpg(proc.pid, signal.SIGKILL)
+    before = {
+        p.parent.name: json.loads(p.read_text())["finished_at"]
+        for p in out.glob("slides/*/result.json")
+    }
+    assert 2 <= len(before) < 6, "the client was not killed mid-run"
+    assert not (out / "run.json").exists()
+
+    code, output = _score(*base, "--out", str(out), "--workers", "1")
+    assert code == 0, output
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_skipped_finished"] == len(before)
+    for sid, finished_at in before.items():
+        assert run["slides"][sid]["finished_at"] == finished_at  # not recomputed
+    assert _predictions(out) == _predictions(reference)

@@ -1,0 +1,622 @@
+"""``oncotrace score``: tile → embed → predict → heatmaps for every slide, one Dask task each.
+
+The unit of work is a slide. Each task writes only its own folder ``slides/<slide_id>/``
+(``result.json`` or ``error.json`` last, atomically), so a run can die at any moment and the
+rerun picks up where it stopped: finished slides are skipped (same source fingerprint and model
+hash), a complete tile store or embedding is reused. ``predictions.csv``, ``errors.csv`` and
+``run.json`` are assembled by the client from the per-slide files at the end.
+
+Workers load the model and the encoder once per process (a module-level cache keyed by the model
+hash), not once per slide.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi import SlideError, TilingConfig, slide_id_for
+from wsi._inspect import file_fingerprint
+
+RESULT_FORMAT = 1
+TOP_K = 3
+_SLIDES = "slides"
+_STORES = "stores"
+
+
+# --------------------------------------------------------------------------------------------
+# What a run is
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to score."""
+
+    slide_id: str
+    path: str
+    covariates: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything a worker needs; small and picklable (sent with every task)."""
+
+    model_dir: str
+    model_hash: str
+    out_dir: str
+    tiling: dict[str, Any]
+    weights: str | None = None
+    device: str = "auto"
+    mpp: float | None = None
+    threads: int = 1
+    heatmaps: bool = True
+    #: test hook: seconds to sleep before the predict stage (lets fault tests kill mid-slide)
+    delay_s: float = 0.0
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over ``model.json`` and ``model.safetensors``: what a result was computed with."""
+    h = hashlib.sha256()
+    for name in ("model.json", "model.safetensors"):
+        p = Path(model_dir) / name
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: no {name}. Fix: pass the folder `oncotrace train --out` wrote."
+            )
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """Size+mtime of a slide file, or of every file of a DICOM-WSI folder."""
+    p = Path(path)
+    if p.is_dir():
+        parts = [f"{c.name}:{file_fingerprint(c)}" for c in sorted(p.iterdir()) if c.is_file()]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+    return file_fingerprint(p)
+
+
+def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
+    return Path(out_dir) / _SLIDES / slide_id
+
+
+def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
+    """``manifest.csv``: ``path`` (relative to the CSV or absolute), optional ``slide_id`` and the
+    model's covariate columns."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows. Fix: one row per slide with a 'path' column.")
+    cols = set(rows[0])
+    missing = [c for c in ("path", *covariates) if c not in cols]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; it has {sorted(cols)}. Fix: add them"
+            " (the model was trained with those covariates)."
+        )
+    jobs = []
+    for i, r in enumerate(rows, start=2):
+        p = Path(r["path"])
+        p = p if p.is_absolute() else (path.parent / p)
+        cov = None
+        if covariates:
+            try:
+                cov = tuple(_covariate_value(c, r[c]) for c in covariates)
+            except ValueError as exc:
+                raise ValueError(f"{path} line {i}: {exc}") from exc
+        jobs.append(SlideJob(r.get("slide_id") or slide_id_for(p), str(p), cov))
+    _check_unique(jobs, path)
+    return jobs
+
+
+def _covariate_value(name: str, raw: str) -> float:
+    v = raw.strip()
+    sex = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
+    if v.lower() in sex:
+        return sex[v.lower()]
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"covariate {name!r} has value {raw!r}, not a number.") from None
+
+
+def _check_unique(jobs: Sequence[SlideJob], where: Path | str) -> None:
+    seen: dict[str, str] = {}
+    for j in jobs:
+        if j.slide_id in seen:
+            raise ValueError(
+                f"{where}: slide id {j.slide_id!r} names both {seen[j.slide_id]} and {j.path};"
+                " results are stored by slide id. Fix: rename one, or give slide_id in a manifest."
+            )
+        seen[j.slide_id] = j.path
+
+
+# --------------------------------------------------------------------------------------------
+# The worker side
+# --------------------------------------------------------------------------------------------
+
+#: model_hash -> (head, model.json); (encoder name, weights, device) -> encoder. Per process.
+_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {}
+_ENCODERS: dict[tuple[str, str | None, str], Any] = {}
+_LOADS = {"model": 0, "encoder": 0}  # how often this process loaded them (run.json, tests)
+
+
+def _load(cfg: ScoreConfig) -> tuple[Any, dict[str, Any], Any]:
+    import mil
+
+    if cfg.model_hash not in _MODELS:
+        _MODELS.clear()  # one model per run; do not keep old ones in a long-lived worker
+        _MODELS[cfg.model_hash] = mil.load_model(cfg.model_dir)
+        _LOADS["model"] += 1
+    model, meta = _MODELS[cfg.model_hash]
+    enc_name = str((meta.get("encoder") or {}).get("name") or "pathomics")
+    key = (enc_name, cfg.weights, cfg.device)
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = mil.create_encoder(
+            enc_name,
+            weights=cfg.weights,
+            device=cfg.device,  # type: ignore[arg-type]
+            threads=cfg.threads,
+        )
+        _LOADS["encoder"] += 1
+    return model, meta, _ENCODERS[key]
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
+    """Score one slide; writes ``slides/<id>/result.json`` or ``error.json``; returns either.
+
+    Deterministic failures (the slide, its tissue, its features) are returned as an error record,
+    not raised, so Dask does not retry them; only a dying worker makes the scheduler rerun it.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, cfg.threads))
+    here = slide_dir(cfg.out_dir, job.slide_id)
+    here.mkdir(parents=True, exist_ok=True)
+    (here / "error.json").unlink(missing_ok=True)
+    started = time.time()
+    timings: dict[str, float] = {}
+    stage = "load"
+    try:
+        fingerprint = source_fingerprint(job.path)
+        model, meta, encoder = _load(cfg)
+        stage = "tile"
+        t = time.perf_counter()
+        from wsi import tile_slide
+
+        tiled = tile_slide(
+            job.path,
+            Path(cfg.out_dir) / _STORES,
+            TilingConfig(**cfg.tiling),
+            mpp=cfg.mpp,
+            workers=cfg.threads,
+            slide_id=job.slide_id,
+        )
+        timings["tile_s"] = time.perf_counter() - t
+        stage = "embed"
+        t = time.perf_counter()
+        import mil
+
+        mil.embed(tiled.store, encoder)
+        timings["embed_s"] = time.perf_counter() - t
+        if cfg.delay_s:
+            time.sleep(cfg.delay_s)
+        stage = "predict"
+        t = time.perf_counter()
+        prediction, attention, coords = _predict(tiled.store, job, model, meta, encoder)
+        timings["predict_s"] = time.perf_counter() - t
+        if cfg.heatmaps:
+            stage = "heatmap"
+            t = time.perf_counter()
+            _heatmaps(tiled.store, here, attention, coords)
+            timings["heatmap_s"] = time.perf_counter() - t
+        result = {
+            "format": RESULT_FORMAT,
+            "status": "done",
+            "slide_id": job.slide_id,
+            "path": str(job.path),
+            "source_fingerprint": fingerprint,
+            "model_hash": cfg.model_hash,
+            "n_tiles": len(coords),
+            "store_reused": bool(tiled.skipped),
+            "tasks": prediction,
+            "started_at": started,
+            "finished_at": time.time(),
+            "seconds": timings,
+            "worker": _worker_name(),
+            "pid": os.getpid(),
+            "model_loads_in_this_process": _LOADS["model"],
+        }
+        _atomic_json(here / "result.json", result)
+        return result
+    except Exception as exc:  # one slide's failure is one row; the run goes on
+        error = {
+            "format": RESULT_FORMAT,
+            "status": "error",
+            "slide_id": job.slide_id,
+            "path": str(job.path),
+            "stage": _stage_name(exc, stage),
+            "error_type": type(exc).__name__,
+            "message": str(exc)
+            if isinstance(exc, SlideError | ValueError | KeyError)
+            else f"{exc} ({traceback.format_exception_only(exc)[-1].strip()})",
+            "model_hash": cfg.model_hash,
+            "started_at": started,
+            "finished_at": time.time(),
+            "worker": _worker_name(),
+        }
+        _atomic_json(here / "error.json", error)
+        return error
+
+
+def _stage_name(exc: BaseException, stage: str) -> str:
+    if stage == "tile" and isinstance(exc, SlideError):
+        from workflows._batch import _stage_of
+
+        return _stage_of(exc)
+    return stage
+
+
+def _predict(
+    store: Path, job: SlideJob, model: Any, meta: Mapping[str, Any], encoder: Any
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    import mil
+
+    feats, coords, _ = mil.read_features(store, encoder.config.name)
+    if not np.isfinite(feats).all():
+        raise ValueError(
+            f"{store}: NaN/inf in the features. Fix: embed again (`oncotrace embed --overwrite`)."
+        )
+    cov = None
+    spec = meta.get("covariates") or {}
+    names = list(spec.get("names") or [])
+    if names:
+        if job.covariates is None or len(job.covariates) != len(names):
+            raise ValueError(
+                f"the model needs covariates {names}; give them as columns of a manifest CSV."
+            )
+        mean = np.asarray(spec["mean"], np.float64)
+        std = np.asarray(spec["std"], np.float64)
+        cov = ((np.asarray(job.covariates, np.float64) - mean) / std)[None].astype(np.float32)
+    proba, att = mil.predict(model, [feats], cov)
+    tasks = model.config.tasks
+    calibrated = mil.apply_calibration(proba, tasks, meta.get("calibration"))
+    out: dict[str, Any] = {}
+    for task, classes in tasks.items():
+        c = calibrated[task]
+        p = c.proba[0]
+        order = np.argsort(-p)[: min(TOP_K, len(classes))]
+        out[task] = {
+            "label": classes[int(c.predicted[0])],
+            "classes": list(classes),
+            "proba": [float(v) for v in p],
+            "proba_uncalibrated": [float(v) for v in proba[task][0]],
+            "top_k": [classes[int(i)] for i in order],
+            "conformal_set": None
+            if c.sets is None
+            else [classes[int(i)] for i in np.flatnonzero(c.sets[0])],
+            "conformal_level": c.level,
+        }
+    attention = {t: np.asarray(a[t], np.float32) for a in att for t in tasks}
+    return out, attention, np.asarray(coords, np.int64)
+
+
+def _heatmaps(
+    store: Path, here: Path, attention: Mapping[str, np.ndarray], coords: np.ndarray
+) -> None:
+    import zarr
+
+    import spatial
+    from wsi import read_store_attrs
+
+    attrs = read_store_attrs(store) or {}
+    g = zarr.open_group(store, mode="r")
+    thumb = g["thumbnail"]
+    assert isinstance(thumb, zarr.Array)
+    thumb_ds = float(thumb.attrs["downsample"])  # type: ignore[arg-type]
+    ts = attrs["tile_size_level0"]
+    stride = attrs.get("stride_level0") or ts
+    scores = {t: spatial.normalise_attention(a, method="rank") for t, a in attention.items()}
+    first = next(iter(scores))
+    heat = spatial.attention_heatmap(
+        coords,
+        scores[first],
+        tile_size_level0=float(ts[0]),
+        level0_size=tuple(attrs["level0_size"]),
+        mpp=float(attrs["mpp"][0]),
+        stride_level0=float(stride[0]),
+    )
+    spatial.write_ome_zarr(heat, here / "attention.ome.zarr", name=f"attention ({first})")
+    spatial.write_geojson(
+        here / "attention.geojson",
+        coords,
+        {f"attention_{t}": s for t, s in scores.items()},
+        tile_size_level0=float(ts[0]),
+    )
+    spatial.write_overlay_png(heat, np.asarray(thumb[:]), thumb_ds, here / "attention.png")
+
+
+# --------------------------------------------------------------------------------------------
+# The client side
+# --------------------------------------------------------------------------------------------
+
+
+def finished(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any] | None:
+    """The slide's result when it is complete for the same source and model, else None."""
+    path = slide_dir(cfg.out_dir, job.slide_id) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        same = source_fingerprint(job.path) == result.get("source_fingerprint")
+    except OSError:
+        return None
+    if same and result.get("model_hash") == cfg.model_hash and result.get("status") == "done":
+        return dict(result)
+    return None
+
+
+@dataclass
+class ScoreReport:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    dashboard: str | None = None
+
+
+def run_score(
+    jobs: Sequence[SlideJob],
+    cfg: ScoreConfig,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    on_total: Callable[[int, int], None] | None = None,
+    on_done: Callable[[str, bool], None] | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
+) -> ScoreReport:
+    """Score ``jobs`` on a LocalCluster (``workers`` processes) or on ``scheduler``.
+
+    Finished slides (same fingerprint and model hash) are skipped. Returns what happened; the
+    caller writes the tables with :func:`write_outputs`.
+    """
+    t0 = time.perf_counter()
+    report = ScoreReport()
+    todo = []
+    for job in jobs:
+        prev = finished(job, cfg)
+        if prev is not None:
+            report.skipped.append(prev)
+        else:
+            todo.append(job)
+    if on_total:
+        on_total(len(jobs), len(report.skipped))
+    if todo:
+        with _client(workers, scheduler, cfg) as client:
+            if on_dashboard and client.dashboard_link:
+                report.dashboard = client.dashboard_link
+                on_dashboard(client.dashboard_link)
+            for job, outcome in _submit_all(client, todo, cfg):
+                ok = outcome.get("status") == "done"
+                (report.done if ok else report.errors).append(outcome)
+                if on_done:
+                    on_done(job.slide_id, ok)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+class _client:
+    """A distributed Client on the given scheduler, or on a LocalCluster it owns."""
+
+    def __init__(self, workers: int | None, scheduler: str | None, cfg: ScoreConfig) -> None:
+        self.workers, self.scheduler, self.cfg = workers, scheduler, cfg
+
+    def __enter__(self) -> Any:
+        from distributed import Client, LocalCluster
+
+        if self.scheduler:
+            self.cluster = None
+            self.client = Client(self.scheduler, timeout="30s")
+        else:
+            n = max(1, self.workers or 1)
+            self.cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,  # one slide at a time per process; it uses cfg.threads
+                processes=True,
+                dashboard_address=":0",
+                memory_limit=_memory_per_worker(n),
+            )
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _memory_per_worker(n: int) -> str:
+    try:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    except ImportError:  # psutil ships with distributed; this is belt and braces
+        return "auto"
+    return f"{int(0.8 * total / n) // (1 << 20)}MiB"
+
+
+def _submit_all(
+    client: Any, jobs: Sequence[SlideJob], cfg: ScoreConfig
+) -> Iterator[tuple[SlideJob, dict[str, Any]]]:
+    from distributed import as_completed
+
+    futures = {}
+    for job in jobs:
+        fut = client.submit(
+            score_slide, job, cfg, key=f"score-{job.slide_id}-{cfg.model_hash[:12]}", pure=False
+        )
+        futures[fut] = job
+    for fut in as_completed(futures):
+        job = futures[fut]
+        try:
+            outcome = fut.result()
+        except Exception as exc:  # KilledWorker: the slide took down workers repeatedly
+            outcome = {
+                "status": "error",
+                "slide_id": job.slide_id,
+                "path": job.path,
+                "stage": "worker",
+                "error_type": type(exc).__name__,
+                "message": f"the worker processing it died repeatedly ({exc}). Fix: check the"
+                " file with `oncotrace info`, or give workers more memory.",
+            }
+            here = slide_dir(cfg.out_dir, job.slide_id)
+            here.mkdir(parents=True, exist_ok=True)
+            _atomic_json(here / "error.json", outcome)
+        yield job, outcome
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def write_outputs(
+    jobs: Sequence[SlideJob], cfg: ScoreConfig, report: ScoreReport, run_config: Mapping[str, Any]
+) -> dict[str, Path]:
+    """``predictions.csv``, ``errors.csv`` and ``run.json`` from the per-slide files."""
+    out = Path(cfg.out_dir)
+    results, errors = [], []
+    for job in jobs:
+        here = slide_dir(out, job.slide_id)
+        done = finished(job, cfg)
+        if done is not None:
+            results.append(done)
+            continue
+        try:
+            errors.append(json.loads((here / "error.json").read_text()))
+        except (OSError, ValueError):
+            errors.append(
+                {
+                    "slide_id": job.slide_id,
+                    "path": job.path,
+                    "stage": "run",
+                    "error_type": "NotScored",
+                    "message": "no result was written (the run was interrupted). Fix: rerun.",
+                }
+            )
+    pred_path = out / "predictions.csv"
+    max_classes = max((len(t["classes"]) for r in results for t in r["tasks"].values()), default=0)
+    header = ["slide_id", "task", "label", *[f"class_{i}" for i in range(max_classes)]]
+    header += [f"p_{i}" for i in range(max_classes)]
+    header += ["top_k", "conformal_set", "n_tiles"]
+    tmp = pred_path.with_name(".predictions.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in sorted(results, key=lambda r: r["slide_id"]):
+            for task, t in r["tasks"].items():
+                pad = max_classes - len(t["classes"])
+                w.writerow(
+                    [
+                        r["slide_id"],
+                        task,
+                        t["label"],
+                        *t["classes"],
+                        *[""] * pad,
+                        *[f"{p:.6f}" for p in t["proba"]],
+                        *[""] * pad,
+                        "|".join(t["top_k"]),
+                        "" if t["conformal_set"] is None else "|".join(t["conformal_set"]),
+                        r["n_tiles"],
+                    ]
+                )
+    os.replace(tmp, pred_path)
+    err_path = out / "errors.csv"
+    tmp = err_path.with_name(".errors.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide", "stage", "error_type", "message"])
+        for e in sorted(errors, key=lambda e: e["slide_id"]):
+            w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], e["message"]])
+    os.replace(tmp, err_path)
+    from wsi._store import package_version
+
+    run = {
+        "oncotrace": package_version(),
+        "versions": _versions(),
+        "config": {**dict(run_config), **asdict(cfg)},
+        "model_hash": cfg.model_hash,
+        "seconds": round(report.seconds, 3),
+        "n_slides": len(jobs),
+        "n_scored": len(results),
+        "n_scored_this_run": len(report.done),
+        "n_skipped_finished": len(report.skipped),
+        "n_failed": len(errors),
+        "dashboard": report.dashboard,
+        "slides": {
+            r["slide_id"]: {
+                "started_at": r["started_at"],
+                "finished_at": r["finished_at"],
+                "seconds": r["seconds"],
+                "worker": r["worker"],
+                "store_reused": r["store_reused"],
+            }
+            for r in results
+        },
+    }
+    _atomic_json(out / "run.json", run)
+    return {"predictions": pred_path, "errors": err_path, "run": out / "run.json"}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in (
+        "numpy",
+        "zarr",
+        "torch",
+        "timm",
+        "dask",
+        "distributed",
+        "tifffile",
+        "openslide-python",
+        "cucim-cu12",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
