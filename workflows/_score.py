@@ -256,6 +256,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "worker": _worker_name(),
             "pid": os.getpid(),
             "model_loads_in_this_process": _LOADS["model"],
+            "worker_peak_rss_mib": _peak_rss_mib(),
         }
         _atomic_json(here / "result.json", result)
         return result
@@ -277,6 +278,13 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         }
         _atomic_json(here / "error.json", error)
         return error
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this worker process so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _stage_name(exc: BaseException, stage: str) -> str:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -358,45 +359,70 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path(
         "oncotrace-demo"
     ),
-    cases: Annotated[int, typer.Option("--cases", help="Patients in the phantom cohort.")] = 20,
-    workers: Annotated[int, typer.Option("--workers", help="Reader threads.")] = _default_workers(),
+    cases: Annotated[int, typer.Option("--cases", help="Patients in the phantom cohort.")] = 24,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Dask workers for scoring (and reader threads).")
+    ] = _default_workers(),
 ) -> None:
-    """Generate a phantom cohort, tile, embed and train with patient-grouped CV (no downloads)."""
+    """Phantom cohort → train on two thirds of the patients → score the rest on a Dask
+    LocalCluster → evaluation report and heatmaps. No downloads; a few minutes on 2 cores."""
+    import csv
+
     import mil
     from mil.phantom import make_cohort
+    from workflows._evaluate_cli import evaluate_command
+    from workflows._score import ScoreConfig, SlideJob, model_hash, run_score, write_outputs
     from workflows._training import train_command
 
+    if cases < 9:
+        raise typer.BadParameter("--cases must be at least 9 (3 per fold and a test third)")
     out.mkdir(parents=True, exist_ok=True)
     console.print(
-        f"[bold]1/4[/bold] generating a phantom cohort: {cases} patients, benign glands vs"
+        f"[bold]1/5[/bold] generating a phantom cohort: {cases} patients, benign glands vs"
         " malignant sheets of dark nuclei planted in known regions…"
     )
     cohort = make_cohort(out / "cohort", n_cases=cases, size_px=(2048, 1536), seed=0)
-    console.print(f"[bold]2/4[/bold] tiling {len(cohort.slide_paths)} slides at 0.5 µm/px, 224 px…")
-    stores = out / "stores"
-    report = _run_with_progress(list(cohort.slide_paths), stores, TilingConfig(), None, workers)
-    _print_summary(report, stores)
+    with open(cohort.labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([r["label"] for r in rows])
+    train_idx, test_idx = mil.grouped_split(
+        labels, np.array([r["patient_id"] for r in rows]), 1 / 3, 0
+    )
+    train_csv, test_csv = out / "train_labels.csv", out / "test_labels.csv"
+    for path, idx in ((train_csv, train_idx), (test_csv, test_idx)):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows[i] for i in sorted(idx))
+    by_id = {p.stem: p for p in cohort.slide_paths}
+    train_paths = [by_id[rows[i]["slide_id"]] for i in sorted(train_idx)]
+    console.print(
+        f"[bold]2/5[/bold] tiling {len(train_paths)} training slides"
+        f" ({len(set(rows[i]['patient_id'] for i in train_idx))} patients) at 0.5 µm/px, 224 px…"
+    )
+    stores = out / "train" / "stores"
+    report = _run_with_progress(train_paths, stores, TilingConfig(), None, workers)
     if report.n_failed:
+        _print_summary(report, stores)
         raise typer.Exit(1)
-    console.print("[bold]3/4[/bold] embedding tiles with the weight-free pathomics encoder…")
     encoder = mil.create_encoder("pathomics", threads=workers)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
-        task = progress.add_task("stores", total=len(cohort.slide_paths))
+        task = progress.add_task("embedding (pathomics)", total=len(train_paths))
         for path in sorted(stores.glob("*.zarr")):
             mil.embed(path, encoder)
             progress.advance(task)
-    console.print("[bold]4/4[/bold] training gated attention-MIL, 3-fold patient-grouped CV…")
+    console.print("[bold]3/5[/bold] training gated attention-MIL, 3-fold patient-grouped CV…")
     model_dir = out / "model"
     result = train_command(
         stores,
-        cohort.labels_csv,
+        train_csv,
         model_dir,
         encoder="pathomics",
         head="abmil-gated",
         tasks=["label"],
-        covariates=["age", "sex"],
+        covariates=[],
         split="kfold",
         folds=3,
         epochs=20,
@@ -407,14 +433,61 @@ def demo(
     auc = (result["metrics"].get("label") or {}).get("metrics", {}).get("auc", {})
     if auc:
         console.print(
-            f"held-out AUC {auc['estimate']:.3f} (95 % CI {auc['low']:.3f}–{auc['high']:.3f},"
-            " patient-grouped bootstrap)"
+            f"cross-validated AUC {auc['estimate']:.3f} (95 % CI {auc['low']:.3f}–"
+            f"{auc['high']:.3f}, patient-grouped bootstrap)"
+        )
+    test_paths = [by_id[rows[i]["slide_id"]] for i in sorted(test_idx)]
+    n_workers = max(1, min(workers, 2))
+    console.print(
+        f"[bold]4/5[/bold] scoring {len(test_paths)} held-out slides on a Dask LocalCluster"
+        f" ({n_workers} workers): tile → embed → predict → heatmaps…"
+    )
+    results = out / "scores"
+    cfg = ScoreConfig(
+        model_dir=str(model_dir.resolve()),
+        model_hash=model_hash(model_dir),
+        out_dir=str(results.resolve()),
+        tiling={"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"},
+        threads=max(1, (os.cpu_count() or 2) // n_workers),
+    )
+    jobs = [SlideJob(p.stem, str(p)) for p in test_paths]
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("slides", total=len(jobs))
+        scored = run_score(
+            jobs,
+            cfg,
+            workers=n_workers,
+            on_total=lambda n, skipped: progress.update(bar, completed=skipped),
+            on_done=lambda sid, ok: progress.advance(bar),
+            on_dashboard=lambda link: progress.console.print(f"Dask dashboard: {link}"),
+        )
+    files = write_outputs(jobs, cfg, scored, {"demo": True})
+    if scored.errors:
+        console.print(f"[red]{len(scored.errors)} slide(s) failed; see {files['errors']}[/red]")
+        raise typer.Exit(1)
+    console.print("[bold]5/5[/bold] evaluating the held-out predictions…")
+    report_dir = out / "report"
+    ev = evaluate_command(model_dir, results / "stores", test_csv, report_dir, n_boot=300)
+    task_ev = (ev["metrics"]["tasks"] or {}).get("label") or {}
+    test_auc = (task_ev.get("metrics") or {}).get("auc") or {}
+    if test_auc and test_auc.get("estimate") is not None:
+        console.print(
+            f"held-out AUC {test_auc['estimate']:.3f} (95 % CI {test_auc['low']:.3f}–"
+            f"{test_auc['high']:.3f}) on {len(test_paths)} slides never seen in training"
         )
     console.print(
-        f"\nDone in {result['seconds']} s of training. Look at:\n"
-        f"  slides and planted-region masks  {cohort.labels_csv.parent}\n"
-        f"  tile stores (Zarr v3)            {stores}\n"
-        f"  model + metrics + predictions    {model_dir}"
+        "\nDone. Look at:\n"
+        f"  slides and planted-region masks   {cohort.labels_csv.parent}\n"
+        f"  model (+ CV metrics, calibration) {model_dir}\n"
+        f"  predictions, errors, run.json     {results}\n"
+        f"  heatmaps (OME-Zarr, GeoJSON, PNG) {results / 'slides'}/<slide>/attention.*\n"
+        f"  evaluation report                 {report_dir / 'report.html'}"
     )
 
 
