@@ -490,9 +490,19 @@ def _submit_all(
     from distributed import as_completed
 
     futures = {}
+    resources = None
+    if cfg.device == "cuda":  # target workers started with `--resources GPU=1`, when any are
+        workers = client.scheduler_info().get("workers", {}).values()
+        if any("GPU" in (w.get("resources") or {}) for w in workers):
+            resources = {"GPU": 1}
     for job in jobs:
         fut = client.submit(
-            score_slide, job, cfg, key=f"score-{job.slide_id}-{cfg.model_hash[:12]}", pure=False
+            score_slide,
+            job,
+            cfg,
+            key=f"score-{job.slide_id}-{cfg.model_hash[:12]}",
+            pure=False,
+            resources=resources,
         )
         futures[fut] = job
     for fut in as_completed(futures):
