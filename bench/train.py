@@ -1,7 +1,7 @@
 """Training throughput: ``mil.fit`` on bags read from Zarr stores against in-memory arrays.
 
     python bench/train.py [--bags 200] [--instances 10000] [--dim 1024] [--epochs 1]
-                          [--threads 2] [--depth 2] [--codec zstd|none] [--serial] [--regenerate]
+                          [--threads 2] [--depth 2] [--codec none|zstd] [--serial] [--regenerate]
 
 Same process, same run, same head (``abmil-gated``, default options), seed, epochs and threads:
 
@@ -20,8 +20,8 @@ peak RSS (``VmHWM``, reset with ``/proc/self/clear_refs`` before each phase). Th
 seed): the bench checks it and prints the largest difference.
 
 Data: ``--bags`` synthetic stores of ``--instances`` × ``--dim`` float32 features (what
-``mil.embed`` writes by default: float32, 4096-row chunks, zarr's default zstd; ``--codec none``
-writes them uncompressed), standard normal noise with a planted signal: in half of the cases
+``mil.embed`` writes: float32, 4096-row chunks, uncompressed; ``--codec zstd`` writes them with
+zarr's default zstd, what embed wrote before this bench showed its decode cost), standard normal noise with a planted signal: in half of the cases
 (label 1) 2 % of the instances are shifted by +1 along the first 32 features. Generated once
 into ``bench/_data/train-<bags>x<instances>x<dim>-<codec>-s<seed>/`` and reused (8.2 GB at
 full size; ``--regenerate`` rewrites it). The stores are in the page cache when the bench runs
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     ap.add_argument("--depth", type=int, default=2, help="bags read ahead (prefetch_bags)")
-    ap.add_argument("--codec", choices=("zstd", "none"), default="zstd")
+    ap.add_argument("--codec", choices=("none", "zstd"), default="none")
     ap.add_argument("--serial", action="store_true", help="also time Zarr reads without prefetch")
     ap.add_argument("--repeat", type=int, default=1, help="rounds (ABBA after the first)")
     ap.add_argument("--regenerate", action="store_true")
