@@ -1,3 +1,23 @@
-"""spatial stage (see ../shared/ARCHITECTURE.md). Filled in by later issues."""
+"""spatial — attention heatmaps on the tile grid and the files viewers read (ARCHITECTURE.md)."""
 
-__all__: list[str] = []
+from ._heatmap import (
+    Heatmap,
+    attention_heatmap,
+    ngff_transforms,
+    normalise_attention,
+    render_overlay,
+    write_geojson,
+    write_ome_zarr,
+    write_overlay_png,
+)
+
+__all__ = [
+    "Heatmap",
+    "attention_heatmap",
+    "ngff_transforms",
+    "normalise_attention",
+    "render_overlay",
+    "write_geojson",
+    "write_ome_zarr",
+    "write_overlay_png",
+]

@@ -1,0 +1,714 @@
+"""Attention heatmaps on the tile grid, and the three files viewers read.
+
+``attention_heatmap`` rasterises per-tile scores onto the grid the tiles were cut on (one cell
+per stride step, never at level 0). The writers turn a :class:`Heatmap` into
+
+* an NGFF 0.5 multiscale OME-Zarr (Zarr v3) in micrometres, for napari / vizarr;
+* a QuPath GeoJSON FeatureCollection, one tile object per tile with its scores as measurements;
+* a PNG overlay on the slide thumbnail, with a colour bar.
+
+Every file is written under a hidden temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+Normalisation = Literal["rank", "minmax", "raw"]
+Colormap = Literal["jet", "viridis"]
+
+#: Halve the grid for the OME-Zarr pyramid until its longer side is at most this many cells.
+PYRAMID_MIN_SIDE = 64
+PYRAMID_MAX_LEVELS = 6
+_GEOJSON_BATCH = 20_000
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Heatmap:
+    """Per-tile scores rasterised on the tile grid.
+
+    Cell ``(row, col)`` covers level-0 pixels
+    ``[origin_x + col * cell_x, origin_x + (col + 1) * cell_x)`` by the same in ``y``.
+
+    Attributes
+    ----------
+    grid : (H, W) float32 ndarray; NaN where no tile covers the cell.
+    origin_level0 : (x, y) level-0 pixel position of the top-left corner of cell (0, 0).
+    cell_size_level0 : (x, y) cell size in level-0 pixels (the tiling stride).
+    mpp : (x, y) micrometres per level-0 pixel.
+    level0_size : (width, height) of the slide at level 0.
+    tile_size_level0 : (x, y) size of one tile in level-0 pixels.
+    n_tiles : number of tiles rasterised.
+    """
+
+    grid: NDArray[np.float32]
+    origin_level0: tuple[float, float]
+    cell_size_level0: tuple[float, float]
+    mpp: tuple[float, float]
+    level0_size: tuple[int, int]
+    tile_size_level0: tuple[float, float]
+    n_tiles: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the grid."""
+        h, w = self.grid.shape
+        return int(h), int(w)
+
+    @property
+    def cell_size_um(self) -> tuple[float, float]:
+        """(x, y) cell size in micrometres."""
+        return (
+            self.cell_size_level0[0] * self.mpp[0],
+            self.cell_size_level0[1] * self.mpp[1],
+        )
+
+    @property
+    def origin_um(self) -> tuple[float, float]:
+        """(x, y) top-left corner of cell (0, 0) in micrometres from the slide's top-left corner."""
+        return self.origin_level0[0] * self.mpp[0], self.origin_level0[1] * self.mpp[1]
+
+    def cell_of(self, x: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Grid ``(row, col)`` holding level-0 point(s) ``(x, y)``.
+
+        Points off the grid give indices outside ``[0, H) x [0, W)``; see :meth:`value_at`.
+        """
+        xa = np.asarray(x, dtype=np.float64)
+        ya = np.asarray(y, dtype=np.float64)
+        col = np.floor((xa - self.origin_level0[0]) / self.cell_size_level0[0]).astype(np.int64)
+        row = np.floor((ya - self.origin_level0[1]) / self.cell_size_level0[1]).astype(np.int64)
+        return row, col
+
+    def cell_origin_level0(
+        self, row: ArrayLike, col: ArrayLike
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Level-0 ``(x, y)`` of the top-left corner of cell(s) ``(row, col)``."""
+        c = np.asarray(col, dtype=np.float64)
+        r = np.asarray(row, dtype=np.float64)
+        return (
+            self.origin_level0[0] + c * self.cell_size_level0[0],
+            self.origin_level0[1] + r * self.cell_size_level0[1],
+        )
+
+    def cell_centre_level0(
+        self, row: ArrayLike, col: ArrayLike
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Level-0 ``(x, y)`` of the centre of cell(s) ``(row, col)``."""
+        x, y = self.cell_origin_level0(row, col)
+        return x + 0.5 * self.cell_size_level0[0], y + 0.5 * self.cell_size_level0[1]
+
+    def value_at(self, x: ArrayLike, y: ArrayLike) -> NDArray[np.float32]:
+        """Heatmap value at level-0 point(s) ``(x, y)``; NaN off the grid or in empty cells."""
+        row, col = self.cell_of(x, y)
+        h, w = self.shape
+        inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+        out = np.full(np.shape(row), np.nan, dtype=np.float32)
+        out[inside] = self.grid[row[inside], col[inside]]
+        return out
+
+
+def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    arr = np.asarray(value, dtype=np.float64).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 2)
+    if arr.size != 2:
+        raise ValueError(f"{name} must be one number or an (x, y) pair, got {value!r}.")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(
+            f"{name} must be positive, got {value!r}; pass the value from the store attrs."
+        )
+    return float(arr[0]), float(arr[1])
+
+
+def _as_coords(coords: ArrayLike) -> NDArray[np.int64]:
+    arr = np.asarray(coords)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(
+            f"coords must be an (N, 2) array of level-0 (x, y) tile corners, got shape {arr.shape}."
+        )
+    if arr.dtype.kind not in "iu" and (
+        arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))
+    ):
+        raise ValueError(
+            "coords must be whole level-0 pixels (int64, as in the store's `coords` array)."
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def _as_scores(scores: ArrayLike | Mapping[str, Any], n: int, name: str = "scores") -> NDArray[Any]:
+    if isinstance(scores, Mapping):
+        raise TypeError(
+            f"{name} is a mapping ({', '.join(map(str, scores))}): a multi-modal head returns one "
+            "attention array per modality; pass the slide modality's array."
+        )
+    arr = np.asarray(scores)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1) if arr.size == n else arr
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(
+            f"coords has {n} rows but {name} has shape {np.shape(scores)}: pass one score per "
+            "tile, aligned row-for-row with coords."
+        )
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}.")
+    bad = ~np.isfinite(arr.astype(np.float64, copy=False))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} NaN/inf values (first at tile {first}); drop those "
+            "tiles from coords and scores, or fix the model output."
+        )
+    return arr
+
+
+def _grid_phase(values: NDArray[np.int64], step: float) -> float:
+    """Offset of the tile grid from 0 along one axis (0 for grids cut by ``wsi.tile_coords``)."""
+    phase = float(values.min()) % step
+    # Grid positions are round(i * step): within half a pixel of the ideal lattice.
+    return 0.0 if phase < 1.0 or phase > step - 1.0 else phase
+
+
+def attention_heatmap(
+    coords: ArrayLike,
+    scores: ArrayLike,
+    *,
+    tile_size_level0: float | Sequence[float],
+    level0_size: Sequence[int],
+    mpp: float | Sequence[float],
+    stride_level0: float | Sequence[float] | None = None,
+) -> Heatmap:
+    """Rasterise per-tile scores on the tile grid.
+
+    One cell per stride step. A tile covers the cells whose centres lie inside it, so with
+    ``stride == tile size`` each tile fills one cell, and with half-overlapping tiles
+    (``stride == tile / 2``) each tile fills 2 x 2 cells; a cell covered by several tiles holds
+    their mean. Cells no tile covers are NaN.
+
+    Parameters
+    ----------
+    coords : (N, 2) int64 ndarray, level-0 ``(x, y)`` of each tile's top-left corner; any
+        subset of a regular grid (holes, single tiles).
+    scores : (N,) float ndarray aligned with ``coords`` (e.g. :func:`normalise_attention`).
+    tile_size_level0 : tile side in level-0 pixels (or ``(x, y)``), store attr of that name.
+    level0_size : ``(width, height)`` of the slide at level 0.
+    mpp : micrometres per level-0 pixel (or ``(x, y)``).
+    stride_level0 : grid step in level-0 pixels (or ``(x, y)``); default the tile size.
+
+    Returns
+    -------
+    Heatmap
+        Grid of ``ceil((size - origin) / stride)`` cells per axis. The grid origin is 0 for
+        grids cut by ``wsi.tile_coords``; otherwise it is the grid's offset found from coords.
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, non-finite scores, non-positive sizes, tiles whose corner lies
+        outside the slide, or coords that are not on the grid of ``stride_level0``.
+    """
+    xy = _as_coords(coords)
+    n = xy.shape[0]
+    values = _as_scores(scores, n).astype(np.float64, copy=False)
+    if n == 0:
+        raise ValueError("coords is empty: there are no tiles to draw a heatmap from.")
+    tw, th = _pair(tile_size_level0, "tile_size_level0")
+    sx, sy = (tw, th) if stride_level0 is None else _pair(stride_level0, "stride_level0")
+    mx, my = _pair(mpp, "mpp")
+    size = np.asarray(level0_size).ravel()
+    if size.size != 2 or np.any(size <= 0):
+        raise ValueError(f"level0_size must be a positive (width, height), got {level0_size!r}.")
+    w0, h0 = int(size[0]), int(size[1])
+
+    x, y = xy[:, 0], xy[:, 1]
+    outside = (x < 0) | (y < 0) | (x >= w0) | (y >= h0)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"{int(outside.sum())} of {n} tiles start outside the {w0} x {h0} slide (first: tile "
+            f"{i} at x={int(x[i])}, y={int(y[i])}); coords must be level-0 pixels of this slide "
+            "(check level0_size and that coords were not scaled to a lower level)."
+        )
+
+    ox, oy = _grid_phase(x, sx), _grid_phase(y, sy)
+    fx, fy = (x - ox) / sx, (y - oy) / sy
+    col, row = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
+    # round(i * stride) and the origin estimate are each within half a pixel of the lattice.
+    tol_x, tol_y = min(2.0, sx / 4) / sx, min(2.0, sy / 4) / sy
+    off = (np.abs(fx - col) > tol_x) | (np.abs(fy - row) > tol_y)
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ValueError(
+            f"{int(off.sum())} of {n} tiles are not on a grid of stride ({sx:g}, {sy:g}) level-0 px "
+            f"(first: x={int(x[i])}, y={int(y[i])}); pass stride_level0 from the store attrs "
+            "(overlapping tiles are cut at a stride smaller than the tile size)."
+        )
+
+    width = math.ceil((w0 - ox) / sx)
+    height = math.ceil((h0 - oy) / sy)
+    # Cells whose centre lies inside the tile: k with (k + 0.5) * stride < tile size.
+    kx = max(1, math.ceil(tw / sx - 0.5 - 1e-9))
+    ky = max(1, math.ceil(th / sy - 0.5 - 1e-9))
+    total = np.zeros(width * height, np.float64)
+    count = np.zeros(width * height, np.float64)
+    for dy in range(ky):
+        r = row + dy
+        for dx in range(kx):
+            c = col + dx
+            keep = (r < height) & (c < width)  # tiles overhanging the slide edge are clipped
+            flat = r[keep] * width + c[keep]
+            total += np.bincount(flat, weights=values[keep], minlength=width * height)
+            count += np.bincount(flat, minlength=width * height)
+    grid = np.full(width * height, np.nan, np.float32)
+    hit = count > 0
+    grid[hit] = total[hit] / count[hit]
+    return Heatmap(
+        grid=grid.reshape(height, width),
+        origin_level0=(ox, oy),
+        cell_size_level0=(sx, sy),
+        mpp=(mx, my),
+        level0_size=(w0, h0),
+        tile_size_level0=(tw, th),
+        n_tiles=n,
+    )
+
+
+def normalise_attention(scores: ArrayLike, method: Normalisation = "rank") -> NDArray[np.float32]:
+    """Per-slide normalisation of attention scores for display.
+
+    Parameters
+    ----------
+    scores : (N,) attention of one slide (one task, one modality).
+    method :
+        ``"rank"`` — percentile rank within the slide, ``rank / N`` with tied scores sharing
+        their average rank, in ``(0, 1]``. This is what CLAM's heatmap code shows
+        (``rankdata(scores, "average") / len(scores)``, there times 100): attention from a
+        softmax over N tiles is ~1/N and heavy-tailed, so raw values make slides of different
+        sizes incomparable and paint all but a handful of tiles the same colour. Ranks give an
+        even colour spread and a meaning that carries across slides (top 10 % of this slide).
+        ``"minmax"`` — ``(s - min) / (max - min)`` in ``[0, 1]``; 0.5 everywhere if all equal.
+        ``"raw"`` — unchanged (as float32).
+
+    Returns
+    -------
+    (N,) float32 ndarray.
+    """
+    arr = _as_scores(scores, int(np.size(scores))).astype(np.float64, copy=False).ravel()
+    if method == "raw":
+        return arr.astype(np.float32)
+    if arr.size == 0:
+        return np.zeros(0, np.float32)
+    if method == "minmax":
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi == lo:
+            return np.full(arr.size, 0.5, np.float32)
+        return ((arr - lo) / (hi - lo)).astype(np.float32)
+    if method == "rank":
+        from scipy.stats import rankdata
+
+        return (rankdata(arr, method="average") / arr.size).astype(np.float32)
+    raise ValueError(f"method must be 'rank', 'minmax' or 'raw', got {method!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing a previous file or folder of that name."""
+    if final.is_dir() and not final.is_symlink():
+        old = _temporary_sibling(final)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _discard(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# OME-Zarr (NGFF 0.5)
+# --------------------------------------------------------------------------------------------
+
+
+def _halve_nanmean(a: NDArray[np.float32]) -> NDArray[np.float32]:
+    """2 x 2 block mean ignoring NaN (odd edges padded with NaN); NaN where a block is empty."""
+    h, w = a.shape
+    padded = np.full((h + h % 2, w + w % 2), np.nan, np.float32)
+    padded[:h, :w] = a
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
+    valid = ~np.isnan(blocks)
+    n = valid.sum(axis=(1, 3))
+    total = np.where(valid, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
+    out = np.full(n.shape, np.nan, np.float32)
+    out[n > 0] = total[n > 0] / n[n > 0]
+    return out
+
+
+def _pyramid(grid: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+    levels = [grid]
+    while max(levels[-1].shape) > PYRAMID_MIN_SIDE and len(levels) < PYRAMID_MAX_LEVELS:
+        levels.append(_halve_nanmean(levels[-1]))
+    return levels
+
+
+def ngff_transforms(heatmap: Heatmap, level: int = 0) -> list[dict[str, Any]]:
+    """NGFF ``coordinateTransformations`` (scale, translation; y then x) of a pyramid level.
+
+    NGFF 0.5 does not say whether a pixel's coordinate is its centre or its corner; napari and
+    ome-zarr-py's own pyramids (translation ``(factor - 1) / 2`` at each downsampled level) use
+    the centre. So the translation is the micrometre position of the centre of cell (0, 0) in the
+    frame where level-0 pixel (0, 0)'s centre is at 0 — a slide image written with scale = mpp
+    and no translation lines up with the heatmap. ``origin_um`` of the grid's corner, in the
+    corner frame, is ``translation - scale / 2 + mpp / 2``.
+    """
+    f = 2**level
+    (sx, sy), (ox, oy), (mx, my) = heatmap.cell_size_level0, heatmap.origin_level0, heatmap.mpp
+    return [
+        {"type": "scale", "scale": [sy * f * my, sx * f * mx]},
+        {
+            "type": "translation",
+            "translation": [(oy + sy * f / 2 - 0.5) * my, (ox + sx * f / 2 - 0.5) * mx],
+        },
+    ]
+
+
+def write_ome_zarr(heatmap: Heatmap, path: str | Path, *, name: str) -> Path:
+    """Write the heatmap as an NGFF 0.5 multiscale OME-Zarr (Zarr v3), atomically.
+
+    Layout: ``s0`` is the grid, ``s1``… halve it (NaN-aware 2 x 2 mean) until the longer side is
+    at most ``PYRAMID_MIN_SIDE`` cells. float32, NaN (also the fill value) where no tile is.
+    Axes ``y, x`` in micrometres; per level a ``scale`` (cell size in µm) and a ``translation``
+    (see :func:`ngff_transforms`). The group's ``oncotrace`` attrs describe the grid in level-0
+    pixels (origin, cell and tile size, mpp, slide size) so no reader needs the command line.
+
+    Parameters
+    ----------
+    heatmap : from :func:`attention_heatmap`.
+    path : destination folder, conventionally ``*.ome.zarr``; replaced if it exists.
+    name : the multiscale's name (shown by viewers as the layer name).
+
+    Returns
+    -------
+    Path of the finished store.
+    """
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        # ome-zarr builds a deprecated Scaler as a default argument when the module is imported.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.format import FormatV05
+        from ome_zarr.writer import write_multiscales_metadata
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(final)
+    levels = _pyramid(heatmap.grid)
+    try:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        datasets = []
+        for k, level in enumerate(levels):
+            group.create_array(
+                f"s{k}",
+                data=np.ascontiguousarray(level, dtype=np.float32),
+                chunks=(min(level.shape[0], 512), min(level.shape[1], 512)),
+                fill_value=np.float32(np.nan),
+                dimension_names=("y", "x"),
+            )
+            datasets.append(
+                {"path": f"s{k}", "coordinateTransformations": ngff_transforms(heatmap, k)}
+            )
+        write_multiscales_metadata(
+            group,
+            datasets=datasets,
+            fmt=FormatV05(),
+            axes=[
+                {"name": "y", "type": "space", "unit": "micrometer"},
+                {"name": "x", "type": "space", "unit": "micrometer"},
+            ],
+            name=name,
+        )
+        group.attrs["oncotrace"] = {
+            "kind": "tile-grid heatmap",
+            "empty_cells": "NaN",
+            "origin_level0_xy": list(heatmap.origin_level0),
+            "cell_size_level0_xy": list(heatmap.cell_size_level0),
+            "tile_size_level0_xy": list(heatmap.tile_size_level0),
+            "mpp_xy": list(heatmap.mpp),
+            "level0_size": list(heatmap.level0_size),
+            "n_tiles": heatmap.n_tiles,
+            "pixel_convention": "translation = centre of cell (0, 0), level-0 pixel centres at "
+            "integer multiples of mpp",
+        }
+        _commit(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# QuPath GeoJSON
+# --------------------------------------------------------------------------------------------
+
+
+def _number_strings(values: NDArray[Any]) -> list[str]:
+    """Shortest exact text for each value (integers without a decimal point)."""
+    if values.dtype.kind in "iu" or np.all(values == np.round(values)):
+        return [str(v) for v in values.astype(np.int64).tolist()]
+    if values.dtype == np.float32:
+        return [format(v, ".9g") for v in values.tolist()]  # round-trips float32
+    return [repr(v) for v in values.astype(np.float64).tolist()]
+
+
+def write_geojson(
+    path: str | Path,
+    coords: ArrayLike,
+    scores_by_name: Mapping[str, ArrayLike],
+    *,
+    tile_size_level0: float | Sequence[float],
+    classification: str | Sequence[str] | None = None,
+) -> Path:
+    """Write tiles with their scores as a QuPath GeoJSON FeatureCollection, atomically.
+
+    One ``Feature`` per tile: a closed ``Polygon`` ring ``(x, y), (x + w, y), (x + w, y + h),
+    (x, y + h), (x, y)`` in level-0 pixels (QuPath's origin: top-left corner of the full-resolution
+    image), and properties ``objectType: "tile"`` (QuPath builds a ``PathTileObject``, a detection,
+    so measurement maps colour it), ``measurements: {name: value}`` (the dict form QuPath reads
+    and writes since 0.4; older versions wrote a list of ``{name, value}``), and optionally
+    ``classification: {"name": ...}``. Compact (no indentation), written in batches.
+
+    Parameters
+    ----------
+    path : destination file (``*.geojson``); replaced if it exists.
+    coords : (N, 2) int64 level-0 ``(x, y)`` top-left corners.
+    scores_by_name : measurement name -> (N,) values aligned with ``coords`` (finite).
+    tile_size_level0 : tile side in level-0 pixels (or ``(x, y)``).
+    classification : one class name for every tile, or (N,) names, or None.
+
+    Returns
+    -------
+    Path of the finished file.
+    """
+    xy = _as_coords(coords)
+    n = xy.shape[0]
+    tw, th = _pair(tile_size_level0, "tile_size_level0")
+    if not scores_by_name:
+        raise ValueError("scores_by_name is empty: pass at least one name -> (N,) scores.")
+    columns = {
+        str(k): _as_scores(v, n, f"scores_by_name[{k!r}]") for k, v in scores_by_name.items()
+    }
+    classes: list[str] | None = None
+    if classification is not None:
+        if isinstance(classification, str):
+            classes = [classification] * n
+        else:
+            classes = [str(c) for c in classification]
+            if len(classes) != n:
+                raise ValueError(
+                    f"classification has {len(classes)} names for {n} tiles: pass one name, or "
+                    "one per tile aligned with coords."
+                )
+
+    def esc(text: str) -> str:  # JSON string, safe inside a %-template
+        return json.dumps(text).replace("%", "%%")
+
+    measurements = ",".join(f"{esc(k)}:%s" for k in columns)
+    template = (
+        '{"type":"Feature","geometry":{"type":"Polygon","coordinates":'
+        "[[[%s,%s],[%s,%s],[%s,%s],[%s,%s],[%s,%s]]]},"
+        '"properties":{"objectType":"tile",%s"measurements":{' + measurements + "}}}"
+    )
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(final)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write('{"type":"FeatureCollection","features":[')
+            for start in range(0, n, _GEOJSON_BATCH):
+                stop = min(n, start + _GEOJSON_BATCH)
+                x0 = _number_strings(xy[start:stop, 0])
+                y0 = _number_strings(xy[start:stop, 1])
+                x1 = _number_strings(xy[start:stop, 0] + tw)
+                y1 = _number_strings(xy[start:stop, 1] + th)
+                if classes is None:
+                    cls = [""] * (stop - start)
+                else:
+                    cls = [
+                        '"classification":{"name":' + json.dumps(c) + "},"
+                        for c in classes[start:stop]
+                    ]
+                vals = [_number_strings(col[start:stop]) for col in columns.values()]
+                rows = zip(x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, cls, *vals, strict=True)
+                if start:
+                    f.write(",")
+                f.write(",".join(template % r for r in rows))
+            f.write("]}")
+        _commit(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# PNG overlay
+# --------------------------------------------------------------------------------------------
+
+
+def _value_range(heatmap: Heatmap, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    finite = heatmap.grid[np.isfinite(heatmap.grid)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if hi <= lo:  # a constant map: any colour will do, but the colour bar needs a range
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def render_overlay(
+    heatmap: Heatmap,
+    thumbnail_rgb: ArrayLike,
+    thumbnail_downsample: float | Sequence[float],
+    *,
+    alpha: float = 0.5,
+    cmap: Colormap = "jet",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> NDArray[np.uint8]:
+    """The thumbnail with the heatmap blended over it (nearest cell; NaN cells left as they are).
+
+    Parameters
+    ----------
+    heatmap : from :func:`attention_heatmap`.
+    thumbnail_rgb : (h, w, 3) uint8 overview of the slide.
+    thumbnail_downsample : level-0 pixels per thumbnail pixel (the store's ``thumbnail``
+        ``downsample`` attr), or ``(x, y)``.
+    alpha : heatmap opacity in [0, 1].
+    cmap : matplotlib colour map.
+    vmin, vmax : colour range; default the heatmap's finite min and max.
+
+    Returns
+    -------
+    (h, w, 3) uint8 ndarray.
+    """
+    from matplotlib import colormaps
+
+    thumb = np.asarray(thumbnail_rgb)
+    if thumb.ndim != 3 or thumb.shape[2] not in (3, 4) or thumb.dtype != np.uint8:
+        raise ValueError(
+            f"thumbnail_rgb must be an (h, w, 3) uint8 image, got {thumb.shape} {thumb.dtype}."
+        )
+    thumb = thumb[..., :3]
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    dx, dy = _pair(thumbnail_downsample, "thumbnail_downsample")
+    h, w = thumb.shape[:2]
+    gh, gw = heatmap.shape
+    # Centre of each thumbnail pixel in level-0 pixels -> the cell holding it.
+    row, _ = heatmap.cell_of(0.0, (np.arange(h) + 0.5) * dy)
+    _, col = heatmap.cell_of((np.arange(w) + 0.5) * dx, 0.0)
+    row_ok, col_ok = (row >= 0) & (row < gh), (col >= 0) & (col < gw)
+    lo, hi = _value_range(heatmap, vmin, vmax)
+    # Colour the small grid once through a 256-entry table, then index it per thumbnail pixel.
+    lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+    finite = np.isfinite(heatmap.grid)
+    level = np.clip((np.nan_to_num(heatmap.grid, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    index = np.rint(level * 255).astype(np.uint8)
+    ri, ci = np.clip(row, 0, gh - 1), np.clip(col, 0, gw - 1)
+    index_px = index[np.ix_(ri, ci)]
+    show = finite[np.ix_(ri, ci)] & row_ok[:, None] & col_ok[None, :]
+    a = round(alpha * 256)
+    colour = lut[index_px].astype(np.uint16)
+    blended = ((thumb.astype(np.uint16) * (256 - a) + colour * a) >> 8).astype(np.uint8)
+    return np.where(show[..., None], blended, thumb)
+
+
+def write_overlay_png(
+    heatmap: Heatmap,
+    thumbnail_rgb: ArrayLike,
+    thumbnail_downsample: float | Sequence[float],
+    path: str | Path,
+    *,
+    alpha: float = 0.5,
+    cmap: Colormap = "jet",
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    label: str = "attention",
+) -> Path:
+    """Write :func:`render_overlay` as a PNG with a colour bar on the right, atomically.
+
+    The overlay is drawn 1:1 (one thumbnail pixel per PNG pixel) at the top-left of the figure,
+    below a 32-px title band when ``title`` is given; the colour bar sits to its right.
+
+    Returns
+    -------
+    Path of the finished file.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    image = render_overlay(
+        heatmap, thumbnail_rgb, thumbnail_downsample, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    lo, hi = _value_range(heatmap, vmin, vmax)
+    h, w = image.shape[:2]
+    dpi = 100
+    bar_px, title_px = 110, (32 if title else 0)
+    body_px = max(h, 240)
+    fig_w, fig_h = w + bar_px, body_px + title_px
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
+    ax = fig.add_axes((0.0, (fig_h - title_px - h) / fig_h, w / fig_w, h / fig_h))
+    ax.imshow(image, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    bar_h = 0.8 * min(h, body_px) if h >= 240 else 0.8 * body_px
+    cax = fig.add_axes(
+        (
+            (w + 16) / fig_w,
+            (fig_h - title_px - (body_px + bar_h) / 2) / fig_h,
+            18 / fig_w,
+            bar_h / fig_h,
+        )
+    )
+    fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap=cmap), cax=cax, label=label)
+    if title:
+        fig.text(0.5 * w / fig_w, 1 - 16 / fig_h, title, ha="center", va="center", fontsize=11)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(final)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
+        _commit(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return final
