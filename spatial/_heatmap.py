@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -643,12 +643,31 @@ def render_overlay(
     level = np.clip((np.nan_to_num(heatmap.grid, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
     index = np.rint(level * 255).astype(np.uint8)
     ri, ci = np.clip(row, 0, gh - 1), np.clip(col, 0, gw - 1)
-    index_px = index[np.ix_(ri, ci)]
-    show = finite[np.ix_(ri, ci)] & row_ok[:, None] & col_ok[None, :]
     a = round(alpha * 256)
-    colour = lut[index_px].astype(np.uint16)
-    blended = ((thumb.astype(np.uint16) * (256 - a) + colour * a) >> 8).astype(np.uint8)
-    return np.where(show[..., None], blended, thumb)
+    out = thumb.copy()
+    for top in range(0, h, 256):  # row blocks keep the uint16 temporaries to a few MB
+        rows = slice(top, min(h, top + 256))
+        cells = np.ix_(ri[rows], ci)
+        show = finite[cells] & row_ok[rows, None] & col_ok[None, :]
+        colour = lut[index[cells]].astype(np.uint16)
+        mixed = (thumb[rows].astype(np.uint16) * (256 - a) + colour * a) >> 8
+        out[rows][show] = mixed[show].astype(np.uint8)
+    return out
+
+
+def _draw(width: int, height: int, draw: Callable[[Any], object]) -> NDArray[np.uint8]:
+    """Render a small matplotlib figure of ``width`` x ``height`` pixels to RGB (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    draw(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, np.uint8)  # in case Agg rounded a side down
+    out[: rgba.shape[0], : rgba.shape[1]] = rgba
+    return out
 
 
 def write_overlay_png(
@@ -663,11 +682,14 @@ def write_overlay_png(
     vmin: float | None = None,
     vmax: float | None = None,
     label: str = "attention",
+    max_side: int | None = 2048,
 ) -> Path:
     """Write :func:`render_overlay` as a PNG with a colour bar on the right, atomically.
 
     The overlay is drawn 1:1 (one thumbnail pixel per PNG pixel) at the top-left of the figure,
     below a 32-px title band when ``title`` is given; the colour bar sits to its right.
+    A thumbnail longer than ``max_side`` pixels is first subsampled by the smallest whole factor
+    that fits (``None``: never), which bounds time and memory on very large slides.
 
     Returns
     -------
@@ -676,37 +698,41 @@ def write_overlay_png(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from PIL import Image
 
-    image = render_overlay(
-        heatmap, thumbnail_rgb, thumbnail_downsample, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax
-    )
+    thumb = np.asarray(thumbnail_rgb)
+    dx, dy = _pair(thumbnail_downsample, "thumbnail_downsample")
+    step = 1 if max_side is None or thumb.ndim < 2 else math.ceil(max(thumb.shape[:2]) / max_side)
+    if step > 1:  # keep the middle pixel of each step x step block
+        thumb = thumb[step // 2 :: step, step // 2 :: step]
+        dx, dy = dx * step, dy * step
+    image = render_overlay(heatmap, thumb, (dx, dy), alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
     lo, hi = _value_range(heatmap, vmin, vmax)
     h, w = image.shape[:2]
-    dpi = 100
     bar_px, title_px = 110, (32 if title else 0)
     body_px = max(h, 240)
-    fig_w, fig_h = w + bar_px, body_px + title_px
-    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
-    ax = fig.add_axes((0.0, (fig_h - title_px - h) / fig_h, w / fig_w, h / fig_h))
-    ax.imshow(image, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    bar_h = 0.8 * min(h, body_px) if h >= 240 else 0.8 * body_px
-    cax = fig.add_axes(
-        (
-            (w + 16) / fig_w,
-            (fig_h - title_px - (body_px + bar_h) / 2) / fig_h,
-            18 / fig_w,
-            bar_h / fig_h,
-        )
-    )
-    fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap=cmap), cax=cax, label=label)
+    # The overlay goes into the canvas as pixels; matplotlib draws only the small colour bar
+    # and title (drawing a multi-megapixel image through Agg costs ~10x the rest together).
+    canvas = np.full((body_px + title_px, w + bar_px, 3), 255, np.uint8)
+    canvas[title_px : title_px + h, :w] = image
+
+    def colour_bar(fig: Figure) -> None:
+        bar_h = 0.8
+        cax = fig.add_axes((16 / bar_px, (1 - bar_h) / 2, 18 / bar_px, bar_h))
+        fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap=cmap), cax=cax, label=label)
+
+    canvas[title_px:, w:] = _draw(bar_px, body_px, colour_bar)
     if title:
-        fig.text(0.5 * w / fig_w, 1 - 16 / fig_h, title, ha="center", va="center", fontsize=11)
+        canvas[:title_px, :w] = _draw(
+            w,
+            title_px,
+            lambda fig: fig.text(0.5, 0.5, title, ha="center", va="center", fontsize=11),
+        )
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(final)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
+        Image.fromarray(canvas).save(tmp, format="PNG", compress_level=1)
         _commit(tmp, final)
     except BaseException:
         _discard(tmp)

@@ -416,6 +416,20 @@ def test_overlay_png_has_the_overlay_at_the_top_left_and_a_colour_bar(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == ["attention.png"]
 
 
+def test_overlay_png_subsamples_a_large_thumbnail(tmp_path: Path) -> None:
+    from PIL import Image
+
+    # A thumbnail at twice the resolution (16 level-0 px per pixel), capped at 162 px: every
+    # other pixel is kept, which is the 32-px grid of the other tests.
+    thumb = np.full((230, 324, 3), GREY, np.uint8)
+    out = spatial.write_overlay_png(
+        planted_heatmap(), thumb, DS / 2, tmp_path / "a.png", max_side=162
+    )
+    png = np.asarray(Image.open(out).convert("RGB"))
+    body = png[:115, :162]
+    np.testing.assert_array_equal(_classify(body), _expected_classes(115, 162))
+
+
 def test_overlay_rejects_bad_thumbnail() -> None:
     heat = planted_heatmap()
     with pytest.raises(ValueError, match=r"\(h, w, 3\) uint8"):
