@@ -359,19 +359,21 @@ def _heatmaps(
     heat = spatial.attention_heatmap(
         coords,
         scores[first],
-        tile_size_level0=float(ts[0]),
+        tile_size_level0=(float(ts[0]), float(ts[1])),
         level0_size=tuple(attrs["level0_size"]),
-        mpp=float(attrs["mpp"][0]),
-        stride_level0=float(stride[0]),
+        mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])),
+        stride_level0=(float(stride[0]), float(stride[1])),
     )
     spatial.write_ome_zarr(heat, here / "attention.ome.zarr", name=f"attention ({first})")
     spatial.write_geojson(
         here / "attention.geojson",
         coords,
         {f"attention_{t}": s for t, s in scores.items()},
-        tile_size_level0=float(ts[0]),
+        tile_size_level0=(float(ts[0]), float(ts[1])),
     )
-    spatial.write_overlay_png(heat, np.asarray(thumb[:]), thumb_ds, here / "attention.png")
+    spatial.write_overlay_png(
+        heat, np.asarray(thumb[:]), thumb_ds, here / "attention.png", title=f"attention: {first}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def test_local_cluster_scores_every_slide_then_skips_them(
         assert (here / "attention.ome.zarr").is_dir()
     with open(out / "errors.csv") as f:
         assert len(f.read().splitlines()) == 1  # header only
+    _check_heatmaps(trained, out, sorted(want)[0])
 
     # Rerun: nothing is recomputed (identical per-slide timestamps), predictions identical.
     code, output = _score(*args, "--workers", "1")
@@ -101,6 +102,32 @@ def test_local_cluster_scores_every_slide_then_skips_them(
     assert again["n_scored_this_run"] == 0 and again["n_skipped_finished"] == 6
     assert again["slides"] == run["slides"]
     assert _predictions(out) == got
+
+
+def _check_heatmaps(trained: dict[str, Path], out: Path, sid: str) -> None:
+    """The GeoJSON holds the store's tiles with the model's rank-normalised attention; the
+    OME-Zarr's scale is the tile size in µm."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    import spatial
+
+    store = out / "stores" / f"{sid}.zarr"
+    feats, coords, _ = mil.read_features(store, "pathomics")
+    model, _ = mil.load_model(trained["model"])
+    _, att = mil.predict(model, [feats])
+    want = spatial.normalise_attention(att[0]["label"], method="rank")
+    geo = json.loads((out / "slides" / sid / "attention.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(coords)
+    attrs = wsi.read_store_attrs(store) or {}
+    ts = attrs["tile_size_level0"][0]
+    for f, xy, a in zip(geo["features"], coords, want, strict=True):
+        ring = f["geometry"]["coordinates"][0]
+        assert ring[0] == [int(xy[0]), int(xy[1])] and ring[2] == [xy[0] + ts, xy[1] + ts]
+        assert f["properties"]["measurements"]["attention_label"] == pytest.approx(a, abs=1e-5)
+    node = next(iter(Reader(parse_url(str(out / "slides" / sid / "attention.ome.zarr")))()))
+    scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == pytest.approx([ts * attrs["mpp"][1], ts * attrs["mpp"][0]])
 
 
 def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: Path) -> None:
