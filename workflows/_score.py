@@ -300,6 +300,11 @@ def _predict(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     import mil
 
+    if model.config.multimodal:
+        raise ValueError(
+            f"the model takes several modalities {sorted(model.config.modality_dims)}; "
+            "`oncotrace score` feeds slides only. Fix: score multi-modal cases with mil.predict."
+        )
     feats, coords, _ = mil.read_features(store, encoder.config.name)
     if not np.isfinite(feats).all():
         raise ValueError(

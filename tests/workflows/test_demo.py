@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import wsi
@@ -17,7 +18,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_demo_trains_scores_on_dask_and_reports(tmp_path: Path) -> None:
+def test_demo_trains_scores_on_dask_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns outside a terminal
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--cases", "12", "--workers", "2"])
     assert res.exit_code == 0, res.output + repr(res.exception)
