@@ -45,8 +45,43 @@ def test_demo_trains_scores_on_dask_and_reports(
     run = json.loads((out / "scores" / "run.json").read_text())
     assert run["n_failed"] == 0 and run["n_scored"] == len(scored)
 
+    _check_planted_region_is_hot(out, test_rows)
+
     report = (out / "report" / "report.html").read_text()
     assert "AUC" in report
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["cohort"]["slides"] == len(test_rows)
     assert "held-out AUC" in res.output and "report.html" in res.output
+
+
+def _check_planted_region_is_hot(out: Path, rows: list[dict[str, str]]) -> None:
+    """On held-out malignant slides the planted sheets are where the heatmaps are hot: in the
+    GeoJSON (top-10 % attention tiles) and in the OME-Zarr (hottest cell, mapped through its
+    micrometre transform back to level-0 pixels and looked up in the planted-region mask)."""
+    import numpy as np
+    import zarr
+
+    from mil.phantom import Cohort
+
+    cohort = Cohort.load(out / "cohort")
+    malignant = [r["slide_id"] for r in rows if r["label"] == "malignant"]
+    assert malignant
+    for sid in malignant:
+        here = out / "scores" / "slides" / sid
+        feats = json.loads((here / "attention.geojson").read_text())["features"]
+        xy = np.array([f["geometry"]["coordinates"][0][0] for f in feats], np.int64)
+        ts = int(feats[0]["geometry"]["coordinates"][0][2][0] - xy[0, 0])
+        att = np.array([f["properties"]["measurements"]["attention_label"] for f in feats])
+        top = np.argsort(-att)[: max(1, int(np.ceil(0.1 * len(att))))]
+        assert cohort.tile_in_region(sid, xy, ts)[top].mean() >= 0.8, sid
+
+        group = zarr.open_group(here / "attention.ome.zarr", mode="r")
+        ms = dict(group.attrs)["ome"]["multiscales"][0]
+        level0 = ms["datasets"][0]
+        scale, shift = (t for t in level0["coordinateTransformations"])
+        grid = np.asarray(group[level0["path"]][:])
+        r, c = np.unravel_index(np.nanargmax(grid), grid.shape)
+        x_px = (shift["translation"][1] + c * scale["scale"][1]) / cohort.mpp
+        y_px = (shift["translation"][0] + r * scale["scale"][0]) / cohort.mpp
+        mask, ds = cohort.region_mask(sid)
+        assert mask[int(y_px // ds), int(x_px // ds)], f"{sid}: hottest cell outside the region"
