@@ -399,7 +399,14 @@ def ngff_transforms(heatmap: Heatmap, level: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-def write_ome_zarr(heatmap: Heatmap, path: str | Path, *, name: str) -> Path:
+def write_ome_zarr(
+    heatmap: Heatmap,
+    path: str | Path,
+    *,
+    name: str,
+    kind: str = "tile-grid heatmap",
+    unit: str | None = None,
+) -> Path:
     """Write the heatmap as an NGFF 0.5 multiscale OME-Zarr (Zarr v3), atomically.
 
     Layout: ``s0`` is the grid, ``s1``… halve it (NaN-aware 2 x 2 mean) until the longer side is
@@ -413,10 +420,12 @@ def write_ome_zarr(heatmap: Heatmap, path: str | Path, *, name: str) -> Path:
     heatmap : from :func:`attention_heatmap`.
     path : destination folder, conventionally ``*.ome.zarr``; replaced if it exists.
     name : the multiscale's name (shown by viewers as the layer name).
+    kind : what the values are, recorded in the attrs (e.g. ``"immune density"``).
+    unit : the values' unit, recorded in the attrs (e.g. ``"cells/mm2"``).
 
     Returns
     -------
-    Path of the finished store.
+    Path of the finished store; :func:`read_heatmap` reads it back.
     """
     import warnings
 
@@ -457,7 +466,9 @@ def write_ome_zarr(heatmap: Heatmap, path: str | Path, *, name: str) -> Path:
             name=name,
         )
         group.attrs["oncotrace"] = {
-            "kind": "tile-grid heatmap",
+            "kind": kind,
+            "name": name,
+            "value_unit": unit,
             "empty_cells": "NaN",
             "origin_level0_xy": list(heatmap.origin_level0),
             "cell_size_level0_xy": list(heatmap.cell_size_level0),
@@ -473,6 +484,50 @@ def write_ome_zarr(heatmap: Heatmap, path: str | Path, *, name: str) -> Path:
         _discard(tmp)
         raise
     return final
+
+
+def read_heatmap(path: str | Path) -> Heatmap:
+    """Read a heatmap written by :func:`write_ome_zarr` (full-resolution level ``s0``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is a Zarr group without OncoTrace's grid attrs (e.g. an OME-Zarr written by
+        another tool): its level-0 pixel frame cannot be recovered from scale/translation alone.
+    """
+    import zarr
+
+    src = Path(path)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such heatmap (expected an .ome.zarr folder)")
+    try:
+        group = zarr.open_group(src, mode="r")
+    except Exception as exc:  # zarr raises several types for a folder that is not a group
+        raise ValueError(f"{src}: not a Zarr group ({exc}); pass an .ome.zarr heatmap") from exc
+    meta = group.attrs.get("oncotrace")
+    if not isinstance(meta, dict) or "origin_level0_xy" not in meta:
+        raise ValueError(
+            f"{src}: no OncoTrace grid attrs; pass a heatmap written by `oncotrace score` or "
+            "`oncotrace immune` (attention.ome.zarr, density.ome.zarr)"
+        )
+    grid = np.asarray(group["s0"][...], dtype=np.float32)
+    return Heatmap(
+        grid=grid,
+        origin_level0=(float(meta["origin_level0_xy"][0]), float(meta["origin_level0_xy"][1])),
+        cell_size_level0=(
+            float(meta["cell_size_level0_xy"][0]),
+            float(meta["cell_size_level0_xy"][1]),
+        ),
+        mpp=(float(meta["mpp_xy"][0]), float(meta["mpp_xy"][1])),
+        level0_size=(int(meta["level0_size"][0]), int(meta["level0_size"][1])),
+        tile_size_level0=(
+            float(meta["tile_size_level0_xy"][0]),
+            float(meta["tile_size_level0_xy"][1]),
+        ),
+        n_tiles=int(meta["n_tiles"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -284,6 +284,32 @@ def test_ome_zarr_rewrite_replaces_the_old_store(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.ome.zarr"]
 
 
+def test_read_heatmap_round_trips_the_grid_and_its_level0_frame(tmp_path: Path) -> None:
+    heat = planted_heatmap()
+    spatial.write_ome_zarr(
+        heat, tmp_path / "d.ome.zarr", name="density", kind="immune density", unit="cells/mm2"
+    )
+    back = spatial.read_heatmap(tmp_path / "d.ome.zarr")
+    np.testing.assert_array_equal(back.grid, heat.grid)  # NaN holes included
+    assert back.origin_level0 == heat.origin_level0
+    assert back.cell_size_level0 == heat.cell_size_level0
+    assert back.mpp == heat.mpp and back.level0_size == heat.level0_size
+    assert back.n_tiles == heat.n_tiles
+    # the planted rectangle's first hot tile is still found at its level-0 position
+    x, y = HOT_COLS[0] * TILE + 1, HOT_ROWS[0] * TILE + 1
+    assert back.value_at([x], [y])[0] == 1.0
+
+
+def test_read_heatmap_refuses_a_foreign_zarr_with_the_fix(tmp_path: Path) -> None:
+    import zarr
+
+    zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
+    with pytest.raises(ValueError, match="oncotrace score"):
+        spatial.read_heatmap(tmp_path / "other.zarr")
+    with pytest.raises(FileNotFoundError, match=r"missing\.ome\.zarr"):
+        spatial.read_heatmap(tmp_path / "missing.ome.zarr")
+
+
 # --------------------------------------------------------------------------------------------
 # GeoJSON
 # --------------------------------------------------------------------------------------------
