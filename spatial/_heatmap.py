@@ -512,7 +512,10 @@ def read_heatmap(path: str | Path) -> Heatmap:
             f"{src}: no OncoTrace grid attrs; pass a heatmap written by `oncotrace score` or "
             "`oncotrace immune` (attention.ome.zarr, density.ome.zarr)"
         )
-    grid = np.asarray(group["s0"][...], dtype=np.float32)
+    level0 = group.get("s0")
+    if not isinstance(level0, zarr.Array):
+        raise ValueError(f"{src}: no level s0; the heatmap store is incomplete, write it again")
+    grid = np.asarray(level0[...], dtype=np.float32)
     return Heatmap(
         grid=grid,
         origin_level0=(float(meta["origin_level0_xy"][0]), float(meta["origin_level0_xy"][1])),
