@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 from PIL import Image
 
 from spatial._heatmap import Heatmap
+from spatial._transforms import Affine
 from spatial._ultrasound import (
     Ultrasound,
     UltrasoundError,
@@ -152,27 +153,11 @@ def test_garbage_and_truncated_files_are_one_clear_error(tmp_path: Path, shared_
 # --------------------------------------------------------------------------------------------
 
 
-class StandInAffine:
-    """``y = A x + t`` between named systems (the real one is spatial._transforms.Affine)."""
-
-    def __init__(self, matrix: ArrayLike, source: str, target: str) -> None:
-        self.matrix: NDArray[np.float64] = np.asarray(matrix, np.float64)
-        self.source, self.target = source, target
-
-    def __call__(self, points: ArrayLike) -> NDArray[np.float64]:
-        p = np.asarray(points, np.float64)
-        return p @ self.matrix[:2, :2].T + self.matrix[:2, 2]
-
-    def inverse(self) -> StandInAffine:
-        return StandInAffine(np.linalg.inv(self.matrix), self.target, self.source)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "affine", "source": self.source, "target": self.target,
-                "matrix": self.matrix.tolist()}  # fmt: skip
-
-
 class StandInRegistration:
-    def __init__(self, transform: StandInAffine, tre_mm: float = 0.0) -> None:
+    """What ``spatial._landmarks.fit_landmarks`` returns, reduced to what the mapping uses."""
+
+    # TODO(lead): build these with fit_landmarks once helper T's _landmarks module lands.
+    def __init__(self, transform: Affine, tre_mm: float = 0.0) -> None:
         self.transform, self.model = transform, "affine"
         self.report = {"holdout_tre_mm": {"mean": tre_mm}}
 
@@ -241,7 +226,7 @@ def slide_um_of_every_us_pixel(matrix: NDArray[Any] = TRUE) -> tuple[NDArray[Any
 
 
 def registration(matrix: NDArray[Any] = TRUE, tre_mm: float = 0.0) -> StandInRegistration:
-    return StandInRegistration(StandInAffine(matrix, "slide_um", "us_mm"), tre_mm)
+    return StandInRegistration(Affine(matrix, "slide_um", "us_mm"), tre_mm)
 
 
 PEAK_CELL = (23, 51)  # (row, col)
@@ -382,7 +367,7 @@ def test_outputs_read_back_at_the_right_physical_place(tmp_path: Path) -> None:
 
 
 def test_mapping_refuses_a_registration_between_the_wrong_systems() -> None:
-    reg = StandInRegistration(StandInAffine(TRUE, "slide_px", "us_px"))
+    reg = StandInRegistration(Affine(TRUE, "slide_px", "us_px"))
     with pytest.raises(ValueError, match="'slide_um' -> 'us_mm'"):
         to_ultrasound(peak_heatmap(), reg, grey_frame())
 
@@ -399,16 +384,6 @@ def test_landmarks_overlay_marks_the_points(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Planted immune clusters through a noisy-landmark registration
 # --------------------------------------------------------------------------------------------
-
-
-def fit_affine(src: NDArray[Any], dst: NDArray[Any]) -> NDArray[Any]:
-    """Least-squares affine src -> dst as a 3 x 3 matrix."""
-    # TODO(lead): use spatial._landmarks.fit_landmarks once helper T's module lands.
-    design = np.hstack([src, np.ones((len(src), 1))])
-    coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
-    m = np.eye(3)
-    m[:2] = coef.T
-    return m
 
 
 def test_planted_immune_clusters_peak_within_bin_or_two_tre() -> None:
@@ -441,7 +416,8 @@ def test_planted_immune_clusters_peak_within_bin_or_two_tre() -> None:
     truth = similarity(1e-3 * 0.95, -35.0, (6.0, 14.0))
     lm_um = rng.uniform((500, 500), (9500, 7000), (14, 2))
     lm_mm = us_px_of(lm_um, truth) * US_SPACING + rng.normal(0, 0.15, (14, 2))
-    fitted = fit_affine(lm_um[:8], lm_mm[:8])
+    # TODO(lead): fit_landmarks (model selection, TRE report) once spatial._landmarks lands.
+    fitted = Affine.fit(lm_um[:8], lm_mm[:8], source="slide_um", target="us_mm").matrix
     tre_mm = float(np.mean(np.hypot(*(us_px_of(lm_um[8:], fitted) * US_SPACING - lm_mm[8:]).T)))
 
     mapped = to_ultrasound(heat, registration(fitted, tre_mm), grey_frame())
