@@ -445,6 +445,7 @@ class MappedHeatmap:
     name : the heatmap's name (layer name, file stem).
     value_range : (min, max) of the source heatmap's finite values (the colour range used).
     bin_um : (x, y) source heatmap cell size in micrometres.
+    unit : the values' unit (e.g. ``"cells/mm2"``) or None.
     paths : files written (``ome_zarr``, ``png``, ``registration_json``); empty if none.
     """
 
@@ -453,6 +454,7 @@ class MappedHeatmap:
     name: str
     value_range: tuple[float, float]
     bin_um: tuple[float, float]
+    unit: str | None = None
     paths: Mapping[str, Path] = field(default_factory=dict)
 
     def peak_px(self) -> tuple[int, int]:
@@ -525,6 +527,7 @@ def to_ultrasound(
     alpha: float = 0.5,
     vmin: float | None = None,
     vmax: float | None = None,
+    unit: str | None = None,
 ) -> MappedHeatmap:
     """Resample a slide heatmap onto the ultrasound pixel grid, and optionally write it.
 
@@ -547,6 +550,7 @@ def to_ultrasound(
     order : 1 bilinear (NaN-aware) or 0 nearest cell; see :func:`sample_heatmap`.
     alpha : overlay opacity in [0, 1].
     vmin, vmax : colour range; default the source heatmap's finite min and max.
+    unit : the values' unit (e.g. ``"cells/mm2"``), recorded and shown on the colour bar.
 
     Returns
     -------
@@ -579,6 +583,7 @@ def to_ultrasound(
         name=name,
         value_range=(lo, hi),
         bin_um=heatmap.cell_size_um,
+        unit=unit,
     )
     if out_dir is None:
         return mapped
@@ -600,6 +605,7 @@ def to_ultrasound(
         name=name,
         value_range=mapped.value_range,
         bin_um=mapped.bin_um,
+        unit=unit,
         paths=paths,
     )
 
@@ -625,6 +631,7 @@ def _mapping_meta(
     report = getattr(registration, "report", None)
     return {
         "heatmap": mapped.name,
+        "value_unit": mapped.unit,
         "bin_um_xy": list(mapped.bin_um),
         "value_range": list(mapped.value_range),
         "order": "bilinear" if order == 1 else "nearest",
@@ -712,6 +719,7 @@ def write_mapped_ome_zarr(
         )
         group.attrs["oncotrace"] = {
             "kind": "heatmap on ultrasound",
+            "name": mapped.name,
             "empty_cells": "NaN",
             "spacing_mm_xy": list(mapped.spacing_mm),
             "value_range": list(mapped.value_range),
@@ -773,7 +781,7 @@ def write_mapped_png(
         title=title if title is not None else f"{mapped.name} on ultrasound",
         vmin=lo,
         vmax=hi,
-        label=mapped.name,
+        label=mapped.name if mapped.unit is None else f"{mapped.name} ({mapped.unit})",
         max_side=None,
     )
 

@@ -19,7 +19,7 @@ import pytest
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image
 
-from spatial._heatmap import Heatmap
+from spatial._heatmap import Heatmap, read_heatmap, write_ome_zarr
 from spatial._transforms import Affine
 from spatial._ultrasound import (
     Ultrasound,
@@ -83,6 +83,16 @@ def test_uncalibrated_lymph_node_needs_spacing(shared_data: Path) -> None:
     assert us.region is None and (us.frame, us.n_frames) == (0, 1)
     assert np.array_equal(us.image, pydicom.dcmread(path).pixel_array)
     assert read_ultrasound(path, spacing_mm=0.1).spacing_mm == (0.1, 0.1)
+
+
+def test_pixel_spacing_is_read_row_then_column(shared_data: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(shared_data / NODE)
+    ds.PixelSpacing = [0.2, 0.1]  # DICOM order: between rows (y), between columns (x)
+    path = tmp_path / "spaced.dcm"
+    ds.save_as(path)
+    us = read_ultrasound(path)
+    assert us.spacing_mm == (0.1, 0.2) and us.spacing_source == "dicom-pixel-spacing"
+    assert read_ultrasound(path, spacing_mm=0.3).spacing_source == "override"
 
 
 @pytest.mark.parametrize("bad", [50.0, 0.001, (0.1, 0.0), float("nan")])
@@ -364,6 +374,16 @@ def test_outputs_read_back_at_the_right_physical_place(tmp_path: Path) -> None:
     assert doc["ultrasound"]["spacing_mm_xy"] == [US_SPACING, US_SPACING]
     assert set(doc["heatmaps"]) == {"attention", "density"}
     assert doc["heatmaps"]["attention"]["bin_um_xy"] == [BIN_UM, BIN_UM]
+
+
+def test_a_scored_attention_store_maps_the_same_way(tmp_path: Path) -> None:
+    """``oncotrace score`` writes attention.ome.zarr; read back, it maps like the grid itself."""
+    heat = peak_heatmap()
+    store = write_ome_zarr(heat, tmp_path / "attention.ome.zarr", name="attention")
+    direct = to_ultrasound(heat, registration(), grey_frame())
+    loaded = to_ultrasound(read_heatmap(store), registration(), grey_frame(), unit="rank")
+    assert np.array_equal(direct.grid, loaded.grid, equal_nan=True)
+    assert loaded.unit == "rank" and loaded.bin_um == (BIN_UM, BIN_UM)
 
 
 def test_mapping_refuses_a_registration_between_the_wrong_systems() -> None:
