@@ -566,6 +566,37 @@ def _eccentricity(
     return np.sqrt(np.clip(1.0 - l2 / np.maximum(l1, 1e-12), 0.0, 1.0))
 
 
+def _threshold(smooth: NDArray[np.float32], floor: float) -> float:
+    """Otsu on the tile, never below ``floor`` (a stain-free tile must not split its noise)."""
+    from skimage.filters import threshold_otsu
+
+    if float(smooth.max()) <= floor:
+        return floor
+    return max(floor, float(threshold_otsu(smooth[::2, ::2])))
+
+
+def _split_nuclei(
+    mask: NDArray[np.bool_], mpp: float, config: ImmuneConfig
+) -> tuple[NDArray[np.int32], int]:
+    """Label nuclei in a foreground mask, splitting touching ones (distance-transform seeds +
+    watershed). Returns the (h, w) int32 labels 1..n and n."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32), 0
+    dist = ndi.distance_transform_edt(mask).astype(np.float32)
+    dist = ndi.gaussian_filter(dist, 1.0)
+    min_d = max(1, round(config.seed_distance_um / mpp))
+    # No per-object labels: skimage then loops over objects; nuclei centres are further apart
+    # than min_d anyway.
+    peaks = peak_local_max(dist, min_distance=min_d, threshold_abs=1.0 / mpp, exclude_border=False)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, peaks.shape[0] + 1, dtype=np.int32)
+    labels = watershed(-dist, markers, mask=mask).astype(np.int32)
+    return labels, int(peaks.shape[0])
+
+
 def classical_tile_cells(
     rgb: NDArray[np.uint8],
     mpp: float,
@@ -587,32 +618,34 @@ def classical_tile_cells(
     -------
     TileCells with centroids in tile pixels (pixel-centre convention).
     """
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
-    from skimage.segmentation import expand_labels, watershed
+    from skimage.segmentation import expand_labels
 
     od = stain_od(rgb, matrix, (0, 2))
     h_od, d_od = od[..., 0], od[..., 1]
-    signal = h_od + d_od if stain == "ihc-dab" else h_od
-    smooth = ndi.gaussian_filter(signal, config.smooth_um / mpp)
-    thr = config.min_signal_od
-    if float(smooth.max()) > thr:
-        # Otsu splits nuclei from stroma; the floor keeps a nucleus-free tile from splitting noise.
-        thr = max(thr, float(threshold_otsu(smooth[::2, ::2])))
-    mask = smooth > thr
+    sigma = config.smooth_um / mpp
     px_area_um2 = mpp * mpp
-    if not mask.any():
-        return TileCells.empty()
-    dist = ndi.distance_transform_edt(mask).astype(np.float32)
-    dist = ndi.gaussian_filter(dist, 1.0)
-    min_d = max(1, round(config.seed_distance_um / mpp))
-    # No per-object labels: skimage then loops over objects; nuclei centres are further apart
-    # than min_d anyway.
-    peaks = peak_local_max(dist, min_distance=min_d, threshold_abs=1.0 / mpp, exclude_border=False)
-    markers = np.zeros(mask.shape, np.int32)
-    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, peaks.shape[0] + 1, dtype=np.int32)
-    labels = watershed(-dist, markers, mask=mask).astype(np.int32)
-    n = int(peaks.shape[0])
+    smooth = ndi.gaussian_filter(h_od, sigma)
+    thr = _threshold(smooth, config.min_signal_od)
+    labels, n = _split_nuclei(smooth > thr, mpp, config)
+    ring_px = max(1, round(config.dab_ring_um / mpp))
+    ring = expand_labels(labels, distance=ring_px) if stain == "ihc-dab" else labels
+    if stain == "ihc-dab":
+        # A DAB+ cell may hide its nucleus under the brown: cell-sized DAB objects that touch
+        # no hematoxylin nucleus (or its ring) are cells too.
+        d_smooth = ndi.gaussian_filter(d_od, sigma)
+        dab_lab, nd = ndi.label(d_smooth > _threshold(d_smooth, config.dab_positive_od))
+        if nd:
+            size = np.bincount(dab_lab.ravel(), minlength=nd + 1) * px_area_um2
+            touches = np.bincount(dab_lab[ring > 0], minlength=nd + 1) > 0
+            lone = (size >= config.min_area_um2) & (size <= config.max_area_um2) & ~touches
+            lone[0] = False
+            if lone.any():
+                remap = np.zeros(nd + 1, np.int32)
+                remap[lone] = n + 1 + np.arange(int(lone.sum()), dtype=np.int32)
+                extra = remap[dab_lab]
+                labels = np.where(extra > 0, extra, labels)
+                ring = np.where(extra > 0, extra, ring)
+                n += int(lone.sum())
     if n == 0:
         return TileCells.empty()
     props = _region_table(labels, np.stack([h_od, d_od], axis=-1), n)
@@ -629,7 +662,6 @@ def classical_tile_cells(
         )
     else:
         # DAB over the nucleus plus a thin ring: CD3/CD8 staining sits on the membrane.
-        ring = expand_labels(labels, distance=max(1, round(config.dab_ring_um / mpp)))
         d_mean = _region_table(ring, d_od[..., None], n)["mean0"]
         positive = d_mean >= config.dab_positive_od
     return TileCells(
