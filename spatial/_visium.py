@@ -175,7 +175,7 @@ def _read_positions(path: Path) -> dict[str, NDArray[Any]]:
     if not rows:
         raise VisiumError(f"{path} is empty; expected one line per Visium spot.")
     header = [c.strip() for c in rows[0]]
-    if header and header[0] == "barcode":
+    if "barcode" in header:
         missing = [c for c in _POSITION_COLUMNS if c not in header]
         if missing:
             raise VisiumError(

@@ -107,8 +107,8 @@ def test_batched_columns_equal_one_at_a_time() -> None:
     Y = rng.normal(size=(row.size, 5))
     Y[rng.random(Y.shape) < 0.2] = np.nan
     x = rng.normal(size=row.size)
-    batch = morans_i(Y, W)
-    lee = bivariate_association(x, Y, W, statistic="lee")
+    batch = np.asarray(morans_i(Y, W))
+    lee = np.asarray(bivariate_association(x, Y, W, statistic="lee"))
     for k in range(5):
         assert batch[k] == pytest.approx(morans_i(Y[:, k], W))
         assert lee[k] == pytest.approx(bivariate_association(x, Y[:, k], W, statistic="lee"))
