@@ -758,6 +758,7 @@ def st_validate(
         "seed": seed,
         "alternative": alternative,
     }
+    src: NDArray[np.int64] | None = None
     try:
         if null == "toroidal":
             null_info["min_overlap"] = min_overlap
@@ -780,16 +781,18 @@ def st_validate(
                 valid=used,
                 seed=seed,
             )
-        assoc = association_test(
-            cells_map, genes_map, W, src, alternative=alternative, null_name=null
-        )
-        p_spatial = assoc["spearman"].p_value
-        bivariate = {"lee_L": assoc["lee"].as_dict(), "moran_bv": assoc["moran_bv"].as_dict()}
     except ValueError as exc:
         # A few scattered spots (e.g. a subset of barcodes) admit no spatial null; the
         # observed statistics are still reported, with the reason instead of a p-value.
         null_info["error"] = str(exc)
         warnings.append(f"spatial null unavailable: {exc}")
+    if src is not None:
+        assoc = association_test(
+            cells_map, genes_map, W, src, alternative=alternative, null_name=null
+        )
+        p_spatial = assoc["spearman"].p_value
+        bivariate = {name: assoc[stat].as_dict() for name, stat in _BIVARIATE}
+    else:
         p_spatial = math.nan
         bivariate = {
             name: {
