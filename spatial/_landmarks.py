@@ -71,7 +71,8 @@ MIN_AFFINE_POINTS = 3
 MIN_TPS_POINTS = 6
 #: Smallest / largest singular value of the centred landmarks below this = (nearly) collinear.
 DEGENERACY_RATIO = 1e-3
-#: A spline must beat the affine's leave-one-out TRE by this fraction to be chosen.
+#: A spline must beat the affine's leave-one-out TRE by this fraction to be chosen, and the
+#: smoothest spline within this fraction of the best spline's TRE is preferred.
 PREFER_AFFINE_MARGIN = 0.05
 #: Smoothing grid, in units of the largest eigenvalue of the landmarks' spline kernel.
 SMOOTHING_GRID = (0.0, *(10.0 ** np.arange(-4.0, 3.01, 0.5)))
@@ -760,7 +761,9 @@ def fit_landmarks(
         spline, >= 6) or ``"auto"``: the lowest leave-one-out TRE, the affine unless a spline
         beats it by more than 5 %.
     smoothing : spline smoothing in scipy ``RBFInterpolator`` units, or ``"auto"``: chosen by
-        leave-one-out TRE from 0 and a log grid scaled to the landmarks' kernel.
+        leave-one-out TRE from 0 and a log grid scaled to the landmarks' kernel (the largest
+        smoothing within 5 % of the best TRE; splines that fold inside the landmark hull are
+        never chosen).
     allow_reflection : accept a mirror-image fit (a flipped section or image).
     bin_um : heatmap cell size on the slide in µm; adds ``tre_over_bin`` to the report.
     expected_scale : accepted range of mm (ultrasound) per mm (slide) on each axis; shrinkage
@@ -872,7 +875,14 @@ def fit_landmarks(
 
     warn: list[str] = []
     splines = [k for k, c in enumerate(candidates) if c["model"] == "tps" and not c["folds"]]
-    best_spline = min(splines, key=loo) if splines else None
+    best_spline = None
+    if splines:
+        # Like the affine-versus-spline choice: the smoothest spline within the margin of the
+        # best leave-one-out TRE, because LOO TRE is noisy and smoothing guards against noise.
+        floor = min(loo(k) for k in splines) * (1 + PREFER_AFFINE_MARGIN)
+        best_spline = max(
+            (k for k in splines if loo(k) <= floor), key=lambda k: candidates[k]["smoothing"]
+        )
     if model == "tps" and best_spline is None:
         worst = min(c["min_jacobian_det"] for c in candidates)
         raise LandmarkError(
@@ -895,10 +905,13 @@ def fit_landmarks(
     ]
     if folded:
         k = folded[0]
+        used = candidates[chosen]["model"]
+        if used == "tps":
+            used = f"spline with smoothing {candidates[chosen]['smoothing']:.3g}"
         warn.append(
             f"a thin-plate spline (smoothing {candidates[k]['smoothing']:.3g}) had a lower "
             f"leave-one-out TRE ({loo(k):.3g} mm) but folds (min Jacobian determinant "
-            f"{candidates[k]['min_jacobian_det']:.3g}); used the {candidates[chosen]['model']} "
+            f"{candidates[k]['min_jacobian_det']:.3g}); used the {used} "
             "instead. Check the landmarks for swapped or misplaced points."
         )
         warnings.warn(f"{src}: {warn[-1]}", UserWarning, stacklevel=2)

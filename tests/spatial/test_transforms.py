@@ -12,6 +12,7 @@ from spatial._transforms import (
     Affine,
     Sequence,
     ThinPlateSpline,
+    Transform,
     slide_px_to_um,
     slide_px_to_um_transform,
     transform_from_dict,
@@ -40,7 +41,7 @@ def bent(points_um: np.ndarray) -> np.ndarray:
     return out
 
 
-def finite_difference_jacobian(t, pts: np.ndarray, h: float) -> np.ndarray:
+def finite_difference_jacobian(t: Transform, pts: np.ndarray, h: float) -> np.ndarray:
     cols = [(t(pts + h * e) - t(pts - h * e)) / (2 * h) for e in np.eye(2)]
     return np.stack(cols, axis=2)
 
