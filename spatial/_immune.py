@@ -247,7 +247,12 @@ class CellTable:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temporary_sibling(final)
         cols = self.columns()
-        text = {k: _format_column(v) for k, v in cols.items() if k != "cls"}
+        # Positions to 1/1000 px or µm whatever the slide size; measurements to 6 digits.
+        text = {
+            k: _format_column(v, fixed=k in ("x", "y", "x_um", "y_um"))
+            for k, v in cols.items()
+            if k != "cls"
+        }
         text["cls"] = [str(c) for c in self.cls.tolist()]
         try:
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -360,7 +365,8 @@ class CellTable:
                     sl = slice(start, stop)
                     vals = [_format_column(np.nan_to_num(v[sl])) for v in names.values()]
                     if geometry == "point":
-                        xs, ys = _format_column(self.x[sl]), _format_column(self.y[sl])
+                        xs = [repr(v) for v in np.round(self.x[sl], 2).tolist()]
+                        ys = [repr(v) for v in np.round(self.y[sl], 2).tolist()]
                         geoms = [
                             '{"type":"Point","coordinates":[' + a + "," + b + "]}"
                             for a, b in zip(xs, ys, strict=True)
@@ -398,10 +404,11 @@ class CellTable:
         return final
 
 
-def _format_column(values: NDArray[Any]) -> list[str]:
-    """Compact exact-enough text: 6 significant digits for measurements, 2 decimals for px."""
+def _format_column(values: NDArray[Any], *, fixed: bool = False) -> list[str]:
+    """Compact text: 6 significant digits, or 3 decimals with ``fixed`` (coordinates)."""
     arr = np.asarray(values, np.float64)
-    return [format(v, ".6g") for v in arr.tolist()]
+    spec = ".3f" if fixed else ".6g"
+    return [format(v, spec) for v in arr.tolist()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,6 +784,28 @@ def _mask_fraction(mask: NDArray[np.bool_], ds: float, x0: int, y0: int, x1: int
     return float(mask[c:d, a:b].mean())
 
 
+def _resolve_store(
+    path: Path, mpp: float | None
+) -> tuple[Path, float | tuple[float, float] | None]:
+    """A per-slide Zarr store stands for its source slide (with the store's mpp override)."""
+    import wsi
+
+    if not path.is_dir() or path.suffix != ".zarr":
+        return path, mpp
+    attrs = wsi.read_store_attrs(path)
+    if attrs is None:
+        raise ValueError(f"{path} is not a finished OncoTrace store; pass the slide file itself.")
+    source = Path(attrs["source_path"])
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{path}: its source slide {source} is gone; cells are detected on the slide's "
+            "pixels (the store holds only tiles at the tiling resolution), so pass the slide."
+        )
+    if mpp is None and attrs.get("mpp_source") == "override":
+        return source, (float(attrs["mpp"][0]), float(attrs["mpp"][1]))
+    return source, mpp
+
+
 def detect_immune_cells(
     slide_or_image: Slide | str | Path | NDArray[np.uint8],
     *,
@@ -796,8 +825,9 @@ def detect_immune_cells(
     Parameters
     ----------
     slide_or_image : an open :class:`wsi.Slide`, a slide path (opened with
-        :func:`wsi.open_slide`, ``mpp`` overriding the file), or an (H, W, 3) uint8 RGB image
-        with ``mpp`` given.
+        :func:`wsi.open_slide`, ``mpp`` overriding the file), a per-slide ``*.zarr`` store
+        (its source slide is opened, with the store's mpp override if it had one), or an
+        (H, W, 3) uint8 RGB image with ``mpp`` given.
     stain : ``"he"`` (classes lymphocyte / other) or ``"ihc-dab"`` (dab-positive /
         dab-negative).
     mpp : level-0 µm/px; required for an image, an override for a path, ignored for a Slide.
@@ -861,7 +891,8 @@ def detect_immune_cells(
             mask = np.ones(thumb.shape[:2], bool)
     else:
         if isinstance(slide_or_image, (str, Path)):
-            opened = wsi.open_slide(slide_or_image, mpp=mpp)
+            source, source_mpp = _resolve_store(Path(slide_or_image), mpp)
+            opened = wsi.open_slide(source, mpp=source_mpp)
             slide = opened
         else:
             slide = slide_or_image
@@ -906,10 +937,9 @@ def _detect(
     # The region is part of the tissue mask, so tissue area and density masking agree with it.
     mask = mask.copy()
     mh, mw = mask.shape
-    my_, mx_ = np.mgrid[0:mh, 0:mw]
-    cxl, cyl = (mx_ + 0.5) * ds, (my_ + 0.5) * ds
-    mask &= (cxl >= rx) & (cxl < rx + rw) & (cyl >= ry) & (cyl < ry + rh)
-    del my_, mx_, cxl, cyl
+    cxl = (np.arange(mw) + 0.5) * ds  # mask pixel centres in level-0 px
+    cyl = (np.arange(mh) + 0.5) * ds
+    mask &= ((cyl >= ry) & (cyl < ry + rh))[:, None] & ((cxl >= rx) & (cxl < rx + rw))[None, :]
     mpp0 = 0.5 * (src.mpp[0] + src.mpp[1])
     core = max(1, round(tile_um / mpp0))
     halo = math.ceil(cfg.halo_um / mpp0)

@@ -148,6 +148,22 @@ def test_dab_positive_cells_found_through_a_tiff_slide(
     assert cells.mpp == (MPP, MPP) and cells.source == str(path)
 
 
+def test_a_tile_store_stands_for_its_slide(
+    tmp_path: Path, ihc_slide: tuple[Path, PlantedCells]
+) -> None:
+    import wsi
+
+    path = ihc_slide[0]
+    store = wsi.tile_slide(path, tmp_path, workers=1).store
+    via_store = detect_immune_cells(store, stain="ihc-dab", region=(0, 0, 1024, 1024))
+    via_slide = detect_immune_cells(path, stain="ihc-dab", region=(0, 0, 1024, 1024))
+    assert len(via_store) == len(via_slide) > 50
+    np.testing.assert_array_equal(via_store.x, via_slide.x)
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(ValueError, match="not a finished OncoTrace store"):
+        detect_immune_cells(tmp_path / "empty.zarr", stain="he")
+
+
 def test_tile_borders_neither_duplicate_nor_drop_cells(
     he_phantom: tuple[NDArray[np.uint8], PlantedCells],
 ) -> None:
