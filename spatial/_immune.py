@@ -1393,7 +1393,7 @@ def write_immune_outputs(
         thumbnail_downsample,
         out / "density.png",
         label=label,
-        title=f"{cells.positive_class} density, {density.bin_um:g} µm bins",
+        title=f"{cells.positive_class}, {density.bin_um:g} µm",  # narrow thumbnails clip long titles
     )
     paths["summary.json"] = _write_json(out / "summary.json", summary_dict(cells, density))
     return paths
