@@ -1274,7 +1274,6 @@ def load_til_grid(
     gw, gh = int(col.max()) + 1, int(row.max()) + 1
     if level0_size is None:
         level0_size = (math.ceil(ox + gw * step), math.ceil(oy + gh * step))
-    # If the origin is one grid step or more in, cells from 0 would be empty: keep the origin.
 
     def heat(values: NDArray[np.float64]) -> Heatmap:
         grid = np.full((gh, gw), np.nan, np.float32)
