@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 from PIL import Image
 
 from spatial._heatmap import Heatmap, read_heatmap, write_ome_zarr
+from spatial._landmarks import Registration, fit_landmarks, landmarks_from_arrays
 from spatial._transforms import Affine
 from spatial._ultrasound import (
     Ultrasound,
@@ -166,7 +167,7 @@ def test_garbage_and_truncated_files_are_one_clear_error(tmp_path: Path, shared_
 class StandInRegistration:
     """What ``spatial._landmarks.fit_landmarks`` returns, reduced to what the mapping uses."""
 
-    # TODO(lead): build these with fit_landmarks once helper T's _landmarks module lands.
+    # A known transform with a chosen TRE; fit_landmarks is used in the planted-cluster test.
     def __init__(self, transform: Affine, tre_mm: float = 0.0) -> None:
         self.transform, self.model = transform, "affine"
         self.report = {"holdout_tre_mm": {"mean": tre_mm}}
@@ -406,7 +407,7 @@ def test_landmarks_overlay_marks_the_points(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_planted_immune_clusters_peak_within_bin_or_two_tre() -> None:
+def test_planted_immune_clusters_peak_within_bin_or_two_tre(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     # Three immune clusters (µm on the slide), the first the densest; 50-µm bins over 10 x 7.5 mm
     # give a 100k-cell-scale density map (200 x 150 = 30k cells here, to stay fast).
@@ -436,11 +437,14 @@ def test_planted_immune_clusters_peak_within_bin_or_two_tre() -> None:
     truth = similarity(1e-3 * 0.95, -35.0, (6.0, 14.0))
     lm_um = rng.uniform((500, 500), (9500, 7000), (14, 2))
     lm_mm = us_px_of(lm_um, truth) * US_SPACING + rng.normal(0, 0.15, (14, 2))
-    # TODO(lead): fit_landmarks (model selection, TRE report) once spatial._landmarks lands.
-    fitted = Affine.fit(lm_um[:8], lm_mm[:8], source="slide_um", target="us_mm").matrix
-    tre_mm = float(np.mean(np.hypot(*(us_px_of(lm_um[8:], fitted) * US_SPACING - lm_mm[8:]).T)))
+    landmarks = landmarks_from_arrays(
+        pathology_um=lm_um, ultrasound_mm=lm_mm, roles=["fit"] * 8 + ["holdout"] * 6
+    )
+    reg = fit_landmarks(landmarks, bin_um=bin_um)  # affine or spline, by leave-one-out TRE
+    tre_mm = reg.report["holdout_tre_mm"]["mean"]
+    assert 0.02 < tre_mm < 0.6  # held-out points carry the 0.15 mm noise themselves
 
-    mapped = to_ultrasound(heat, registration(fitted, tre_mm), grey_frame())
+    mapped = to_ultrasound(heat, reg, grey_frame(), tmp_path, name="immune")
     tol_mm = max(bin_um * 1e-3, 2 * tre_mm)
     truth_mm = us_px_of(centres, truth) * US_SPACING
     got_mm = np.array(mapped.peak_px(), np.float64) * US_SPACING
@@ -452,3 +456,7 @@ def test_planted_immune_clusters_peak_within_bin_or_two_tre() -> None:
         local = np.where(near, np.nan_to_num(mapped.grid, nan=-1.0), -1.0)
         r, c = np.unravel_index(int(np.argmax(local)), local.shape)
         assert np.hypot(c * US_SPACING - c_mm[0], r * US_SPACING - c_mm[1]) <= tol_mm
+    # registration.json stays readable by Registration.read_json beside the mapping metadata.
+    again = Registration.read_json(tmp_path / "registration.json")
+    probe = np.array([[1000.0, 2000.0], [8000.0, 6000.0]])
+    assert np.allclose(again.transform(probe), reg.transform(probe))
