@@ -499,7 +499,7 @@ def immune_gene_score(
             raise VisiumError(
                 f"none of the genes {list(requested)} is in {visium.counts_source}"
                 f" ({visium.gene_names.size} features, e.g. {sample}). Pass genes present in the"
-                " matrix (CLI --genes), or fallback='total-counts' to compare with log1p(total"
+                " matrix (CLI --genes), or fallback='total-counts' (CLI --fallback total-counts) to compare with log1p(total"
                 " counts) instead."
             )
         score = np.where(visium.has_counts, np.log1p(total), np.nan)
@@ -740,7 +740,20 @@ def st_validate(
     cells_map = np.where(used, n_pos.astype(np.float64), np.nan)
     genes_map = np.where(used, gs.score, np.nan)
 
-    rho, p_naive = spearmanr(cells_map[used], genes_map[used])
+    constant = [
+        name
+        for name, values in (("cell counts", cells_map[used]), ("gene score", genes_map[used]))
+        if np.ptp(values) == 0
+    ]
+    if constant:
+        # a rank correlation with a constant map is undefined: say why instead of scipy's warning
+        rho, p_naive = math.nan, math.nan
+        warnings.append(
+            f"the {' and the '.join(constant)} are constant over the {n_used} spots used:"
+            " no correlation can be measured (no positive cells detected? check --stain)."
+        )
+    else:
+        rho, p_naive = spearmanr(cells_map[used], genes_map[used])
     W = hex_lattice_weights(visium.array_row, visium.array_col)
     with_neighbour = int(((W @ used.astype(np.float64)) > 0)[used].sum())
     if with_neighbour < 0.5 * n_used:

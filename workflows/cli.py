@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from workflows import _evaluate_cli, _import_cli, _score_cli
+from workflows import _evaluate_cli, _import_cli, _score_cli, _spatial_cli
 from workflows._batch import BatchReport, find_slides, tile_batch
 from wsi import TilingConfig
 
@@ -495,6 +495,7 @@ def demo(
 _evaluate_cli.register(app, console)
 _import_cli.register(app, console)
 _score_cli.register(app, console)
+_spatial_cli.register(app, console)
 
 
 def main() -> None:

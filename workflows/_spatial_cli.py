@@ -1,0 +1,376 @@
+"""``oncotrace immune``, ``map-us`` and ``st-validate``: the spatial stage from the command line.
+
+Each command maps onto library functions in :mod:`spatial`; bad input is one plain error on
+stderr and exit code 2 (never a traceback), and outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from rich.console import Console
+
+#: Above this level-0 µm/px nuclei (5–10 µm) span too few pixels to be counted.
+COARSE_MPP = 2.0
+
+#: Errors a user can fix from the message alone.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def _parse_region(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 4:
+        raise typer.BadParameter(
+            "--region takes x,y,w,h in level-0 pixels, e.g. 1000,2000,4096,4096"
+        )
+    try:
+        x, y, w, h = (int(p) for p in parts)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--region {text!r}: four integers x,y,w,h") from exc
+    if w <= 0 or h <= 0:
+        raise typer.BadParameter(f"--region {text!r}: width and height must be positive")
+    return x, y, w, h
+
+
+def _spacing(values: list[float] | None) -> float | tuple[float, float] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    if len(values) == 2:
+        return float(values[0]), float(values[1])
+    raise typer.BadParameter("--spacing-mm takes one value (square pixels) or two (x then y)")
+
+
+def load_heatmap_input(path: Path, *, mpp: float | None) -> tuple[Any, str]:
+    """A heatmap to map: an OncoTrace ``.ome.zarr`` or a u24 TIL prediction grid (text).
+
+    Returns the :class:`spatial.Heatmap` and a layer name for the outputs.
+    """
+    from spatial import load_til_grid, read_heatmap
+
+    if path.is_dir():
+        heat = read_heatmap(path)
+        name = path.name.removesuffix(".ome.zarr").removesuffix(".zarr") or "heatmap"
+        return heat, name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such heatmap")
+    if mpp is None:
+        raise ValueError(
+            f"{path}: a TIL prediction grid has no physical scale; pass --heatmap-mpp with the "
+            "level-0 µm/px of the slide it was predicted on (e.g. 0.25 for a 40x TCGA slide)"
+        )
+    til = load_til_grid(path, mpp=mpp)
+    return til.primary, "lymphocyte_probability"
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Add ``immune``, ``map-us`` and ``st-validate`` to ``app``."""
+
+    @app.command()
+    def immune(
+        slide: Annotated[Path, typer.Argument(help="Slide file, DICOM-WSI folder or image.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        stain: Annotated[
+            str, typer.Option("--stain", help="he (lymphocytes) or ihc-dab (DAB+ cells).")
+        ] = "he",
+        mpp: Annotated[
+            float | None, typer.Option("--mpp", help="Override the slide's level-0 µm/px.")
+        ] = None,
+        bin_um: Annotated[
+            float, typer.Option("--bin-um", help="Density-map bin side in µm (TIL maps: 50).")
+        ] = 50.0,
+        min_positive: Annotated[
+            int,
+            typer.Option(
+                "--min-positive", help="Positive cells for a TIL-positive bin (Saltz: 2)."
+            ),
+        ] = 2,
+        region: Annotated[
+            str | None, typer.Option("--region", help="x,y,w,h in level-0 px (default: all).")
+        ] = None,
+        tissue: Annotated[
+            bool,
+            typer.Option("--tissue/--no-tissue", help="Analyse only detected tissue."),
+        ] = True,
+        workers: Annotated[int, typer.Option("--workers", help="Threads over tiles.")] = 2,
+        geometry: Annotated[
+            str, typer.Option("--geometry", help="GeoJSON cells as polygon or point.")
+        ] = "polygon",
+    ) -> None:
+        """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs."""
+        from spatial import density_map, detect_immune_cells, write_immune_outputs
+
+        if stain not in ("he", "ihc-dab"):
+            raise typer.BadParameter("--stain must be 'he' or 'ihc-dab'")
+        if geometry not in ("polygon", "point"):
+            raise typer.BadParameter("--geometry must be 'polygon' or 'point'")
+        box = _parse_region(region)
+        t0 = time.perf_counter()
+        try:
+            cells = detect_immune_cells(
+                slide,
+                stain=cast(Any, stain),
+                mpp=mpp,
+                region=box,
+                tissue=tissue,
+                workers=workers,
+            )
+            density = density_map(cells, bin_um=bin_um, min_positive=min_positive)
+            paths = write_immune_outputs(out, cells, density, geometry=cast(Any, geometry))
+        except _USER_ERRORS as exc:
+            raise _fail(exc) from exc
+        summary = json.loads(paths["summary.json"].read_text())
+        console.print(
+            f"{summary['n_cells']} cells, {summary['n_positive']} {cells.positive_class} "
+            f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} /mm² of "
+            f"{summary['tissue_area_mm2']:.2f} mm² tissue in {time.perf_counter() - t0:.1f} s → {out}"
+        )
+
+    @app.command("map-us")
+    def map_us(
+        heatmap: Annotated[
+            Path,
+            typer.Option(
+                "--heatmap",
+                help="attention.ome.zarr / density.ome.zarr, or a u24 TIL grid (with --heatmap-mpp).",
+            ),
+        ],
+        ultrasound: Annotated[
+            Path, typer.Option("--ultrasound", help="Ultrasound DICOM (or PNG/JPEG).")
+        ],
+        landmarks: Annotated[
+            Path, typer.Option("--landmarks", help="landmarks.json or .csv (see README).")
+        ],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        frame: Annotated[
+            int | None, typer.Option("--frame", help="Frame of a multi-frame (cine) file.")
+        ] = None,
+        region: Annotated[
+            int | None,
+            typer.Option("--region", help="SequenceOfUltrasoundRegions index, if several."),
+        ] = None,
+        spacing_mm: Annotated[
+            list[float] | None,
+            typer.Option(
+                "--spacing-mm",
+                help="Ultrasound mm/px (required for PNG/JPEG and uncalibrated DICOM).",
+            ),
+        ] = None,
+        heatmap_mpp: Annotated[
+            float | None,
+            typer.Option("--heatmap-mpp", help="Level-0 µm/px for a TIL grid heatmap."),
+        ] = None,
+        model: Annotated[
+            str, typer.Option("--model", help="auto (by leave-one-out TRE), affine or tps.")
+        ] = "auto",
+        allow_reflection: Annotated[
+            bool,
+            typer.Option("--allow-reflection", help="Accept a mirrored pathology orientation."),
+        ] = False,
+        name: Annotated[
+            str | None, typer.Option("--name", help="Layer name [default: from the heatmap].")
+        ] = None,
+        alpha: Annotated[float, typer.Option("--alpha", help="Overlay opacity.")] = 0.5,
+    ) -> None:
+        """Register the slide to the ultrasound by landmarks and resample a heatmap onto it."""
+        from spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
+
+        if model not in ("auto", "affine", "tps"):
+            raise typer.BadParameter("--model must be auto, affine or tps")
+        spacing = _spacing(spacing_mm)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                heat, default_name = load_heatmap_input(heatmap, mpp=heatmap_mpp)
+                us = read_ultrasound(ultrasound, frame=frame, region=region, spacing_mm=spacing)
+                marks = load_landmarks(
+                    landmarks,
+                    slide_mpp=heat.mpp,
+                    us_spacing_mm=us.spacing_mm,
+                    slide_size_px=heat.level0_size,
+                    us_size_px=us.size_px,
+                )
+                bin_um = float(min(heat.cell_size_um))
+                reg = fit_landmarks(
+                    marks,
+                    model=cast(Any, model),
+                    allow_reflection=allow_reflection,
+                    bin_um=bin_um,
+                )
+                mapped = to_ultrasound(heat, reg, us, out, name=name or default_name, alpha=alpha)
+            except _USER_ERRORS as exc:
+                raise _fail(exc) from exc
+        rep = reg.report
+        hold = rep.get("holdout_tre_mm") or {}
+        hold_txt = (
+            f", hold-out TRE {hold['mean']:.2f} mm (n={rep['n_holdout']})"
+            if hold.get("mean") is not None
+            else ""
+        )
+        loo = rep["chosen"]["loo_tre_mm"]
+        console.print(
+            f"{reg.model} fit on {rep['n_fit']} landmarks: leave-one-out TRE {loo:.2f} mm"
+            f"{hold_txt}; scale {rep['scale_mm_per_mm']:.2f} mm/mm → {out} "
+            f"({mapped.grid.shape[1]}×{mapped.grid.shape[0]} px, {time.perf_counter() - t0:.1f} s)"
+        )
+        for warning in dict.fromkeys(
+            [str(w.message) for w in caught] + list(rep.get("warnings") or [])
+        ):
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+
+    @app.command("st-validate")
+    def st_validate_cmd(
+        slide: Annotated[
+            Path,
+            typer.Option(
+                "--slide", help="The H&E image Space Ranger was given (or its hires/lowres PNG)."
+            ),
+        ],
+        visium: Annotated[
+            Path, typer.Option("--visium", help="Space Ranger outs/ folder (spatial/ + .h5).")
+        ],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        image: Annotated[
+            str,
+            typer.Option(
+                "--image", help="Which Space Ranger image --slide is: fullres, hires, lowres."
+            ),
+        ] = "fullres",
+        stain: Annotated[str, typer.Option("--stain", help="he or ihc-dab.")] = "he",
+        mpp: Annotated[
+            float | None,
+            typer.Option(
+                "--mpp", help="Slide µm/px [default: from the file, else from the 55 µm spots]."
+            ),
+        ] = None,
+        cells_csv: Annotated[
+            Path | None,
+            typer.Option("--cells", help="cells.csv from `oncotrace immune` instead of detecting."),
+        ] = None,
+        genes: Annotated[
+            str | None,
+            typer.Option("--genes", help="Comma-separated immune genes (symbols or Ensembl ids)."),
+        ] = None,
+        fallback: Annotated[
+            str | None,
+            typer.Option(
+                "--fallback",
+                help="total-counts: score spots by log1p(total counts) when no immune gene is present.",
+            ),
+        ] = None,
+        null: Annotated[
+            str, typer.Option("--null", help="Spatial null: toroidal shifts or block permutation.")
+        ] = "toroidal",
+        n_null: Annotated[int, typer.Option("--n-null", help="Null draws.")] = 999,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+    ) -> None:
+        """Detected immune cells per Visium spot vs an immune gene score, with spatial nulls."""
+        import numpy as np
+
+        from spatial import (
+            CellTable,
+            detect_immune_cells,
+            immune_gene_score,
+            read_visium,
+            st_validate,
+            visium_image_scale,
+            write_st_report,
+        )
+        from spatial._visium import DEFAULT_IMMUNE_GENES
+
+        if image not in ("fullres", "hires", "lowres"):
+            raise typer.BadParameter("--image must be fullres, hires or lowres")
+        if null not in ("toroidal", "block"):
+            raise typer.BadParameter("--null must be toroidal or block")
+        if fallback not in (None, "total-counts"):
+            raise typer.BadParameter("--fallback takes total-counts")
+        if stain not in ("he", "ihc-dab"):
+            raise typer.BadParameter("--stain must be 'he' or 'ihc-dab'")
+        gene_list = (
+            tuple(g.strip() for g in genes.split(",") if g.strip())
+            if genes
+            else DEFAULT_IMMUNE_GENES
+        )
+        t0 = time.perf_counter()
+        try:
+            vis = read_visium(visium)
+            scale = visium_image_scale(vis, cast(Any, image))
+            # fail on the genes before spending minutes on detection
+            immune_gene_score(vis, gene_list, fallback=cast(Any, fallback))
+            coarse: list[str] = []
+            if cells_csv is not None:
+                cells = CellTable.from_csv(cells_csv)
+            else:
+                slide_mpp = mpp
+                if slide_mpp is None and not _has_file_mpp(slide):
+                    # the 55 µm spots fix the image's scale when the file carries none (PNGs)
+                    slide_mpp = vis.mpp_fullres * scale
+                cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=slide_mpp)
+            if max(cells.mpp) > COARSE_MPP:
+                coarse.append(
+                    f"the slide is {max(cells.mpp):.2f} µm/px: nuclei are not resolved above "
+                    f"{COARSE_MPP:g} µm/px, so its cell counts are not a measurement; run on the "
+                    "full-resolution image Space Ranger was given (--image fullres)"
+                )
+            xy = np.column_stack([cells.x, cells.y])
+            report = st_validate(
+                xy,
+                cells.positive,
+                vis,
+                slide_to_fullres=scale,
+                slide_size_level0=cells.level0_size,
+                genes=gene_list,
+                fallback=cast(Any, fallback),
+                n_null=n_null,
+                null=cast(Any, null),
+                seed=seed,
+            )
+            report["warnings"] = coarse + list(report.get("warnings") or [])
+            report["slide"] = str(slide)
+            report["image"] = image
+            paths = write_st_report(report, out)
+        except _USER_ERRORS as exc:
+            raise _fail(exc) from exc
+        rho = report.get("spearman", {})
+        console.print(
+            f"{report['n_spots']} spots, {len(cells)} cells: Spearman ρ = "
+            f"{_fmt(rho.get('rho'))} (naive p {_fmt(rho.get('p_naive'))}, {null} p "
+            f"{_fmt(rho.get('p_spatial'))}) in {time.perf_counter() - t0:.1f} s → "
+            f"{paths['json']}"
+        )
+        for warning in report.get("warnings") or []:
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value):.3g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _has_file_mpp(path: Path) -> bool:
+    """True when the slide file itself records a plausible mpp."""
+    from wsi import MppError, open_slide
+
+    try:
+        with open_slide(path):
+            return True
+    except MppError:
+        return False
