@@ -1,0 +1,35 @@
+"""``oncotrace viewer-setup``: install the viewer's browser dependencies (OpenSeadragon) from npm."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Add the ``viewer-setup`` command to ``app``."""
+
+    @app.command("viewer-setup")
+    def viewer_setup(
+        force: Annotated[
+            bool, typer.Option("--force", help="Reinstall even if the pinned version is there.")
+        ] = False,
+    ) -> None:
+        """Install OpenSeadragon (pinned in the package's package-lock.json) with `npm ci` into
+        the user cache (or $ONCOTRACE_VIEWER_DIR), once per machine, for `oncotrace view`."""
+        from workflows._viewer._assets import (
+            install_dir,
+            pinned_openseadragon_version,
+            setup_viewer,
+        )
+
+        where = install_dir()
+        console.print(f"installing OpenSeadragon {pinned_openseadragon_version()} into {where}…")
+        try:
+            build = setup_viewer(where, force=force)
+        except (FileNotFoundError, RuntimeError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)  # plain: rich would fold long paths
+            raise typer.Exit(2) from exc
+        typer.echo(str(build))
