@@ -63,6 +63,7 @@ from ._ultrasound import (
     read_ultrasound,
     to_ultrasound,
 )
+from ._usphantom import UltrasoundPhantom, render_ultrasound_phantom
 from ._visium import (
     DEFAULT_IMMUNE_GENES,
     Visium,
@@ -97,6 +98,7 @@ __all__ = [
     "Transform",
     "Ultrasound",
     "UltrasoundError",
+    "UltrasoundPhantom",
     "Visium",
     "VisiumError",
     "association_test",
@@ -126,6 +128,7 @@ __all__ = [
     "register_cell_detector",
     "render_cells",
     "render_overlay",
+    "render_ultrasound_phantom",
     "st_validate",
     "summary_dict",
     "to_ultrasound",

@@ -378,7 +378,7 @@ def demo(
         raise typer.BadParameter("--cases must be at least 9 (3 per fold and a test third)")
     out.mkdir(parents=True, exist_ok=True)
     console.print(
-        f"[bold]1/5[/bold] generating a phantom cohort: {cases} patients, benign glands vs"
+        f"[bold]1/6[/bold] generating a phantom cohort: {cases} patients, benign glands vs"
         " malignant sheets of dark nuclei planted in known regions…"
     )
     cohort = make_cohort(out / "cohort", n_cases=cases, size_px=(2048, 1536), seed=0)
@@ -397,7 +397,7 @@ def demo(
     by_id = {p.stem: p for p in cohort.slide_paths}
     train_paths = [by_id[rows[i]["slide_id"]] for i in sorted(train_idx)]
     console.print(
-        f"[bold]2/5[/bold] tiling {len(train_paths)} training slides"
+        f"[bold]2/6[/bold] tiling {len(train_paths)} training slides"
         f" ({len(set(rows[i]['patient_id'] for i in train_idx))} patients) at 0.5 µm/px, 224 px…"
     )
     stores = out / "train" / "stores"
@@ -413,7 +413,7 @@ def demo(
         for path in sorted(stores.glob("*.zarr")):
             mil.embed(path, encoder)
             progress.advance(task)
-    console.print("[bold]3/5[/bold] training gated attention-MIL, 3-fold patient-grouped CV…")
+    console.print("[bold]3/6[/bold] training gated attention-MIL, 3-fold patient-grouped CV…")
     model_dir = out / "model"
     result = train_command(
         stores,
@@ -439,7 +439,7 @@ def demo(
     test_paths = [by_id[rows[i]["slide_id"]] for i in sorted(test_idx)]
     n_workers = max(1, min(workers, 2))
     console.print(
-        f"[bold]4/5[/bold] scoring {len(test_paths)} held-out slides on a Dask LocalCluster"
+        f"[bold]4/6[/bold] scoring {len(test_paths)} held-out slides on a Dask LocalCluster"
         f" ({n_workers} workers): tile → embed → predict → heatmaps…"
     )
     results = out / "scores"
@@ -471,7 +471,27 @@ def demo(
     if scored.errors:
         console.print(f"[red]{len(scored.errors)} slide(s) failed; see {files['errors']}[/red]")
         raise typer.Exit(1)
-    console.print("[bold]5/5[/bold] evaluating the held-out predictions…")
+    console.print(
+        "[bold]5/6[/bold] immune-cell maps, carried with the attention maps onto phantom"
+        " ultrasound frames by landmark registration…"
+    )
+    from workflows._demo_spatial import spatial_demo
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as progress:
+        bar = progress.add_task("slides", total=len(jobs))
+        spatial_summary = spatial_demo(
+            results, lambda sid: progress.advance(bar), workers=max(1, min(workers, 2))
+        )
+    (results / "spatial_demo.json").write_text(json.dumps(spatial_summary, indent=1) + "\n")
+    tre = [v["holdout_tre_mm"] for v in spatial_summary.values() if v["holdout_tre_mm"] is not None]
+    if tre:
+        console.print(
+            f"hold-out landmark TRE {np.mean(tre) * 1000:.0f} µm on average over"
+            f" {len(tre)} slides (landmark noise 10 µm per axis)"
+        )
+    console.print("[bold]6/6[/bold] evaluating the held-out predictions…")
     report_dir = out / "report"
     ev = evaluate_command(model_dir, results / "stores", test_csv, report_dir, n_boot=300)
     task_ev = (ev["metrics"]["tasks"] or {}).get("label") or {}
@@ -487,6 +507,8 @@ def demo(
         f"  model (+ CV metrics, calibration) {model_dir}\n"
         f"  predictions, errors, run.json     {results}\n"
         f"  heatmaps (OME-Zarr, GeoJSON, PNG) {results / 'slides'}/<slide>/attention.*\n"
+        f"  immune cells and density maps     {results / 'slides'}/<slide>/immune/\n"
+        f"  heatmaps on the ultrasound frame  {results / 'slides'}/<slide>/ultrasound/\n"
         f"  evaluation report                 {report_dir / 'report.html'}"
     )
 

@@ -46,12 +46,37 @@ def test_demo_trains_scores_on_dask_and_reports(
     assert run["n_failed"] == 0 and run["n_scored"] == len(scored)
 
     _check_planted_region_is_hot(out, test_rows)
+    _check_spatial_step(out / "scores", scored)
 
     report = (out / "report" / "report.html").read_text()
     assert "AUC" in report
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["cohort"]["slides"] == len(test_rows)
     assert "held-out AUC" in res.output and "report.html" in res.output
+
+
+def _check_spatial_step(results: Path, scored: set[str]) -> None:
+    """Every scored slide got its immune maps and both heatmaps on its ultrasound frame; the
+    fitted registration puts the hottest attention cell where the phantom's true pose does."""
+    import numpy as np
+    import zarr
+    from PIL import Image
+
+    summary = json.loads((results / "spatial_demo.json").read_text())
+    assert set(summary) == scored
+    for sid in scored:
+        here = results / "slides" / sid
+        immune = json.loads((here / "immune" / "summary.json").read_text())
+        assert immune["n_cells"] > 0 and immune["tissue_area_mm2"] > 0
+        reg = json.loads((here / "ultrasound" / "registration.json").read_text())
+        assert set(reg["heatmaps"]) == {"attention", "immune-density"}
+        frame = Image.open(here / "ultrasound" / "frame.png")
+        grid = zarr.open_group(here / "ultrasound" / "attention.ome.zarr", mode="r")["s0"]
+        assert isinstance(grid, zarr.Array) and grid.shape == (frame.height, frame.width)
+        assert 0 < np.isfinite(grid[...]).mean() < 1  # the specimen, inside a margin
+        # 10 µm landmark noise: the fit misplaces the hottest cell by far less than a tile
+        assert summary[sid]["hot_cell_error_mm"] < 0.05, sid
+        assert summary[sid]["holdout_tre_mm"] < 0.05, sid
 
 
 def _check_planted_region_is_hot(out: Path, rows: list[dict[str, str]]) -> None:
