@@ -1,0 +1,674 @@
+"""`oncotrace view`'s server: tiles against independently computed regions, overlays against
+planted grids, ultrasound against a known registration, and every escape attempt gets a 404.
+
+The results folder is written by hand in a module fixture (:func:`build_results_dir`, reusable
+by the browser test): two generated pyramidal TIFFs (one 2048 x 1536, one 1300 x 1000 so edges
+and downsamples do not divide evenly), a planted attention grid and an immune density map, an
+ultrasound mapping through an exact affine, an error case, a case whose ultrasound file is gone,
+and symlinks that point out of the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+from spatial import (
+    Heatmap,
+    fit_landmarks,
+    landmarks_from_arrays,
+    read_ultrasound,
+    to_ultrasound,
+    write_ome_zarr,
+)
+from workflows._viewer._results import NotFoundError
+from workflows._viewer._tiles import ByteLRU, DeepZoom, SlidePool, TileService
+from workflows._viewer.server import create_app, safe_file, start_server
+from wsi.synthetic import write_pyramid_tiff
+
+MPP = 0.5
+BIG = (2048, 1536)
+ODD = (1300, 1000)
+CELL = 256.0
+ORIGIN = (32.0, 16.0)
+US_SPACING_MM = 0.02
+US_SIZE = (80, 60)  # (w, h) px
+ROT_DEG = 10.0
+SHIFT_MM = np.array([0.3, 0.2])
+
+
+def smooth_image(width: int, height: int, phase: float) -> np.ndarray:
+    """Smooth RGB fields (periods 70-200 px): JPEG keeps them, a few pixels of shift does not."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 140 + 50 * np.sin(xx / 23 + phase) + 40 * np.cos(yy / 17)
+    g = 120 + 45 * np.sin((xx + yy) / 31) + 30 * np.cos(xx / 11 - yy / 29 + phase)
+    b = 150 + 40 * np.cos(yy / 13 + phase) + 35 * np.sin(xx / 19)
+    return np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8)
+
+
+def us_mm_of(slide_um: np.ndarray) -> np.ndarray:
+    """The planted registration: slide µm -> ultrasound mm (rotation by 10°, shift)."""
+    t = math.radians(ROT_DEG)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    return (np.asarray(slide_um, np.float64) / 1000.0) @ rot.T + SHIFT_MM
+
+
+def planted_grid() -> np.ndarray:
+    """6 x 8 cells: min 0 at (4, 1), max 1 at (2, 3), NaN at (0, 0) and (0, 1)."""
+    grid = np.random.default_rng(3).uniform(0.2, 0.8, (6, 8)).astype(np.float32)
+    grid[2, 3], grid[4, 1] = 1.0, 0.0
+    grid[0, :2] = np.nan
+    return grid
+
+
+def _heatmap(grid: np.ndarray, size: tuple[int, int]) -> Heatmap:
+    return Heatmap(
+        grid=grid,
+        origin_level0=ORIGIN,
+        cell_size_level0=(CELL, CELL),
+        mpp=(MPP, MPP),
+        level0_size=size,
+        tile_size_level0=(CELL, CELL),
+        n_tiles=int(np.isfinite(grid).sum()),
+    )
+
+
+def _result(slide_id: str, path: Path) -> dict[str, object]:
+    return {
+        "format": 1,
+        "status": "done",
+        "slide_id": slide_id,
+        "path": str(path),
+        "tasks": {
+            "label": {
+                "label": "malignant",
+                "classes": ["benign", "malignant"],
+                "proba": [0.25, 0.75],
+                "top_k": ["malignant", "benign"],
+            }
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Fixture:
+    root: Path
+    images: dict[str, np.ndarray]
+    frame: np.ndarray
+    landmarks_px: np.ndarray
+    outside: Path
+
+
+def build_results_dir(base: Path) -> Fixture:
+    """A small ``oncotrace score``-shaped results folder with every kind of case (see module doc)."""
+    root = base / "results"
+    slides = root / "slides"
+    outside = base / "outside"
+    outside.mkdir(parents=True)
+    images = {"S_big": smooth_image(*BIG, 0.0), "S_odd": smooth_image(*ODD, 1.0)}
+    for sid, img in images.items():
+        tif = write_pyramid_tiff(base / f"{sid}.tif", img, mpp=MPP, levels=3, factor=4)
+        (slides / sid).mkdir(parents=True)
+        (slides / sid / "result.json").write_text(json.dumps(_result(sid, tif)))
+    big = slides / "S_big"
+    heat = _heatmap(planted_grid(), BIG)
+    write_ome_zarr(heat, big / "attention.ome.zarr", name="attention (label)")
+    density = _heatmap(np.full((6, 8), 120.0, np.float32), BIG)
+    write_ome_zarr(density, big / "immune" / "density.ome.zarr", name="immune", unit="cells/mm2")
+    (big / "immune" / "summary.json").write_text("{}")
+
+    # Ultrasound: a PNG frame outside the results (referenced), an exact affine registration.
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (US_SIZE[1], US_SIZE[0], 3), dtype=np.uint8)
+    frame_path = base / "us" / "frame.png"
+    frame_path.parent.mkdir()
+    Image.fromarray(frame).save(frame_path)
+    us = read_ultrasound(frame_path, spacing_mm=US_SPACING_MM)
+    lm_um = rng.uniform((50, 50), (BIG[0] * MPP - 50, BIG[1] * MPP - 50), (10, 2))
+    marks = landmarks_from_arrays(
+        pathology_um=lm_um, ultrasound_mm=us_mm_of(lm_um), roles=["fit"] * 8 + ["holdout"] * 2
+    )
+    reg = fit_landmarks(marks, model="affine")
+    to_ultrasound(heat, reg, us, big / "ultrasound", name="attention", order=0)
+
+    # Error case; a case whose ultrasound file has gone.
+    (slides / "S_err").mkdir()
+    (slides / "S_err" / "error.json").write_text(
+        json.dumps(
+            {
+                "status": "error",
+                "slide_id": "S_err",
+                "path": str(base / "missing.svs"),
+                "stage": "tissue",
+                "error_type": "NoTissueError",
+                "message": "no tissue found in missing.svs",
+            }
+        )
+    )
+    gone = slides / "S_gone"
+    gone.mkdir()
+    (gone / "result.json").write_text(json.dumps(_result("S_gone", base / "S_big.tif")))
+    shutil.copytree(big / "ultrasound", gone / "ultrasound")
+    reg_doc = json.loads((gone / "ultrasound" / "registration.json").read_text())
+    reg_doc["ultrasound"]["source"] = str(base / "us" / "deleted.png")
+    (gone / "ultrasound" / "registration.json").write_text(json.dumps(reg_doc))
+
+    # Escapes: a slide folder, an overlay store and a chunk file linking outside.
+    evil = outside / "evil"
+    evil.mkdir()
+    (evil / "result.json").write_text(json.dumps(_result("evil", base / "S_big.tif")))
+    os.symlink(evil, slides / "evil")
+    write_ome_zarr(heat, outside / "leak.ome.zarr", name="leak")
+    os.symlink(outside / "leak.ome.zarr", big / "leak.ome.zarr")
+    odd_immune = slides / "S_odd" / "immune"
+    write_ome_zarr(_heatmap(planted_grid(), ODD), odd_immune / "density.ome.zarr", name="d")
+    chunk = next(p for p in (odd_immune / "density.ome.zarr" / "s0").rglob("*") if p.is_file())
+    shutil.copy(chunk, outside / "chunk")
+    chunk.unlink()
+    os.symlink(outside / "chunk", chunk)
+    (outside / "secret.txt").write_text("secret")
+
+    px = us_mm_of(lm_um) / US_SPACING_MM
+    return Fixture(root, images, frame, px, outside)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    return build_results_dir(tmp_path_factory.mktemp("viewer"))
+
+
+@pytest.fixture(scope="module")
+def client(fx: Fixture) -> Iterator[TestClient]:
+    with TestClient(create_app(fx.root, cache_mib=64)) as c:
+        yield c
+
+
+def _jpeg(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)
+
+
+def _encode(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(pixels).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def block_mean(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, ds: int) -> np.ndarray:
+    """Level-0 rectangle [x0, x1) x [y0, y1) (white past the image) averaged in ds x ds blocks."""
+    h, w = img.shape[:2]
+    pad = np.full((y1 - y0, x1 - x0, 3), 255.0)
+    part = img[y0 : min(y1, h), x0 : min(x1, w)]
+    pad[: part.shape[0], : part.shape[1]] = part
+    return pad.reshape((y1 - y0) // ds, ds, (x1 - x0) // ds, ds, 3).mean(axis=(1, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Cases and slides
+# --------------------------------------------------------------------------------------------
+
+
+def test_cases_list_predictions_errors_and_whitelist(client: TestClient) -> None:
+    r = client.get("/api/cases")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    cases = {c["slide_id"]: c for c in doc["cases"]}
+    # The symlinked folder that points outside is not a case.
+    assert set(cases) == {"S_big", "S_odd", "S_err", "S_gone"}
+    assert doc["tasks"] == ["label"]
+    big = cases["S_big"]
+    assert big["status"] == "done" and big["error"] is None
+    assert big["tasks"]["label"] == {
+        "label": "malignant",
+        "probabilities": {"benign": 0.25, "malignant": 0.75},
+        "top_k": [["malignant", 0.75], ["benign", 0.25]],
+    }
+    # The linked-in store and the store with a linked chunk are not overlays.
+    assert big["overlays"] == ["attention", "immune-density"]
+    assert cases["S_odd"]["overlays"] == []
+    assert big["has_ultrasound"] and not cases["S_odd"]["has_ultrasound"]
+    err = cases["S_err"]
+    assert err["status"] == "error" and err["tasks"] == {}
+    assert err["error"] == {
+        "stage": "tissue",
+        "type": "NoTissueError",
+        "message": "no tissue found in missing.svs",
+    }
+
+
+def test_slide_json_allow_list_and_overlay_placement(client: TestClient) -> None:
+    doc = client.get("/api/slides/S_big").json()
+    assert set(doc) == {
+        "slide_id", "status", "width", "height", "mpp", "mpp_source", "levels", "dz_levels",
+        "dzi", "tile_size", "overlap", "overlays", "unavailable_overlays", "tasks", "error",
+    }  # fmt: skip
+    assert (doc["width"], doc["height"], doc["mpp"]) == (2048, 1536, [MPP, MPP])
+    assert (doc["levels"], doc["dz_levels"]) == (3, 12)  # 3 TIFF levels; 2^11 = 2048
+    assert (doc["tile_size"], doc["overlap"], doc["dzi"]) == (254, 1, "/dzi/S_big.dzi")
+    att, dens = doc["overlays"]
+    # Extent = origin + cell size x (8 columns, 6 rows), in level-0 px.
+    assert (att["x"], att["y"], att["width"], att["height"]) == (32, 16, 8 * 256, 6 * 256)
+    assert (att["vmin"], att["vmax"]) == (0.0, 1.0)
+    assert att["url"] == "/overlay/S_big/attention.png"
+    assert att["colorbar"] == "/overlay/S_big/attention/colorbar.png"
+    assert att["label"] == "attention (label)"
+    assert dens["name"] == "immune-density" and dens["unit"] == "cells/mm2"
+    assert client.get(att["colorbar"]).status_code == 200
+
+
+def test_dzi_xml_sizes(client: TestClient) -> None:
+    for sid, (w, h) in (("S_big", BIG), ("S_odd", ODD)):
+        r = client.get(f"/dzi/{sid}.dzi")
+        assert r.status_code == 200
+        assert 'TileSize="254" Overlap="1" Format="jpeg"' in r.text
+        assert f'<Size Width="{w}" Height="{h}"/>' in r.text
+
+
+def test_deepzoom_geometry_by_hand() -> None:
+    dz = DeepZoom(*ODD)
+    assert dz.max_level == 11  # 1024 < 1300 <= 2048
+    assert dz.level_size(11) == (1300, 1000) and dz.level_size(8) == (163, 125)
+    assert dz.level_size(0) == (1, 1) and dz.tile_counts(11) == (6, 4)
+    t = dz.tile(11, 5, 3)  # last column and row: x 1269..1300, y 761..1000
+    assert t.size == (31, 239) and t.location == (1269, 761)
+    t = dz.tile(9, 1, 0)  # ds 4: level 325 x 250; x 253..325, y 0..250
+    assert t.size == (72, 250) and t.location == (1012, 0) and t.extent == (288, 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles against the image that was written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sid", "level", "col", "row", "rect", "ds"),
+    [
+        # Full resolution, an interior tile with the 1-px overlap on all sides.
+        ("S_big", 11, 1, 1, (253, 253, 509, 509), 1),
+        # ds 2: read from level 0 and shrunk.
+        ("S_big", 10, 2, 1, (2 * 507, 2 * 253, 2 * 763, 2 * 509), 2),
+        # ds 4: read straight from the TIFF's second level.
+        ("S_big", 9, 1, 0, (4 * 253, 0, 4 * 509, 4 * 255), 4),
+        # ds 8 on the odd slide: its second level shrunk by 2; 163 x 125, partial last column.
+        ("S_odd", 8, 0, 0, (0, 0, 8 * 163, 8 * 125), 8),
+        # Full-resolution bottom-right edge tile: clipped to 31 x 239.
+        ("S_odd", 11, 5, 3, (1269, 761, 1300, 1000), 1),
+    ],
+)
+def test_tile_equals_independent_region(
+    client: TestClient,
+    fx: Fixture,
+    sid: str,
+    level: int,
+    col: int,
+    row: int,
+    rect: tuple[int, int, int, int],
+    ds: int,
+) -> None:
+    r = client.get(f"/dzi/{sid}_files/{level}/{col}_{row}.jpeg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    got = _jpeg(r.content)
+    x0, y0, x1, y1 = rect
+    want = block_mean(fx.images[sid], *rect, ds)
+    assert got.shape == want.shape == ((y1 - y0) // ds, (x1 - x0) // ds, 3)
+    diff = np.abs(got - want).mean()
+    # As close as JPEG-encoding the true region itself gets (+1 for the pyramid's rounding).
+    jpeg_only = np.abs(_jpeg(_encode(want)) - want).mean()
+    assert diff < jpeg_only + 1.0, (diff, jpeg_only)
+    # The comparison has power: the same region 4 level-0 px off is far worse.
+    shifted = block_mean(fx.images[sid], x0 + 4 * ds, y0, x1 + 4 * ds, y1, ds)
+    assert np.abs(got - shifted)[:, :-8].mean() > 3 * diff
+
+
+def test_tiles_on_every_level_are_served(client: TestClient) -> None:
+    dz = DeepZoom(*ODD)
+    for level in range(dz.n_levels):
+        cols, rows = dz.tile_counts(level)
+        r = client.get(f"/dzi/S_odd_files/{level}/{cols - 1}_{rows - 1}.jpeg")
+        assert r.status_code == 200, (level, r.text)
+        lw, lh = dz.level_size(level)
+        x0 = (cols - 1) * 254 - (1 if cols > 1 else 0)
+        y0 = (rows - 1) * 254 - (1 if rows > 1 else 0)
+        assert _jpeg(r.content).shape[:2] == (lh - y0, lw - x0)
+
+
+# --------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------
+
+
+def test_overlay_png_matches_planted_grid(client: TestClient) -> None:
+    r = client.get("/overlay/S_big/attention.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert img.shape == (6, 8, 4)  # one pixel per cell
+    assert tuple(img[2, 3]) == (128, 0, 0, 255)  # max -> jet's dark-red end
+    assert tuple(img[4, 1]) == (0, 0, 128, 255)  # min -> jet's dark-blue end
+    assert img[0, 0, 3] == 0 and img[0, 1, 3] == 0  # NaN -> transparent
+    assert (img[1:, :, 3] == 255).all()
+    # Colour follows value: red minus blue grows with the cell value.
+    grid = planted_grid()
+    finite = np.isfinite(grid)
+    score = img[..., 0].astype(int) - img[..., 2].astype(int)
+    order = np.argsort(grid[finite])
+    assert np.corrcoef(np.arange(order.size), score[finite][order])[0, 1] > 0.9
+
+
+def test_colorbar_runs_from_max_to_min(client: TestClient) -> None:
+    img = np.asarray(
+        Image.open(io.BytesIO(client.get("/overlay/S_big/attention/colorbar.png").content))
+    )
+    assert tuple(img[0, 0, :3]) == (128, 0, 0) and tuple(img[-1, 0, :3]) == (0, 0, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Ultrasound
+# --------------------------------------------------------------------------------------------
+
+
+def test_ultrasound_json_landmarks_report(client: TestClient, fx: Fixture) -> None:
+    r = client.get("/api/ultrasound/S_big")
+    assert r.status_code == 200
+    doc = r.json()
+    assert (doc["width"], doc["height"]) == US_SIZE
+    assert doc["spacing_mm"] == [US_SPACING_MM, US_SPACING_MM]
+    assert doc["frame"] == "/us/S_big/frame.png"
+    marks = doc["landmarks"]
+    assert [m["role"] for m in marks] == ["fit"] * 8 + ["holdout"] * 2
+    got = np.array([[m["x"], m["y"]] for m in marks])
+    assert np.allclose(got, fx.landmarks_px, atol=1e-6)
+    report = doc["report"]
+    assert report["model"] == "affine" and report["n_fit"] == 8
+    assert report["holdout_tre_mm"]["mean"] < 1e-6  # the planted transform is exact
+    (ov,) = doc["overlays"]
+    assert ov["name"] == "attention" and ov["url"] == "/us/S_big/overlay/attention.png"
+    assert (ov["vmin"], ov["vmax"]) == (0.0, 1.0)
+    assert client.get(ov["colorbar"]).status_code == 200
+
+
+def test_ultrasound_frame_and_overlay_pixels(client: TestClient, fx: Fixture) -> None:
+    frame = np.asarray(Image.open(io.BytesIO(client.get("/us/S_big/frame.png").content)))
+    assert np.array_equal(frame, fx.frame)
+    img = np.asarray(Image.open(io.BytesIO(client.get("/us/S_big/overlay/attention.png").content)))
+    assert img.shape == (US_SIZE[1], US_SIZE[0], 4)
+    # The centre of the max cell (row 2, col 3) through the planted affine lands on dark red.
+    centre_um = (np.array(ORIGIN) + (np.array([3, 2]) + 0.5) * CELL) * MPP
+    x, y = np.rint(us_mm_of(centre_um[None])[0] / US_SPACING_MM).astype(int)
+    assert tuple(img[y, x]) == (128, 0, 0, 255)
+    # The frame's top-left corner maps off the slide: transparent.
+    assert img[0, 0, 3] == 0
+
+
+def test_ultrasound_source_gone_is_a_clear_404(client: TestClient) -> None:
+    assert client.get("/api/ultrasound/S_gone").status_code == 200  # from registration.json
+    r = client.get("/us/S_gone/frame.png")
+    assert r.status_code == 404 and "deleted.png" in r.json()["error"]
+    assert "map-us" in r.json()["error"]
+
+
+def test_pages(client: TestClient) -> None:
+    assert client.get("/").status_code == 200
+    assert client.get("/slide/S_big").status_code == 200
+    assert client.get("/ultrasound/S_big").status_code == 200
+    for url in ("/slide/nope", "/ultrasound/S_odd", "/ultrasound/nope"):
+        assert client.get(url).status_code == 404, url
+
+
+# --------------------------------------------------------------------------------------------
+# Safety
+# --------------------------------------------------------------------------------------------
+
+
+NOT_FOUND = [
+    # traversal, literal and encoded, through every route that takes a name
+    "/static/%2e%2e/server.py",
+    "/static/..%2f_results.py",
+    "/static/%2e%2e%2f%2e%2e%2f%2e%2e%2fpyproject.toml",
+    "/static/.hidden",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "/vendor/openseadragon/%2e%2e/%2e%2e/%2e%2e/package.json",
+    "/vendor/openseadragon//etc/passwd",
+    "/api/slides/..",
+    "/api/slides/%2e%2e",
+    "/api/slides/..%2fS_big",
+    "/api/slides/%2fetc%2fpasswd",
+    "/dzi/..%2f..%2fS_big.dzi",
+    "/dzi/%2e%2e.dzi",
+    "/overlay/S_big/..%2fresult.json",
+    "/overlay/S_big/%2e%2e%2fattention.png",
+    "/overlay/%2e%2e/attention.png",
+    "/us/S_big/overlay/..%2fattention.png",
+    "/api/ultrasound/..%2fS_big",
+    # symlinks out of the folder: a slide folder, an overlay store, a chunk inside a store
+    "/api/slides/evil",
+    "/dzi/evil.dzi",
+    "/dzi/evil_files/11/0_0.jpeg",
+    "/overlay/S_big/leak.png",
+    "/overlay/S_odd/immune-density.png",
+    # unknown ids and names
+    "/api/slides/nope",
+    "/api/ultrasound/S_odd",
+    "/dzi/nope.dzi",
+    "/dzi/S_big",
+    "/overlay/S_big/nope.png",
+    "/overlay/S_big/attention.jpeg",
+    "/overlay/S_big/nope/colorbar.png",
+    "/us/S_odd/frame.png",
+    "/us/S_big/overlay/nope.png",
+    "/nope",
+    # tiles outside the pyramid and non-numbers
+    "/dzi/S_big_files/12/0_0.jpeg",
+    "/dzi/S_big_files/11/9_0.jpeg",
+    "/dzi/S_big_files/11/0_7.jpeg",
+    "/dzi/S_big_files/-1/0_0.jpeg",
+    "/dzi/S_big_files/a/0_0.jpeg",
+    "/dzi/S_big_files/11/-1_0.jpeg",
+    "/dzi/S_big_files/11/1e1_0.jpeg",
+    "/dzi/S_big_files/11/0x1_0.jpeg",
+    "/dzi/S_big_files/11/%20_0.jpeg",
+    "/dzi/S_big_files/11/%D9%A1_0.jpeg",  # Arabic-Indic one: str.isdigit() but not a number
+    "/dzi/S_big_files/11/0_0_0.jpeg",
+    "/dzi/S_big_files/11/0-0.jpeg",
+    "/dzi/S_big_files/11/0_0.png",
+    "/dzi/S_big_files/99999999999999999999/0_0.jpeg",
+    # a slide whose file is gone
+    "/api/slides/S_err",
+    "/dzi/S_err.dzi",
+]
+
+
+@pytest.mark.parametrize("url", NOT_FOUND)
+def test_escapes_and_unknowns_are_404(client: TestClient, url: str) -> None:
+    r = client.get(url)
+    assert r.status_code == 404, (url, r.status_code, r.text[:200])
+    assert r.headers["content-type"] == "application/json" and "error" in r.json()
+    assert "secret" not in r.text
+
+
+def test_safe_file_rejects_a_symlink_out(tmp_path: Path, fx: Fixture) -> None:
+    (tmp_path / "ok.txt").write_text("ok")
+    os.symlink(fx.outside / "secret.txt", tmp_path / "link.txt")
+    assert safe_file(tmp_path, "ok.txt") == (tmp_path / "ok.txt").resolve()
+    for rel in ("link.txt", "../outside/secret.txt", str(fx.outside / "secret.txt"), "", "."):
+        with pytest.raises(NotFoundError):
+            safe_file(tmp_path, rel)
+
+
+def test_missing_slide_file_names_it(client: TestClient) -> None:
+    r = client.get("/api/slides/S_err")
+    assert "missing.svs" in r.json()["error"] and "gone" in r.json()["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Caches and concurrency
+# --------------------------------------------------------------------------------------------
+
+
+def test_byte_lru_evicts_least_recently_used() -> None:
+    cache = ByteLRU(10)
+    cache.put("a", b"aaaa")
+    cache.put("b", b"bbbb")
+    assert cache.get("a") == b"aaaa"  # a is now the most recent
+    cache.put("c", b"cccc")  # 12 bytes > 10: b goes
+    assert cache.get("b") is None and cache.get("a") and cache.get("c")
+    assert cache.nbytes == 8
+    cache.put("big", b"x" * 11)  # larger than the budget: not cached, nothing evicted
+    assert cache.get("big") is None and cache.nbytes == 8
+    off = ByteLRU(0)
+    off.put("a", b"a")
+    assert off.get("a") is None and off.nbytes == 0
+
+
+def test_tile_cache_stays_within_its_budget(fx: Fixture) -> None:
+    limit = 60_000
+    service = TileService(cache_bytes=limit)
+    path = Path(json.loads((fx.root / "slides/S_big/result.json").read_text())["path"])
+    dz = DeepZoom(*BIG)
+    rendered = 0
+    for level in (9, 10, 11):
+        cols, rows = dz.tile_counts(level)
+        for col in range(cols):
+            for row in range(rows):
+                service.tile(path, level, col, row)
+                rendered += 1
+                assert service.cache.nbytes <= limit
+    assert rendered == 6 + 20 + 63
+    assert 0 < len(service.cache) < rendered
+    # The most recent tile is served from the cache, byte for byte.
+    hits = service.cache.hits
+    assert service.tile(path, 11, 8, 6) == service.tile(path, 11, 8, 6)
+    assert service.cache.hits == hits + 2
+    service.close()
+
+
+def test_cache_on_and_off_give_identical_bytes(fx: Fixture) -> None:
+    urls = [f"/dzi/S_odd_files/{lv}/0_0.jpeg" for lv in range(12)] + [
+        "/dzi/S_odd_files/11/5_3.jpeg",
+        "/dzi/S_big_files/10/2_1.jpeg",
+    ]
+    with (
+        TestClient(create_app(fx.root, cache_mib=16)) as on,
+        TestClient(create_app(fx.root, cache_mib=0)) as off,
+    ):
+        first = [on.get(u).content for u in urls]
+        again = [on.get(u).content for u in urls]
+        plain = [off.get(u).content for u in urls]
+        assert first == again == plain
+        assert on.app.state.viewer.tiles.cache.hits == len(urls)  # type: ignore[attr-defined]
+        assert off.app.state.viewer.tiles.cache.nbytes == 0  # type: ignore[attr-defined]
+
+
+def test_concurrent_tiles_with_one_open_slide(fx: Fixture) -> None:
+    """Eight threads over two slides with a pool of one handle: slides are swapped under
+    load, never closed while read, and every tile equals the single-threaded one."""
+    paths = [
+        Path(json.loads((fx.root / f"slides/{s}/result.json").read_text())["path"])
+        for s in ("S_big", "S_odd")
+    ]
+    jobs = [(paths[i % 2], 11, i % 5, (i // 5) % 3) for i in range(40)]
+    serial = TileService(cache_bytes=0)
+    want = [serial.tile(*job) for job in jobs]
+    shared = TileService(cache_bytes=0, max_open=1)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda job: shared.tile(*job), jobs))
+    assert got == want
+    assert len(shared.pool) <= 1
+    serial.close()
+    shared.close()
+
+
+def test_slide_pool_closes_idle_handles() -> None:
+    closed: list[str] = []
+
+    class FakeSlide:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def close(self) -> None:
+            closed.append(self.path.name)
+
+    pool = SlidePool(2, opener=FakeSlide)  # type: ignore[arg-type]
+    for name in ("a", "b", "c"):
+        with pool.lease(Path(name)):
+            pass
+    assert closed == ["a"] and len(pool) == 2
+    with pool.lease(Path("b")), pool.lease(Path("d")), pool.lease(Path("e")):
+        assert closed == ["a"]  # three in use and one idle: only idle ones may go
+    # When e is released, b and d are still in use: the idle c and e go, in LRU order.
+    assert closed == ["a", "c", "e"] and len(pool) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Serving and the command
+# --------------------------------------------------------------------------------------------
+
+
+def test_server_thread_answers_loopback_names_only(fx: Fixture) -> None:
+    with start_server(fx.root, port=0, cache_mib=0) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        r = httpx.get(server.url + "api/cases", timeout=10)
+        assert r.status_code == 200 and len(r.json()["cases"]) == 4
+        port = server.url.rstrip("/").rsplit(":", 1)[1]
+        r = httpx.get(f"http://localhost:{port}/api/cases", timeout=10)
+        assert r.status_code == 200
+        # A page on another site that rebinds its name to 127.0.0.1 is refused.
+        r = httpx.get(server.url + "api/cases", headers={"Host": "evil.example"}, timeout=10)
+        assert r.status_code == 400
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "api/cases", timeout=2)
+
+
+def test_view_command_rejects_a_non_results_folder(tmp_path: Path) -> None:
+    import typer
+    from rich.console import Console
+
+    from workflows._view_cli import register
+
+    app = typer.Typer()
+    register(app, Console(stderr=True))
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer from collapsing to the bare command
+        pass
+
+    res = CliRunner().invoke(app, ["view", str(tmp_path), "--no-browser", "--port", "0"])
+    assert res.exit_code == 2 and "slides/" in res.output
+    res = CliRunner().invoke(app, ["view", str(tmp_path / "none"), "--port", "0"])
+    assert res.exit_code == 2 and "not a folder" in res.output
+    res = CliRunner().invoke(app, ["view", str(tmp_path), "--cache-mib", "-1"])
+    assert res.exit_code == 2
+
+
+def test_real_svs_tile_matches_openslide(shared_data: Path, tmp_path: Path) -> None:
+    """A real Aperio slide with label and macro images: the JSON holds only the allow-listed
+    fields and a full-resolution tile equals OpenSlide's own read of the region."""
+    import openslide
+
+    svs = shared_data / "slides" / "cmu-1-small-region.svs"
+    (tmp_path / "slides" / "cmu").mkdir(parents=True)
+    (tmp_path / "slides" / "cmu" / "result.json").write_text(json.dumps(_result("cmu", svs)))
+    with TestClient(create_app(tmp_path, cache_mib=0)) as c:
+        doc = c.get("/api/slides/cmu").json()
+        assert (doc["width"], doc["height"]) == (2220, 2967)
+        assert doc["mpp"] == pytest.approx([0.499, 0.499])
+        text = json.dumps(doc).lower()
+        assert "macro" not in text and "aperio" not in text and "cmu-1" not in text
+        got = _jpeg(c.get("/dzi/cmu_files/12/2_3.jpeg").content)
+    with openslide.OpenSlide(str(svs)) as osr:
+        want = np.asarray(osr.read_region((507, 761), 0, (256, 256)).convert("RGB"), np.float64)
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() < 4.0
