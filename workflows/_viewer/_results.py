@@ -331,6 +331,11 @@ class ResultsIndex:
             self._cases = cases
             self._signature = sig
 
+    @property
+    def due(self) -> bool:
+        """Whether the next lookup will check the folder (so it may touch the disk)."""
+        return time.monotonic() - self._checked >= self._interval
+
     def cases(self) -> dict[str, Case]:
         """slide id -> :class:`Case`, current to within ``rescan_interval_s``."""
         self._refresh()

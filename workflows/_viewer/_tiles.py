@@ -386,6 +386,23 @@ class TileService:
             self._info[version] = info
         return info
 
+    def key(self, path: Path, level: int, col: int, row: int) -> Hashable:
+        """Cache key of a tile: the slide file's version and the tile's address."""
+        return (*self._version(path), level, col, row)
+
+    def cached(self, key: Hashable) -> bytes | None:
+        """The tile's JPEG bytes if cached (cheap: the server calls it on its event loop)."""
+        return self.cache.get(key)
+
+    def render(self, path: Path, key: Hashable, level: int, col: int, row: int) -> bytes:
+        """Render, encode and cache a tile (slow: reads the slide)."""
+        region = self.info(path).deepzoom.tile(level, col, row)
+        with self.pool.lease(path) as slide:
+            pixels = render_tile(slide, region)
+        data = encode_jpeg(pixels, self.quality)
+        self.cache.put(key, data)
+        return data
+
     def tile(self, path: Path, level: int, col: int, row: int) -> bytes:
         """JPEG bytes of Deep Zoom tile ``(col, row)`` at ``level`` of the slide at ``path``.
 
@@ -396,16 +413,9 @@ class TileService:
         FileNotFoundError, wsi.SlideError
             The slide file is gone or cannot be read.
         """
-        key = (*self._version(path), level, col, row)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        region = self.info(path).deepzoom.tile(level, col, row)
-        with self.pool.lease(path) as slide:
-            pixels = render_tile(slide, region)
-        data = encode_jpeg(pixels, self.quality)
-        self.cache.put(key, data)
-        return data
+        key = self.key(path, level, col, row)
+        data = self.cached(key)
+        return data if data is not None else self.render(path, key, level, col, row)
 
     def close(self) -> None:
         self.pool.close()

@@ -30,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -167,6 +168,24 @@ def _int(text: str, what: str) -> int:
 
 def _url(*parts: str) -> str:
     return "/" + "/".join(quote(p, safe="") for p in parts)
+
+
+#: Media types by suffix, so ES modules are served as JavaScript whatever the OS's MIME table says.
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+
+
+def _file(path: Path) -> FileResponse:
+    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lower()))
 
 
 def _png(data: bytes) -> Response:
@@ -420,7 +439,7 @@ def create_app(
     )
 
     def page(kind: str) -> Response:
-        return FileResponse(safe_file(STATIC_DIR, PAGES[kind]), media_type="text/html")
+        return _file(safe_file(STATIC_DIR, PAGES[kind]))
 
     @_guard
     def cases_page(request: Request) -> Response:
@@ -440,7 +459,7 @@ def create_app(
 
     @_guard
     def static(request: Request) -> Response:
-        return FileResponse(safe_file(STATIC_DIR, request.path_params["path"]))
+        return _file(safe_file(STATIC_DIR, request.path_params["path"]))
 
     @_guard
     def vendor(request: Request) -> Response:
@@ -450,7 +469,7 @@ def create_app(
             raise NotFoundError(
                 "the viewer's asset module is missing; reinstall oncotrace"
             ) from exc
-        return FileResponse(safe_file(openseadragon_dir(), request.path_params["path"]))
+        return _file(safe_file(openseadragon_dir(), request.path_params["path"]))
 
     @_guard
     def api_cases(request: Request) -> Response:
@@ -473,20 +492,28 @@ def create_app(
         info = viewer.tiles.info(viewer.source(case))
         return Response(info.deepzoom.dzi_xml(), media_type="application/xml")
 
-    @_guard
-    def tile(request: Request) -> Response:
-        name: str = request.path_params["name"]
-        file: str = request.path_params["tile"]
-        if not name.endswith("_files") or not file.endswith(".jpeg"):
-            raise NotFoundError(f"no tile {name}/{file}")
-        case = viewer.index.case(name.removesuffix("_files"))
-        level = _int(request.path_params["level"], "level")
-        col_text, sep, row_text = file.removesuffix(".jpeg").partition("_")
-        if not sep:
-            raise NotFoundError(f"tile name {file!r} is not <col>_<row>.jpeg")
-        data = viewer.tiles.tile(
-            viewer.source(case), level, _int(col_text, "column"), _int(row_text, "row")
-        )
+    async def tile(request: Request) -> Response:
+        # Async so that a cached tile is answered on the event loop, without the thread-pool
+        # round trip; only slide reads (and the once-a-second folder check) go to threads.
+        try:
+            name: str = request.path_params["name"]
+            file: str = request.path_params["tile"]
+            if not name.endswith("_files") or not file.endswith(".jpeg"):
+                raise NotFoundError(f"no tile {name}/{file}")
+            level = _int(request.path_params["level"], "level")
+            col_text, sep, row_text = file.removesuffix(".jpeg").partition("_")
+            if not sep:
+                raise NotFoundError(f"tile name {file!r} is not <col>_<row>.jpeg")
+            col, row = _int(col_text, "column"), _int(row_text, "row")
+            if viewer.index.due:
+                await run_in_threadpool(viewer.index.cases)
+            path = viewer.source(viewer.index.case(name.removesuffix("_files")))
+            key = viewer.tiles.key(path, level, col, row)
+            data = viewer.tiles.cached(key)
+            if data is None:
+                data = await run_in_threadpool(viewer.tiles.render, path, key, level, col, row)
+        except _NOT_FOUND as exc:
+            return _not_found(str(exc))
         return Response(
             data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
         )
@@ -590,7 +617,9 @@ def bind(host: str, port: int) -> socket.socket:
         The port is taken or the address is not this machine's; the message names both.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it every response waits ~40 ms on Nagle + delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
