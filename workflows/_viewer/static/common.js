@@ -119,7 +119,11 @@ export function overlayChoices(container, overlays, initial, onChange) {
   }
 }
 
-/** Fill a colour-bar figure (img#colorbar, #colorbar-label, #colorbar-min, #colorbar-max). */
+/**
+ * Fill the colour-bar figure (img#colorbar, #colorbar-label, #colorbar-min, #colorbar-max) for
+ * an overlay, or hide it (null). The bar image may be horizontal (low end left) or vertical
+ * (high end at the top); the figure's data-orientation lays the labels out to match.
+ */
 export function showColorbar(ov) {
   const figure = document.getElementById("colorbar-box");
   if (!ov) {
@@ -131,6 +135,9 @@ export function showColorbar(ov) {
   figure.dataset.overlay = ov.name;
   const img = document.getElementById("colorbar");
   if (ov.colorbar) {
+    img.onload = () => {
+      figure.dataset.orientation = img.naturalHeight > img.naturalWidth ? "vertical" : "horizontal";
+    };
     img.src = ov.colorbar;
     img.hidden = false;
   } else {

@@ -176,6 +176,28 @@ function renderInfo(info) {
   document.getElementById("slide-meta").textContent = `${fmtNumber(info.width, 0)} × ${fmtNumber(info.height, 0)} px${mm}`;
 }
 
+/**
+ * OpenSeadragon's drawer: WebGL on a GPU, the 2D canvas when WebGL is software-rendered
+ * (SwiftShader, llvmpipe: headless browsers, VMs, remote desktops), where it is several times
+ * slower than canvas and the viewer would load about one tile per sluggish frame.
+ * `?drawer=webgl|canvas` overrides.
+ */
+function pickDrawer() {
+  const wanted = new URLSearchParams(window.location.search).get("drawer");
+  if (wanted === "webgl" || wanted === "canvas") return wanted;
+  try {
+    const gl = document.createElement("canvas").getContext("webgl");
+    if (!gl) return "canvas";
+    const debug = gl.getExtension("WEBGL_debug_renderer_info");
+    const renderer = debug ? String(gl.getParameter(debug.UNMASKED_RENDERER_WEBGL)) : "";
+    const lose = gl.getExtension("WEBGL_lose_context");
+    if (lose) lose.loseContext();
+    return /swiftshader|llvmpipe|softpipe|software/i.test(renderer) ? "canvas" : "webgl";
+  } catch {
+    return "canvas";
+  }
+}
+
 async function main() {
   document.getElementById("slide-title").textContent = slideId;
   document.title = `OncoTrace — ${slideId}`;
@@ -208,6 +230,7 @@ async function main() {
     maxZoomPixelRatio: 4,
     visibilityRatio: 0.2,
     gestureSettingsMouse: { clickToZoom: false },
+    drawer: pickDrawer(),
   });
   state.viewer = viewer;
   viewer.addHandler("tile-load-failed", (event) => {

@@ -1,0 +1,474 @@
+"""The viewer end to end in headless Chromium: case list, slide view, ultrasound view.
+
+Drives Debian's ``chromium`` through Playwright's Python API (``executable_path``; no Playwright
+browser download) against the real server on a small results folder with planted contents
+(:mod:`tests.workflows.viewer_fixtures`). Assertions compare the DOM, the viewer's state and the
+HTTP responses with what the fixture planted: probabilities, the attention grid's level-0
+rectangle, the slide size and µm/px, the landmarks in ``registration.json``.
+
+Missing Chromium, Playwright or OpenSeadragon fails these tests (never skips): install with
+``apt-get install -y chromium``, ``pip install playwright`` and ``oncotrace viewer-setup``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workflows.viewer_fixtures import (
+    MPP,
+    PLANTED_ERROR,
+    SIZE_PX,
+    TILE_PX,
+    ViewerResults,
+    build_viewer_results,
+)
+
+#: Debian's package; ``ONCOTRACE_CHROMIUM`` may name another Chromium binary.
+CHROMIUM = os.environ.get("ONCOTRACE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_HINT = (
+    "Fix: `apt-get install -y chromium` (Debian's package; or set ONCOTRACE_CHROMIUM to a "
+    "Chromium binary) and `pip install playwright` — no `playwright install` is needed."
+)
+VIEWPORT = {"width": 1100, "height": 760}
+WAIT_MS = 30_000
+#: DeepZoom levels: the deepest one is the full-resolution image (ceil(log2(longest side))).
+MAX_DZ_LEVEL = math.ceil(math.log2(max(SIZE_PX)))
+DZ_TILE = re.compile(r"/dzi/(?P<sid>[^/]+)_files/(?P<level>\d+)/(?P<col>\d+)_(?P<row>\d+)\.jpeg$")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> ViewerResults:
+    return build_viewer_results(tmp_path_factory.mktemp("viewer-results"))
+
+
+@pytest.fixture(scope="module")
+def base_url(results: ViewerResults) -> Iterator[str]:
+    from workflows._viewer._assets import openseadragon_dir
+
+    try:
+        openseadragon_dir()
+    except FileNotFoundError as exc:
+        pytest.fail(f"the slide view needs OpenSeadragon: {exc}")
+    from workflows._viewer.server import start_server
+
+    server = start_server(results.results_dir, port=0)
+    try:
+        yield server.url.rstrip("/")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.fail(f"Playwright's Python package is not installed ({exc}). {INSTALL_HINT}")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no Chromium at {CHROMIUM}. {INSTALL_HINT}")
+    pw = sync_playwright().start()
+    try:
+        try:
+            chromium = pw.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+        except PlaywrightError as exc:
+            pytest.fail(f"{CHROMIUM} did not start under Playwright: {exc}. {INSTALL_HINT}")
+        yield chromium
+        chromium.close()
+    finally:
+        pw.stop()
+
+
+@dataclass
+class Traffic:
+    """Every response (URL, status) and failed request the page saw, and its script errors."""
+
+    responses: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def tiles(self, since: int = 0) -> list[tuple[int, int]]:
+        """(DeepZoom level, HTTP status) of the tile responses after the first ``since``."""
+        out = []
+        for url, status in self.responses[since:]:
+            m = DZ_TILE.search(url)
+            if m:
+                out.append((int(m["level"]), status))
+        return out
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path) -> Iterator[tuple[Any, Traffic]]:
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = context.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    traffic = Traffic()
+    pg.on("response", lambda r: traffic.responses.append((r.url, r.status)))
+    pg.on("requestfailed", lambda r: traffic.failed.append((r.url, r.failure or "")))
+    pg.on("pageerror", lambda e: traffic.errors.append(str(e)))
+    try:
+        yield pg, traffic
+    finally:
+        pg.screenshot(path=str(tmp_path / "last.png"))
+        context.close()
+    assert not traffic.errors, f"script errors in the page: {traffic.errors}"
+    # The viewer cancels tile requests it no longer needs when the view moves on: not failures.
+    failed = [f for f in traffic.failed if "ERR_ABORTED" not in f[1]]
+    assert not failed, f"requests that failed: {failed}"
+
+
+def _ready(pg: Any) -> None:
+    """Wait until the page says it has rendered (or shows an error: fail with its text)."""
+    pg.wait_for_function("() => document.body.dataset.ready === '1' || document.body.dataset.error")
+    error = pg.locator("#error")
+    assert error.is_hidden(), f"the page shows an error: {error.inner_text()}"
+
+
+def _wait_tiles_loaded(pg: Any) -> None:
+    pg.wait_for_function("() => window.oncotrace.slide && window.oncotrace.slide.getFullyLoaded()")
+
+
+# --------------------------------------------------------------------------------------------
+# Case list
+# --------------------------------------------------------------------------------------------
+
+
+def _row_ids(pg: Any) -> list[str]:
+    return pg.eval_on_selector_all(
+        "[data-testid=case-row]", "rows => rows.map(r => r.dataset.slideId)"
+    )
+
+
+def test_case_list_shows_predictions_errors_and_sorts(
+    page: tuple[Any, Traffic], base_url: str, results: ViewerResults, tmp_path: Path
+) -> None:
+    pg, traffic = page
+    pg.goto(base_url + "/")
+    _ready(pg)
+    assert (base_url + "/api/cases", 200) in traffic.responses
+
+    rows = pg.locator("[data-testid=case-row]")
+    assert rows.count() == len(results.slide_ids) + 1
+    for sid in results.slide_ids:
+        row = pg.locator(f"[data-testid=case-row][data-slide-id='{sid}']")
+        assert row.get_attribute("data-status") == "done"
+        assert row.locator("[data-testid=predicted-label]").inner_text() == results.labels[sid]
+        items = row.locator("[data-testid=topk-item]")
+        shown = [
+            (items.nth(i).get_attribute("data-class"), float(items.nth(i).get_attribute("data-p")))
+            for i in range(items.count())
+        ]
+        planted = sorted(results.probabilities[sid].items(), key=lambda kv: -kv[1])
+        assert [c for c, _ in shown] == [c for c, _ in planted]
+        assert [p for _, p in shown] == pytest.approx([p for _, p in planted], abs=1e-9)
+        # the ultrasound view is linked where the fixture wrote one
+        assert row.locator("[data-testid=us-link]").count() == 1
+
+    error_row = pg.locator(f"[data-testid=case-row][data-slide-id='{results.error_id}']")
+    assert error_row.get_attribute("data-status") == "error"
+    error_text = error_row.locator("[data-testid=case-error]").inner_text()
+    for key in ("stage", "error_type", "message"):
+        assert PLANTED_ERROR[key] in error_text
+    assert error_row.locator("[data-testid=us-link]").count() == 0
+
+    def by_p(cls: str, reverse: bool = True) -> list[str]:
+        ranked = sorted(results.slide_ids, key=lambda s: results.probabilities[s][cls])
+        return [*(reversed(ranked) if reverse else ranked), results.error_id]
+
+    # Default sort: p(last class) high to low, failed slides last.
+    assert pg.locator("#sort-class").input_value() == "malignant"
+    assert _row_ids(pg) == by_p("malignant")
+    pg.select_option("#sort-class", "benign")
+    assert _row_ids(pg) == by_p("benign")
+    pg.select_option("#sort-dir", "asc")
+    assert _row_ids(pg) == by_p("benign", reverse=False)
+    pg.screenshot(path=str(tmp_path / "cases-sorted-benign-asc.png"), full_page=True)
+
+    # score threshold on p(benign): only the planted benign slide passes 0.5 (failures stay listed)
+    pg.fill("#min-score", "0.5")
+    benign = [s for s in results.slide_ids if results.probabilities[s]["benign"] >= 0.5]
+    assert _row_ids(pg) == [*benign, results.error_id]
+    pg.fill("#min-score", "0")
+    pg.select_option("#status-filter", "error")
+    assert _row_ids(pg) == [results.error_id]
+    pg.select_option("#status-filter", "all")
+    pg.fill("#filter", "truncated jpeg")
+    assert _row_ids(pg) == [results.error_id]
+    pg.fill("#filter", results.slide_ids[1])
+    assert _row_ids(pg) == [results.slide_ids[1]]
+    pg.screenshot(path=str(tmp_path / "cases-filtered.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Slide view
+# --------------------------------------------------------------------------------------------
+
+
+def _overlay_rect_level0(pg: Any, name: str) -> list[float]:
+    """The overlay's (x, y, width, height) on the slide in level-0 px, from OpenSeadragon."""
+    return pg.evaluate(
+        """(name) => {
+            const b = window.oncotrace.items.get(name).getBounds(true);
+            const w = window.oncotrace.info.width;
+            return [b.x * w, b.y * w, b.width * w, b.height * w];
+        }""",
+        name,
+    )
+
+
+def _opacity(pg: Any, name: str) -> float:
+    return pg.evaluate("(n) => window.oncotrace.items.get(n).getOpacity()", name)
+
+
+def test_slide_view_tiles_zoom_overlays_opacity_position(
+    page: tuple[Any, Traffic], base_url: str, results: ViewerResults, tmp_path: Path
+) -> None:
+    pg, traffic = page
+    sid = results.slide_ids[1]
+    registration = json.loads(
+        (results.results_dir / "slides" / sid / "ultrasound" / "registration.json").read_text()
+    )
+    assert registration  # the fixture wrote the ultrasound view this slide links to
+
+    # open the slide from the case list, as a user would
+    pg.goto(base_url + "/")
+    _ready(pg)
+    pg.click(f"[data-testid=case-row][data-slide-id='{sid}'] a.slide-link")
+    pg.wait_for_url(f"**/slide/{sid}")
+    _ready(pg)
+    _wait_tiles_loaded(pg)
+    pg.screenshot(path=str(tmp_path / "slide-home.png"))
+
+    assert (f"{base_url}/dzi/{sid}.dzi", 200) in traffic.responses
+    home_tiles = traffic.tiles()
+    assert len(home_tiles) >= 4, f"only {len(home_tiles)} tiles requested at the home view"
+    assert {status for _, status in home_tiles} == {200}
+    home_level = max(level for level, _ in home_tiles)
+    assert home_level < MAX_DZ_LEVEL, "the home view should not need full resolution"
+
+    # predictions panel
+    pred = pg.locator("[data-testid=prediction][data-task=label]")
+    assert pred.locator("[data-testid=predicted-label]").inner_text() == results.labels[sid]
+    assert pg.locator("#us-link").is_visible()
+
+    # --- the scale bar and the mouse position at the home view, against the page geometry ---
+    box = pg.locator("#osd").bounding_box()
+    assert box is not None
+    # Home fits the whole slide in the viewer, centred: its on-screen width is set by whichever
+    # side of the viewer is tighter.
+    shown_w = min(box["width"], box["height"] * SIZE_PX[0] / SIZE_PX[1])
+    level0_per_screen_px = SIZE_PX[0] / shown_w
+    bar = pg.locator("#scalebar")
+    bar_um = float(bar.get_attribute("data-um"))
+    bar_px = float(bar.get_attribute("data-px"))
+    assert bar_um / bar_px == pytest.approx(MPP * level0_per_screen_px, rel=0.01)
+    mantissa = bar_um / 10 ** math.floor(math.log10(bar_um))
+    assert round(mantissa, 6) in (1, 2, 5)
+    assert bar.locator(".label").inner_text().replace("\u00a0", " ") in (
+        f"{bar_um:g} µm",
+        f"{bar_um / 1000:g} mm",
+    )
+
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    pg.mouse.move(cx, cy)
+    pos = pg.locator("#position")
+    pg.wait_for_function("() => document.getElementById('position').dataset.inside === '1'")
+    x_px, y_px = float(pos.get_attribute("data-x-px")), float(pos.get_attribute("data-y-px"))
+    tolerance = 2 * level0_per_screen_px  # a pixel or two of rounding in the page layout
+    assert x_px == pytest.approx(SIZE_PX[0] / 2, abs=tolerance)
+    assert y_px == pytest.approx(SIZE_PX[1] / 2, abs=tolerance)
+    pg.mouse.move(cx + 100, cy - 50)
+    pg.wait_for_function(f"() => +document.getElementById('position').dataset.xPx > {x_px + 1}")
+    x2, y2 = float(pos.get_attribute("data-x-px")), float(pos.get_attribute("data-y-px"))
+    assert x2 - x_px == pytest.approx(100 * level0_per_screen_px, rel=0.02)
+    assert y2 - y_px == pytest.approx(-50 * level0_per_screen_px, rel=0.02)
+    assert float(pos.get_attribute("data-x-um")) == pytest.approx(x2 * MPP, rel=1e-9)
+    assert float(pos.get_attribute("data-y-um")) == pytest.approx(y2 * MPP, rel=1e-9)
+    text = pos.inner_text().replace(",", "")
+    assert f"x {math.floor(x2)}" in text and "px" in text
+    assert f"x {x2 * MPP:.1f}" in text and "µm" in text
+
+    # --- zoom in to the full resolution: deeper-level tiles load, all of them succeed ---
+    seen = len(traffic.responses)
+    pg.evaluate(
+        "() => { const v = window.oncotrace.viewer; v.viewport.zoomTo(v.viewport.getMaxZoom(), null, true); }"
+    )
+    pg.wait_for_timeout(100)  # let the viewer schedule the new level before asking if it loaded
+    _wait_tiles_loaded(pg)
+    deep = traffic.tiles(seen)
+    assert deep, "zooming in requested no tiles"
+    assert {status for _, status in deep} == {200}
+    assert max(level for level, _ in deep) == MAX_DZ_LEVEL > home_level
+    deep_bar = float(bar.get_attribute("data-um")) / float(bar.get_attribute("data-px"))
+    assert deep_bar < bar_um / bar_px / 2, "the scale bar did not follow the zoom"
+    pg.screenshot(path=str(tmp_path / "slide-zoomed.png"))
+    pg.evaluate("() => window.oncotrace.viewer.viewport.goHome(true)")
+
+    # --- overlays: the attention grid sits on its level-0 rectangle ---
+    assert pg.evaluate("() => window.oncotrace.active") == "attention"
+    assert (f"{base_url}/overlay/{sid}/attention.png", 200) in traffic.responses
+    # The planted tiles start at (0, 0) on a 224-px grid; the heatmap's grid spans the whole
+    # slide in whole cells (cells without a tile are NaN, drawn transparent).
+    grid_w = math.ceil(SIZE_PX[0] / TILE_PX) * TILE_PX
+    grid_h = math.ceil(SIZE_PX[1] / TILE_PX) * TILE_PX
+    assert _overlay_rect_level0(pg, "attention") == pytest.approx([0, 0, grid_w, grid_h], abs=0.5)
+    assert _opacity(pg, "attention") == pytest.approx(0.5)
+    colorbar = pg.locator("#colorbar")
+    attention_bar = colorbar.get_attribute("src")
+    assert attention_bar == f"/overlay/{sid}/attention/colorbar.png"
+    assert "attention" in pg.locator("#colorbar-label").inner_text()
+
+    with pg.expect_response(f"{base_url}/overlay/{sid}/immune-density.png") as immune:
+        pg.check("[data-testid=overlay-immune-density]")
+    assert immune.value.status == 200
+    pg.wait_for_function(
+        "() => { const i = window.oncotrace.items.get('immune-density'); return i && i.getOpacity() > 0; }"
+    )
+    assert _opacity(pg, "attention") == 0
+    assert _opacity(pg, "immune-density") == pytest.approx(0.5)
+    assert colorbar.get_attribute("src") == f"/overlay/{sid}/immune-density/colorbar.png"
+    assert colorbar.get_attribute("src") != attention_bar
+    assert "attention" not in pg.locator("#colorbar-label").inner_text()
+    pg.wait_for_function("() => document.getElementById('colorbar').complete")
+    assert colorbar.evaluate("img => img.naturalWidth") > 0
+    pg.screenshot(path=str(tmp_path / "slide-immune-overlay.png"))
+
+    # --- opacity: keyboard on the slider moves the active overlay's opacity ---
+    slider = pg.locator("#opacity")
+    slider.focus()
+    for _ in range(20):
+        pg.keyboard.press("ArrowLeft")
+    assert slider.input_value() == "30"
+    assert _opacity(pg, "immune-density") == pytest.approx(0.3)
+    assert pg.locator("#opacity-value").inner_text().startswith("30")
+    pg.screenshot(path=str(tmp_path / "slide-opacity-30.png"))
+
+    # --- "none" hides every overlay and the colour bar ---
+    pg.check("[data-testid=overlay-none]")
+    assert _opacity(pg, "immune-density") == 0
+    assert _opacity(pg, "attention") == 0
+    assert pg.locator("#colorbar-box").is_hidden()
+    # back to attention: the remembered opacity applies, no second download of the PNG
+    n_attention = traffic.responses.count((f"{base_url}/overlay/{sid}/attention.png", 200))
+    pg.check("[data-testid=overlay-attention]")
+    pg.wait_for_function("() => window.oncotrace.items.get('attention').getOpacity() > 0")
+    assert _opacity(pg, "attention") == pytest.approx(0.3)
+    assert traffic.responses.count((f"{base_url}/overlay/{sid}/attention.png", 200)) == n_attention
+    pg.screenshot(path=str(tmp_path / "slide-attention-30.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# Ultrasound view
+# --------------------------------------------------------------------------------------------
+
+
+def test_ultrasound_view_frame_overlay_landmarks_tre(
+    page: tuple[Any, Traffic], base_url: str, results: ViewerResults, tmp_path: Path
+) -> None:
+    pg, traffic = page
+    sid = results.slide_ids[0]
+    registration = json.loads(
+        (results.results_dir / "slides" / sid / "ultrasound" / "registration.json").read_text()
+    )
+    us = registration["ultrasound"]
+    points = registration["landmarks"]["points"]
+    spacing = us["spacing_mm_xy"]
+
+    pg.goto(f"{base_url}/slide/{sid}")
+    _ready(pg)
+    pg.click("#us-link")
+    pg.wait_for_url(f"**/ultrasound/{sid}")
+    _ready(pg)
+    pg.screenshot(path=str(tmp_path / "ultrasound.png"))
+
+    assert (f"{base_url}/us/{sid}/frame.png", 200) in traffic.responses
+    frame = pg.locator("#us-frame")
+    assert frame.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(us["size_px"])
+    overlay = pg.locator("#us-overlay")
+    assert overlay.is_visible()
+    first_overlay = overlay.get_attribute("src")
+    assert (base_url + first_overlay, 200) in traffic.responses
+    assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(us["size_px"])
+
+    # landmarks: one marker per point, roles as in the file, at ultrasound_mm / spacing
+    markers = pg.locator("#us-landmarks [data-testid=landmark]")
+    assert markers.count() == len(points)
+    for role in ("fit", "holdout"):
+        want = sum(p["role"] == role for p in points)
+        assert pg.locator(f"#us-landmarks .landmark[data-role={role}]").count() == want
+    assert pg.locator("#us-landmarks .landmark[data-role=holdout]").count() > 0
+    for p in points:
+        circle = pg.locator(f"#us-landmarks .landmark[data-id='{p['id']}'] circle")
+        cx, cy = float(circle.get_attribute("cx")), float(circle.get_attribute("cy"))
+        assert cx == pytest.approx(p["ultrasound_mm"][0] / spacing[0] + 0.5, abs=1e-3)
+        assert cy == pytest.approx(p["ultrasound_mm"][1] / spacing[1] + 0.5, abs=1e-3)
+    fit_fill = pg.locator("#us-landmarks .landmark[data-role=fit] circle").first.evaluate(
+        "c => getComputedStyle(c).fill"
+    )
+    holdout_fill = pg.locator("#us-landmarks .landmark[data-role=holdout] circle").first.evaluate(
+        "c => getComputedStyle(c).fill"
+    )
+    assert fit_fill != holdout_fill, "fit and hold-out landmarks must look different"
+
+    # TRE report against registration.json
+    report = registration["report"]
+    table = pg.locator("#tre-report")
+
+    def cell(key: str) -> str:
+        return table.locator(f"tr[data-key={key}] td").inner_text()
+
+    assert cell("model").startswith(
+        registration["model"] if registration["model"] != "tps" else "thin-plate"
+    )
+    assert f"{report['chosen']['loo_tre_mm']:.3f}".rstrip("0").rstrip(".") in cell("loo_tre_mm")
+    holdout = report["holdout_tre_mm"]
+    assert f"{holdout['mean']:.3f}".rstrip("0").rstrip(".") in cell("holdout_tre_mm")
+    assert "mm" in cell("holdout_tre_mm")
+    assert cell("landmarks") == f"{report['n_fit']} fit, {report['n_holdout']} hold-out"
+    assert f"{report['scale_mm_per_mm']:.4f}".rstrip("0").rstrip(".") in cell("scale")
+
+    # overlay toggle and opacity
+    pg.check("[data-testid=overlay-none]")
+    assert overlay.is_hidden()
+    assert pg.locator("#colorbar-box").is_hidden()
+    with pg.expect_response(f"{base_url}/us/{sid}/overlay/immune-density.png") as second:
+        pg.check("[data-testid=overlay-immune-density]")
+    assert second.value.status == 200
+    pg.wait_for_function("() => !document.getElementById('us-overlay').hidden")
+    assert overlay.get_attribute("src") != first_overlay
+    assert pg.locator("#colorbar").get_attribute("src") == (
+        f"/us/{sid}/overlay/immune-density/colorbar.png"
+    )
+    slider = pg.locator("#opacity")
+    slider.focus()
+    for _ in range(10):
+        pg.keyboard.press("ArrowRight")
+    assert slider.input_value() == "70"
+    assert float(overlay.evaluate("img => getComputedStyle(img).opacity")) == pytest.approx(0.7)
+    pg.screenshot(path=str(tmp_path / "ultrasound-immune-70.png"))
