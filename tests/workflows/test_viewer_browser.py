@@ -472,3 +472,87 @@ def test_ultrasound_view_frame_overlay_landmarks_tre(
     assert slider.input_value() == "70"
     assert float(overlay.evaluate("img => getComputedStyle(img).opacity")) == pytest.approx(0.7)
     pg.screenshot(path=str(tmp_path / "ultrasound-immune-70.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# OpenSeadragon assets (no browser, no network: a stand-in npm)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bare_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The asset lookup pointed at a package folder with only the manifests, and an empty
+    install folder, whatever is installed on this machine."""
+    from workflows._viewer import _assets
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    for name in ("package.json", "package-lock.json"):
+        (pkg / name).write_bytes((_assets.package_dir() / name).read_bytes())
+    monkeypatch.setattr(_assets, "_PACKAGE_DIR", pkg)
+    monkeypatch.setenv("ONCOTRACE_VIEWER_DIR", str(tmp_path / "install"))
+    return tmp_path
+
+
+def _fake_npm(path: Path, version: str, *, fail: bool = False) -> Path:
+    """An executable that does what `npm ci` would leave behind for OpenSeadragon ``version``."""
+    body = (
+        "echo 'npm ERR! network request failed' >&2; exit 1"
+        if fail
+        else f"""set -e
+test "$1" = ci
+mkdir -p node_modules/openseadragon/build/openseadragon/images
+echo '{{"name": "openseadragon", "version": "{version}"}}' > node_modules/openseadragon/package.json
+echo '/* stand-in */' > node_modules/openseadragon/build/openseadragon/openseadragon.min.js"""
+    )
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_pinned_version_matches_package_json() -> None:
+    from workflows._viewer._assets import package_dir, pinned_openseadragon_version
+
+    manifest = json.loads((package_dir() / "package.json").read_text())
+    # An exact pin (no ^ or ~): the lock file and package.json name the same release.
+    assert manifest["dependencies"]["openseadragon"] == pinned_openseadragon_version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned_openseadragon_version())
+
+
+def test_missing_openseadragon_names_the_setup_command(bare_assets: Path) -> None:
+    from workflows._viewer._assets import openseadragon_dir
+
+    with pytest.raises(FileNotFoundError, match="oncotrace viewer-setup") as info:
+        openseadragon_dir()
+    assert str(bare_assets / "install") in str(info.value)
+
+
+def test_setup_viewer_installs_the_pinned_version_atomically(bare_assets: Path) -> None:
+    from workflows._viewer._assets import (
+        install_dir,
+        openseadragon_dir,
+        pinned_openseadragon_version,
+        setup_viewer,
+    )
+
+    want = pinned_openseadragon_version()
+    target = install_dir()
+    # npm fails: nothing that looks installed is left behind, and the error says what ran
+    with pytest.raises(RuntimeError, match="network request failed"):
+        setup_viewer(npm=str(_fake_npm(bare_assets / "npm-fail", want, fail=True)))
+    assert not target.exists()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+    # the registry served another version: refused
+    with pytest.raises(RuntimeError, match=f"not the pinned {re.escape(want)}"):
+        setup_viewer(npm=str(_fake_npm(bare_assets / "npm-old", "0.9.0")))
+    assert not target.exists()
+    # a good install lands in place and is what the viewer serves
+    build = setup_viewer(npm=str(_fake_npm(bare_assets / "npm-ok", want)))
+    assert build == target / "node_modules" / "openseadragon" / "build" / "openseadragon"
+    assert (build / "openseadragon.min.js").is_file()
+    assert json.loads((target / "package-lock.json").read_text())["packages"]
+    assert openseadragon_dir() == build
+    # up to date: npm is not run again (a missing npm would raise)
+    assert setup_viewer(npm=str(bare_assets / "no-such-npm")) == build
+    with pytest.raises(FileNotFoundError, match=r"Node\.js"):
+        setup_viewer(npm=str(bare_assets / "no-such-npm"), force=True)
