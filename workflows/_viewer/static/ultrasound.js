@@ -48,7 +48,11 @@ function setOpacity(fraction) {
 function drawLandmarks(landmarks, width, height) {
   const layer = document.getElementById("us-landmarks");
   layer.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  const r = Math.max(4, Math.min(width, height) / 90);
+  // Sizes in frame pixels chosen so markers and labels keep their size on screen.
+  const perScreenPx = 1 / (state.scale || 1);
+  const r = 6 * perScreenPx;
+  layer.style.fontSize = `${12 * perScreenPx}px`;
+  layer.style.setProperty("--label-stroke", `${3 * perScreenPx}px`);
   const counts = { fit: 0, holdout: 0 };
   layer.replaceChildren(
     ...landmarks.map((lm) => {
@@ -62,7 +66,8 @@ function drawLandmarks(landmarks, width, height) {
       title.textContent = `${lm.id} (${role}) at x ${fmtNumber(lm.x, 1)}, y ${fmtNumber(lm.y, 1)} px`;
       const label = svg("text", { x: cx + r * 1.4, y: cy - r * 0.6 });
       label.textContent = lm.id;
-      g.append(title, svg("circle", { cx, cy, r }), label);
+      // hold-out rings drawn larger: an unfilled dashed ring reads smaller than a filled dot
+      g.append(title, svg("circle", { cx, cy, r: role === "holdout" ? r * 1.4 : r }), label);
       return g;
     }),
   );
@@ -108,6 +113,21 @@ function renderReport(report, spacing, width, height) {
   );
 }
 
+/** Scale the stage (frame, overlay, landmarks together) to fill the free area, keeping the
+ * aspect ratio: frames are often a few hundred pixels, too small to judge at 1:1. */
+function fitStage() {
+  const main = document.querySelector(".us-main");
+  const { width, height } = state.data;
+  const style = getComputedStyle(main);
+  const free = [
+    main.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight),
+    main.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom),
+  ];
+  const scale = Math.max(0.1, Math.min(free[0] / width, free[1] / height));
+  document.getElementById("us-stage").style.width = `${Math.floor(width * scale)}px`;
+  state.scale = scale;
+}
+
 async function main() {
   document.getElementById("us-title").textContent = `Ultrasound — ${slideId}`;
   document.title = `OncoTrace — ultrasound ${slideId}`;
@@ -117,7 +137,12 @@ async function main() {
   state.data = data;
   const spacing = data.spacing_mm;
   document.getElementById("us-meta").textContent = `${data.width} × ${data.height} px` + (spacing ? ` · ${fmtNumber(spacing[0], 4)} mm/px` : "");
+  fitStage();
   drawLandmarks(data.landmarks || [], data.width, data.height);
+  window.addEventListener("resize", () => {
+    fitStage();
+    drawLandmarks(data.landmarks || [], data.width, data.height);
+  });
   renderReport(data.report, spacing, data.width, data.height);
   const frameLoaded = imageLoaded(document.getElementById("us-frame"), data.frame);
 
