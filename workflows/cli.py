@@ -21,7 +21,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from workflows import _evaluate_cli, _import_cli, _score_cli, _spatial_cli
+from workflows import (
+    _evaluate_cli,
+    _import_cli,
+    _score_cli,
+    _spatial_cli,
+    _view_cli,
+    _viewer_setup_cli,
+)
 from workflows._batch import BatchReport, find_slides, tile_batch
 from wsi import TilingConfig
 
@@ -518,6 +525,8 @@ _evaluate_cli.register(app, console)
 _import_cli.register(app, console)
 _score_cli.register(app, console)
 _spatial_cli.register(app, console)
+_view_cli.register(app, console)
+_viewer_setup_cli.register(app, console)
 
 
 def main() -> None:
