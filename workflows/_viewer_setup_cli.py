@@ -21,12 +21,17 @@ def register(app: typer.Typer, console: Console) -> None:
         the user cache (or $ONCOTRACE_VIEWER_DIR), once per machine, for `oncotrace view`."""
         from workflows._viewer._assets import (
             install_dir,
+            installed_version,
             pinned_openseadragon_version,
             setup_viewer,
         )
 
         where = install_dir()
-        console.print(f"installing OpenSeadragon {pinned_openseadragon_version()} into {where}…")
+        want = pinned_openseadragon_version()
+        if force or installed_version(where) != want:
+            console.print(f"installing OpenSeadragon {want} into {where} (npm ci)…")
+        else:
+            console.print(f"OpenSeadragon {want} is already installed in {where}.")
         try:
             build = setup_viewer(where, force=force)
         except (FileNotFoundError, RuntimeError, OSError) as exc:

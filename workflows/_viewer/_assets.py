@@ -71,8 +71,9 @@ def install_dir() -> Path:
     return Path(cache).expanduser() / "oncotrace" / "viewer" / digest.hexdigest()[:12]
 
 
-def _installed_version(root: Path) -> str | None:
-    """Version of the OpenSeadragon installed under ``root``, or None when there is none."""
+def installed_version(root: Path) -> str | None:
+    """Version of the OpenSeadragon installed under ``root`` (a folder holding
+    ``node_modules``), or None when there is none."""
     if not (root / _OSD_BUILD / _OSD_SCRIPT).is_file():
         return None
     meta = root / "node_modules" / "openseadragon" / "package.json"
@@ -95,7 +96,7 @@ def openseadragon_dir() -> Path:
     want = pinned_openseadragon_version()
     seen: list[str] = []
     for root in (install_dir(), _PACKAGE_DIR):
-        have = _installed_version(root)
+        have = installed_version(root)
         if have == want:
             return root / _OSD_BUILD
         seen.append(f"{root / _OSD_BUILD} ({'missing' if have is None else 'version ' + have})")
@@ -136,7 +137,7 @@ def setup_viewer(target: Path | None = None, *, force: bool = False, npm: str = 
     """
     target = Path(target) if target is not None else install_dir()
     want = pinned_openseadragon_version()
-    if not force and _installed_version(target) == want:
+    if not force and installed_version(target) == want:
         return target / _OSD_BUILD
     exe = shutil.which(npm)
     if exe is None:
@@ -161,7 +162,7 @@ def setup_viewer(target: Path | None = None, *, force: bool = False, npm: str = 
                 "Fix: check that the npm registry is reachable (proxy: `npm config set proxy`), "
                 "then run `oncotrace viewer-setup` again."
             )
-        have = _installed_version(staging)
+        have = installed_version(staging)
         if have != want:
             raise RuntimeError(
                 f"`npm ci` in {staging} installed OpenSeadragon {have}, not the pinned {want}. "
