@@ -591,7 +591,7 @@ def choose_threshold(
     score : (N,) float array
     rule : {"youden", "sensitivity", "specificity"}
         ``"youden"`` maximises sensitivity + specificity - 1 (the highest such threshold on
-        ties). ``"sensitivity"`` returns the highest threshold whose sensitivity is at least
+        ties), placed midway between the score it cuts at and the next lower score. ``"sensitivity"`` returns the highest threshold whose sensitivity is at least
         ``target``; ``"specificity"`` the lowest whose specificity is at least ``target``.
     target : float, optional
         Required for the ``"sensitivity"`` and ``"specificity"`` rules, e.g. 0.95.
@@ -608,7 +608,12 @@ def choose_threshold(
     finite = np.isfinite(thr)  # roc_curve prepends +inf (nothing called positive)
     fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
     if rule == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
+        best = float(thr[int(np.argmax(tpr - fpr))])
+        # Every threshold in (next lower score, best] gives the same validation J; the edge
+        # itself (the lowest positive score on separated data, e.g. 0.999998) would call
+        # new cases negative at p = 0.99. The midpoint of the gap generalises.
+        below = s[s < best]
+        return best if below.size == 0 else float((best + below.max()) / 2)
     if rule not in ("sensitivity", "specificity"):
         raise ValueError(f"rule must be 'youden', 'sensitivity' or 'specificity', got {rule!r}.")
     if target is None or not 0.0 <= target <= 1.0:

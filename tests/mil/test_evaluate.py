@@ -202,13 +202,13 @@ def test_conformal_coverage_through_the_record() -> None:
 
 def test_calibration_of_separated_binary_validation_by_hand() -> None:
     # Perfectly separated validation cases: the likelihood keeps falling as T -> 0, so no
-    # temperature is applied; Youden's threshold is the lowest positive score (J = 1 there).
+    # temperature is applied; Youden's J = 1 anywhere in (0.4, 0.6]: the gap's midpoint, 0.5.
     y = np.array([0, 0, 0, 1, 1, 1])
     p1 = np.array([0.1, 0.2, 0.4, 0.6, 0.8, 0.9])
     rec = fit_calibration({"label": y}, {"label": _two_col(p1)}, BIN)["tasks"]["label"]
     assert rec["temperature"] == 1.0 and not rec["temperature_fitted"]
     assert any("ranked correctly" in n for n in rec["notes"])
-    assert rec["threshold"] == pytest.approx(0.6) and rec["threshold_rule"] == "youden"
+    assert rec["threshold"] == pytest.approx(0.5) and rec["threshold_rule"] == "youden"
     # 6 cases are too few for 90 % sets: ceil(7 * 0.9) = 7 > 6
     assert rec["conformal"]["qhat"] is None and any("too few" in n for n in rec["notes"])
     one_class = fit_calibration({"label": y * 0}, {"label": _two_col(p1)}, BIN)

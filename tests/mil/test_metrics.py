@@ -243,8 +243,12 @@ def test_binary_metrics_match_sklearn_and_cis_bracket() -> None:
 def test_choose_threshold_rules() -> None:
     y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
     s = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8])
-    # Youden by hand: threshold 0.6 -> sens 3/4, spec 4/4 -> J = 0.75 (best)
-    assert choose_threshold(y, s) == pytest.approx(0.6)
+    # Youden by hand: cutting at 0.6 -> sens 3/4, spec 4/4 -> J = 0.75 (best); any threshold
+    # in (0.4, 0.6] does the same, and the midpoint of that gap is returned
+    assert choose_threshold(y, s) == pytest.approx(0.5)
+    # separated scores: midway between the highest negative and the lowest positive
+    y2, s2 = np.array([0, 0, 1, 1]), np.array([0.0001, 0.0003, 0.999998, 0.999999])
+    assert choose_threshold(y2, s2) == pytest.approx((0.0003 + 0.999998) / 2)
     # highest threshold with sensitivity 1 is 0.35
     assert choose_threshold(y, s, "sensitivity", target=1.0) == pytest.approx(0.35)
     # lowest threshold with specificity >= 0.75 (3 of 4 negatives below) is 0.35

@@ -36,7 +36,12 @@ def test_demo_trains_scores_on_dask_and_reports(
 
     # Every held-out slide was scored by the Dask run, with its heatmaps.
     with open(out / "scores" / "predictions.csv", newline="") as f:
-        scored = {r["slide_id"] for r in csv.DictReader(f)}
+        pred_rows = list(csv.DictReader(f))
+    scored = {r["slide_id"] for r in pred_rows}
+    for r in pred_rows:  # a confident probability is never overruled by the decision threshold
+        for k in ("0", "1"):
+            if float(r[f"p_{k}"]) > 0.99:
+                assert r["label"] == r[f"class_{k}"], r
     assert scored == {r["slide_id"] for r in test_rows}
     for sid in scored:
         here = out / "scores" / "slides" / sid
