@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import traceback
@@ -370,6 +371,20 @@ def _heatmaps(
         stride_level0=(float(stride[0]), float(stride[1])),
     )
     spatial.write_ome_zarr(heat, here / "attention.ome.zarr", name=f"attention ({first})")
+    # the other tasks' attention (multi-task heads attend per task) for viewers to switch to
+    for task, task_scores in list(scores.items())[1:]:
+        other = spatial.attention_heatmap(
+            coords,
+            task_scores,
+            tile_size_level0=(float(ts[0]), float(ts[1])),
+            level0_size=tuple(attrs["level0_size"]),
+            mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])),
+            stride_level0=(float(stride[0]), float(stride[1])),
+        )
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+        spatial.write_ome_zarr(
+            other, here / f"attention-{stem}.ome.zarr", name=f"attention ({task})"
+        )
     spatial.write_geojson(
         here / "attention.geojson",
         coords,

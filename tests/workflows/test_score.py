@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,3 +275,28 @@ def test_a_killed_client_resumes_without_redoing_finished_slides(
     for sid, finished_at in before.items():
         assert run["slides"][sid]["finished_at"] == finished_at  # not recomputed
     assert _predictions(out) == _predictions(reference)
+
+
+def test_every_task_gets_its_own_attention_heatmap(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import spatial
+    from workflows._score import _heatmaps
+
+    store = sorted(trained["stores"].glob("*.zarr"))[0]
+    coords = np.asarray(zarr_open(store)["coords"][...], np.int64)
+    up = np.arange(len(coords), dtype=np.float32)  # task "origin": rank rises with the tile index
+    _heatmaps(store, tmp_path, {"origin": up, "response/nac": up[::-1].copy()}, coords)
+    first = spatial.read_heatmap(tmp_path / "attention.ome.zarr")
+    second = spatial.read_heatmap(tmp_path / "attention-response_nac.ome.zarr")
+    x, y = coords[-1] + 1  # the last tile: hottest for "origin", coldest for "response/nac"
+    assert first.value_at([x], [y])[0] == pytest.approx(1.0)
+    assert second.value_at([x], [y])[0] == np.nanmin(second.grid) < 0.5
+    props = json.loads((tmp_path / "attention.geojson").read_text())["features"][0]["properties"]
+    assert {"attention_origin", "attention_response/nac"} <= set(props["measurements"])
+
+
+def zarr_open(path: Path) -> Any:
+    import zarr
+
+    return zarr.open_group(path, mode="r")
