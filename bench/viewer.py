@@ -22,7 +22,10 @@ repeated passes over the same tiles nearly free to read and leaves mostly resize
 Each is timed ``--rounds`` times, interleaved; the best round counts (this machine is shared;
 other processes' CPU use is reported). ``--http`` adds (b) and (c) over real HTTP (uvicorn on
 127.0.0.1, one keep-alive httpx client, requests one at a time: the whole stack a browser
-talks to). Targets: b/a >= 0.8, c/a >= 3. One JSON line.
+talks to). ``--http-process`` runs ``oncotrace view`` in its own process, as users do, with
+``http.client`` keep-alive clients in this one: 1 connection (requests one at a time) and 4
+(a browser fetches several tiles at once), cache off and warm; the bare loop is timed again in
+the same rounds. Targets: b/a >= 0.8, c/a >= 3. One JSON line.
 """
 
 from __future__ import annotations
@@ -184,6 +187,64 @@ def _http_loop(client: Any, base: str, urls: list[str]) -> Callable[[], int]:
     return run
 
 
+class _ViewProcess:
+    """``oncotrace view`` in its own process (as users run it; a browser is another process)."""
+
+    def __init__(self, root: Path, cache_mib: float) -> None:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "workflows.cli", "view", str(root), "--port", "0"]
+        cmd += ["--cache-mib", str(cache_mib), "--no-browser"]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        self.url = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if "http://" in line:
+                self.url = line[line.index("http://") :].split()[0].rstrip("/")
+                break
+        if not self.url:
+            self.proc.kill()
+            raise RuntimeError("oncotrace view did not print its URL")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _http_clients(base: str, urls: list[str], concurrency: int) -> Callable[[], int]:
+    """``concurrency`` keep-alive connections (browsers open ~6 per host), urls split evenly."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    host = urlsplit(base)
+    conns = [http.client.HTTPConnection(host.hostname, host.port) for _ in range(concurrency)]
+
+    def one(k: int) -> int:
+        nbytes = 0
+        for url in urls[k::concurrency]:
+            conns[k].request("GET", url)
+            r = conns[k].getresponse()
+            body = r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{url}: HTTP {r.status} {body[:200]!r}")
+            nbytes += len(body)
+        return nbytes
+
+    pool = ThreadPoolExecutor(concurrency)
+
+    def run() -> int:
+        return sum(pool.map(one, range(concurrency)))
+
+    return run
+
+
 def _time(fn: Callable[[], int]) -> float:
     t = time.perf_counter()
     fn()
@@ -197,6 +258,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--http", action="store_true", help="also measure over uvicorn + httpx")
+    ap.add_argument(
+        "--http-process",
+        action="store_true",
+        help="also measure `oncotrace view` in its own process, 1 and 4 client connections",
+    )
     ap.add_argument(
         "--decoder-cache", action="store_true", help="keep cuCIM's decoded-tile cache on"
     )
@@ -234,6 +300,23 @@ def main() -> None:
                     run = _http_loop(hc, srv.url.rstrip("/"), urls)
                     run()
                     http[tag] = min(_time(run) for _ in range(args.rounds))
+
+        if args.http_process:
+            for tag, mib in (("proc", 0.0), ("proc_warm", 256.0)):
+                view = _ViewProcess(root, mib)
+                try:
+                    runs = {
+                        f"{tag}_1conn": _http_clients(view.url, urls, 1),
+                        f"{tag}_4conn": _http_clients(view.url, urls, 4),
+                    }
+                    for run in runs.values():
+                        run()  # warm-up (and the cache fill for the warm server)
+                    for _ in range(args.rounds):  # interleaved with the bare loop again
+                        times["bare"].append(_time(bare))
+                        for key, run in runs.items():
+                            http[key] = min(http.get(key, math.inf), _time(run))
+                finally:
+                    view.close()
 
     shutil.rmtree(cfg_dir, ignore_errors=True)
     n = len(tiles)
