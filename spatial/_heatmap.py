@@ -17,7 +17,8 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -352,6 +353,19 @@ def _discard(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def _atomic(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``final``; rename it onto ``final`` when the block
+    completes, delete it when the block raises (so no half-written file ever has the name)."""
+    tmp = _temporary_sibling(final)
+    try:
+        yield tmp
+        _commit(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # OME-Zarr (NGFF 0.5)
 # --------------------------------------------------------------------------------------------
@@ -439,9 +453,8 @@ def write_ome_zarr(
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
     levels = _pyramid(heatmap.grid)
-    try:
+    with _atomic(final) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         datasets = []
         for k, level in enumerate(levels):
@@ -479,10 +492,6 @@ def write_ome_zarr(
             "pixel_convention": "translation = centre of cell (0, 0), level-0 pixel centres at "
             "integer multiples of mpp",
         }
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     return final
 
 
@@ -607,33 +616,26 @@ def write_geojson(
     )
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write('{"type":"FeatureCollection","features":[')
-            for start in range(0, n, _GEOJSON_BATCH):
-                stop = min(n, start + _GEOJSON_BATCH)
-                x0 = _number_strings(xy[start:stop, 0])
-                y0 = _number_strings(xy[start:stop, 1])
-                x1 = _number_strings(xy[start:stop, 0] + tw)
-                y1 = _number_strings(xy[start:stop, 1] + th)
-                if classes is None:
-                    cls = [""] * (stop - start)
-                else:
-                    cls = [
-                        '"classification":{"name":' + json.dumps(c) + "},"
-                        for c in classes[start:stop]
-                    ]
-                vals = [_number_strings(col[start:stop]) for col in columns.values()]
-                rows = zip(x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, cls, *vals, strict=True)
-                if start:
-                    f.write(",")
-                f.write(",".join(template % r for r in rows))
-            f.write("]}")
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
+    with _atomic(final) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"type":"FeatureCollection","features":[')
+        for start in range(0, n, _GEOJSON_BATCH):
+            stop = min(n, start + _GEOJSON_BATCH)
+            x0 = _number_strings(xy[start:stop, 0])
+            y0 = _number_strings(xy[start:stop, 1])
+            x1 = _number_strings(xy[start:stop, 0] + tw)
+            y1 = _number_strings(xy[start:stop, 1] + th)
+            if classes is None:
+                cls = [""] * (stop - start)
+            else:
+                cls = [
+                    '"classification":{"name":' + json.dumps(c) + "}," for c in classes[start:stop]
+                ]
+            vals = [_number_strings(col[start:stop]) for col in columns.values()]
+            rows = zip(x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, cls, *vals, strict=True)
+            if start:
+                f.write(",")
+            f.write(",".join(template % r for r in rows))
+        f.write("]}")
     return final
 
 
@@ -788,11 +790,6 @@ def write_overlay_png(
         )
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
-    try:
+    with _atomic(final) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG", compress_level=1)
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     return final

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage as ndi
 
-from ._heatmap import Heatmap, _commit, _discard, _temporary_sibling
+from ._heatmap import Heatmap, _atomic
 
 if TYPE_CHECKING:
     from wsi import Slide
@@ -245,7 +245,6 @@ class CellTable:
         """
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_sibling(final)
         cols = self.columns()
         # Positions to 1/1000 px or µm whatever the slide size; measurements to 6 digits.
         text = {
@@ -254,16 +253,11 @@ class CellTable:
             if k != "cls"
         }
         text["cls"] = [str(c) for c in self.cls.tolist()]
-        try:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write("# oncotrace-cells " + json.dumps(self.metadata()) + "\n")
-                f.write(",".join(COLUMNS) + "\n")
-                rows = zip(*(text[k] for k in COLUMNS), strict=True)
-                f.writelines(",".join(r) + "\n" for r in rows)
-            _commit(tmp, final)
-        except BaseException:
-            _discard(tmp)
-            raise
+        with _atomic(final) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("# oncotrace-cells " + json.dumps(self.metadata()) + "\n")
+            f.write(",".join(COLUMNS) + "\n")
+            rows = zip(*(text[k] for k in COLUMNS), strict=True)
+            f.writelines(",".join(r) + "\n" for r in rows)
         return final
 
     @classmethod
@@ -342,7 +336,6 @@ class CellTable:
             raise ValueError(f"vertices must be at least 3, got {vertices}.")
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_sibling(final)
         mpp_mean = 0.5 * (self.mpp[0] + self.mpp[1])
         names = {
             "Nucleus: Area µm^2": self.area_um2,
@@ -357,50 +350,45 @@ class CellTable:
         }
         angles = np.linspace(0.0, 2 * np.pi, vertices, endpoint=False)
         batch = 20_000
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write('{"type":"FeatureCollection","features":[')
-                for start in range(0, len(self), batch):
-                    stop = min(len(self), start + batch)
-                    sl = slice(start, stop)
-                    vals = [_format_column(np.nan_to_num(v[sl])) for v in names.values()]
-                    if geometry == "point":
-                        xs = [repr(v) for v in np.round(self.x[sl], 2).tolist()]
-                        ys = [repr(v) for v in np.round(self.y[sl], 2).tolist()]
-                        geoms = [
-                            '{"type":"Point","coordinates":[' + a + "," + b + "]}"
-                            for a, b in zip(xs, ys, strict=True)
-                        ]
-                    else:
-                        r_px = np.sqrt(np.maximum(self.area_um2[sl], 0.0) / np.pi) / mpp_mean
-                        px = self.x[sl, None] + r_px[:, None] * np.cos(angles)[None, :]
-                        py = self.y[sl, None] + r_px[:, None] * np.sin(angles)[None, :]
-                        px, py = np.round(px, 2), np.round(py, 2)
-                        geoms = [
-                            '{"type":"Polygon","coordinates":[['
-                            + ",".join(f"[{a!r},{b!r}]" for a, b in zip(rx, ry, strict=True))
-                            + f",[{rx[0]!r},{ry[0]!r}]]]}}"
-                            for rx, ry in zip(px.tolist(), py.tolist(), strict=True)
-                        ]
-                    feats = []
-                    for i, g in enumerate(geoms):
-                        meas = ",".join(k + ":" + v[i] for k, v in zip(keys, vals, strict=True))
-                        feats.append(
-                            '{"type":"Feature","geometry":' + g + ',"properties":{'
-                            '"objectType":"detection","classification":'
-                            + class_json[str(self.cls[start + i])]
-                            + ',"measurements":{'
-                            + meas
-                            + "}}}"
-                        )
-                    if start:
-                        f.write(",")
-                    f.write(",".join(feats))
-                f.write("]}")
-            _commit(tmp, final)
-        except BaseException:
-            _discard(tmp)
-            raise
+        with _atomic(final) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write('{"type":"FeatureCollection","features":[')
+            for start in range(0, len(self), batch):
+                stop = min(len(self), start + batch)
+                sl = slice(start, stop)
+                vals = [_format_column(np.nan_to_num(v[sl])) for v in names.values()]
+                if geometry == "point":
+                    xs = [repr(v) for v in np.round(self.x[sl], 2).tolist()]
+                    ys = [repr(v) for v in np.round(self.y[sl], 2).tolist()]
+                    geoms = [
+                        '{"type":"Point","coordinates":[' + a + "," + b + "]}"
+                        for a, b in zip(xs, ys, strict=True)
+                    ]
+                else:
+                    r_px = np.sqrt(np.maximum(self.area_um2[sl], 0.0) / np.pi) / mpp_mean
+                    px = self.x[sl, None] + r_px[:, None] * np.cos(angles)[None, :]
+                    py = self.y[sl, None] + r_px[:, None] * np.sin(angles)[None, :]
+                    px, py = np.round(px, 2), np.round(py, 2)
+                    geoms = [
+                        '{"type":"Polygon","coordinates":[['
+                        + ",".join(f"[{a!r},{b!r}]" for a, b in zip(rx, ry, strict=True))
+                        + f",[{rx[0]!r},{ry[0]!r}]]]}}"
+                        for rx, ry in zip(px.tolist(), py.tolist(), strict=True)
+                    ]
+                feats = []
+                for i, g in enumerate(geoms):
+                    meas = ",".join(k + ":" + v[i] for k, v in zip(keys, vals, strict=True))
+                    feats.append(
+                        '{"type":"Feature","geometry":' + g + ',"properties":{'
+                        '"objectType":"detection","classification":'
+                        + class_json[str(self.cls[start + i])]
+                        + ',"measurements":{'
+                        + meas
+                        + "}}}"
+                    )
+                if start:
+                    f.write(",")
+                f.write(",".join(feats))
+            f.write("]}")
         return final
 
 
@@ -1336,13 +1324,8 @@ def summary_dict(cells: CellTable, density: DensityMaps | None = None) -> dict[s
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> Path:
-    tmp = _temporary_sibling(path)
-    try:
+    with _atomic(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _commit(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
     return path
 
 

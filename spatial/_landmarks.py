@@ -49,7 +49,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.linalg import null_space
 from scipy.spatial import Delaunay
 
-from ._heatmap import _commit, _discard, _temporary_sibling
+from ._heatmap import _atomic
 from ._transforms import (
     SLIDE_UM,
     US_MM,
@@ -1077,13 +1077,8 @@ class Registration:
         """Write ``registration.json`` atomically (temporary sibling, then rename)."""
         final = Path(path)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        tmp = _temporary_sibling(final)
-        try:
+        with _atomic(final) as tmp:
             tmp.write_text(text + "\n", encoding="utf-8")
-            _commit(tmp, final)
-        except BaseException:
-            _discard(tmp)
-            raise
         return final
 
     @classmethod

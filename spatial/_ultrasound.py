@@ -33,7 +33,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._heatmap import Heatmap, _commit, _discard, _pyramid, _temporary_sibling, write_overlay_png
+from ._heatmap import (
+    Heatmap,
+    _atomic,
+    _pyramid,
+    write_overlay_png,
+)
 
 SpacingSource = Literal["dicom-region", "dicom-pixel-spacing", "override"]
 
@@ -689,8 +694,7 @@ def write_mapped_ome_zarr(
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
-    try:
+    with _atomic(final) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         datasets = []
         for k, level in enumerate(_pyramid(mapped.grid)):
@@ -728,10 +732,6 @@ def write_mapped_ome_zarr(
             "ultrasound": None if ultrasound is None else ultrasound.describe(),
             **(dict(extra) if extra else {}),
         }
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     return final
 
 
@@ -813,13 +813,8 @@ def _write_registration_json(
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> Path:
-    tmp = _temporary_sibling(path)
-    try:
+    with _atomic(path) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
-        _commit(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
     return path
 
 
@@ -873,13 +868,8 @@ def landmarks_overlay_png(
             draw.text((x + arm + 2, y - arm - 2), str(labels[i]), fill=colour)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
-    try:
+    with _atomic(final) as tmp:
         img.save(tmp, format="PNG")
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     return final
 
 

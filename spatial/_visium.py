@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
-from ._heatmap import _commit, _discard, _temporary_sibling
+from ._heatmap import _atomic
 from ._spatialstats import (
     Alternative,
     NullName,
@@ -919,13 +919,8 @@ _SPOT_COLUMNS = (
 
 
 def _write_atomic(final: Path, write: Callable[[Path], None]) -> Path:
-    tmp = _temporary_sibling(final)
-    try:
+    with _atomic(final) as tmp:
         write(tmp)
-        _commit(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     return final
 
 
