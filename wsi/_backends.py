@@ -298,7 +298,18 @@ class CucimBackend(Backend):
         )
         arr = np.asarray(region)
         if arr.shape[-1] == 4:
-            return composite_on_white(arr)
+            arr = composite_on_white(arr)
+        # cuCIM fills the area past the slide's edge with black; the Slide API promises white
+        # there, as OpenSlide (transparent) and the other readers give it.
+        ds = self.level_downsamples[level]
+        w_l, h_l = self.level_dimensions[level]
+        x, y = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        if x < 0 or y < 0 or x + size[0] > w_l or y + size[1] > h_l:
+            arr = np.array(arr, copy=True)
+            arr[:, : max(0, -x)] = WHITE
+            arr[: max(0, -y)] = WHITE
+            arr[:, max(0, w_l - x) :] = WHITE
+            arr[max(0, h_l - y) :] = WHITE
         return arr
 
     # No iter_regions override: with the tile cache on, per-tile reads from reader threads

@@ -193,6 +193,55 @@ def test_cmu1_level0_pixels_identical_across_backends(
         np.testing.assert_array_equal(arr, ref, err_msg=f"{name} differs from openslide")
 
 
+@pytest.mark.parametrize(
+    ("location", "level", "size"),
+    [((2000, 2800), 0, (400, 300)), ((-100, -50), 0, (300, 200)), ((1000, 2900), 0, (200, 150))],
+)
+def test_cmu1_past_the_edge_is_white_in_every_backend(
+    cmu1_by_backend: dict[str, wsi.Slide],
+    location: tuple[int, int],
+    level: int,
+    size: tuple[int, int],
+) -> None:
+    reads = {n: s.read_region(location, level, size) for n, s in cmu1_by_backend.items()}
+    slide = cmu1_by_backend["openslide"]
+    w_l, h_l = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    x, y = int(location[0] // ds), int(location[1] // ds)
+    inside = np.zeros((size[1], size[0]), bool)
+    inside[max(0, -y) : max(0, h_l - y), max(0, -x) : max(0, w_l - x)] = True
+    assert inside.any() and not inside.all()  # the region straddles the edge
+    for name, arr in reads.items():
+        assert (arr[~inside] == 255).all(), f"{name}: not white past the slide's edge"
+        # the slide's own pixels (tissue or 243-grey glass) are kept, not whitened
+        assert (arr[inside] < 250).mean() > 0.9, f"{name}: lost the slide's pixels"
+    ref = reads.pop("openslide")
+    for name, arr in reads.items():
+        np.testing.assert_array_equal(arr, ref, err_msg=f"{name} differs from openslide")
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_generic_tiff_past_the_edge_is_white_in_every_backend(tmp_path: Path, level: int) -> None:
+    # cuCIM fills past the edge of a generic tiled TIFF with black (Aperio SVS: white)
+    from wsi.synthetic import write_pyramid_tiff
+
+    img = np.full((1000, 1300, 3), 128, np.uint8)
+    path = write_pyramid_tiff(tmp_path / "grey.tif", img, mpp=0.5, levels=3, compression="jpeg")
+    slides = _open_each(path, ("openslide", "tifffile", "cucim"))
+    try:
+        for name, slide in slides.items():
+            ds = slide.level_downsamples[level]
+            w_l, h_l = slide.level_dimensions[level]
+            arr = slide.read_region((1100, 800), level, (300, 300))
+            x, y = int(1100 // ds), int(800 // ds)
+            inside = arr[: h_l - y - 1, : w_l - x - 1].astype(int)  # last row: pyramid blend
+            assert np.abs(inside - 128).max() <= 4, name  # JPEG
+            assert (arr[h_l - y :] == 255).all() and (arr[:, w_l - x :] == 255).all(), name
+    finally:
+        for slide in slides.values():
+            slide.close()
+
+
 def test_cmu1_thumbnails_identical_across_backends(cmu1_by_backend: dict[str, wsi.Slide]) -> None:
     thumbs = {name: s.thumbnail(256) for name, s in cmu1_by_backend.items()}
     ref = thumbs.pop("openslide")
