@@ -6,11 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner
-
 import wsi
-from workflows.cli import app
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -18,13 +14,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_demo_trains_scores_on_dask_and_reports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns outside a terminal
-    out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--cases", "12", "--workers", "2"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+def test_demo_trains_scores_on_dask_and_reports(demo_run: tuple[Path, str]) -> None:
+    out, output = demo_run
     train = {r["patient_id"] for r in _rows(out / "train_labels.csv")}
     test_rows = _rows(out / "test_labels.csv")
     assert train and test_rows and not train & {r["patient_id"] for r in test_rows}
@@ -57,7 +48,7 @@ def test_demo_trains_scores_on_dask_and_reports(
     assert "AUC" in report
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["cohort"]["slides"] == len(test_rows)
-    assert "held-out AUC" in res.output and "report.html" in res.output
+    assert "held-out AUC" in output and "report.html" in output
 
 
 def _check_spatial_step(results: Path, scored: set[str]) -> None:

@@ -556,3 +556,64 @@ def test_setup_viewer_installs_the_pinned_version_atomically(bare_assets: Path) 
     assert setup_viewer(npm=str(bare_assets / "no-such-npm")) == build
     with pytest.raises(FileNotFoundError, match=r"Node\.js"):
         setup_viewer(npm=str(bare_assets / "no-such-npm"), force=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo's own results
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_results_open_in_the_browser(
+    browser: Any, demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """What a newcomer does after the README's first command: `oncotrace view DEMO/scores`."""
+    import csv
+
+    from workflows._viewer.server import start_server
+
+    results = demo_run[0] / "scores"
+    with open(results / "predictions.csv", newline="") as f:
+        predicted = {r["slide_id"]: r["label"] for r in csv.DictReader(f)}
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = context.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    traffic = Traffic()
+    pg.on("response", lambda r: traffic.responses.append((r.url, r.status)))
+    pg.on("pageerror", lambda e: traffic.errors.append(str(e)))
+    server = start_server(results, port=0)
+    try:
+        base = server.url.rstrip("/")
+        pg.goto(base + "/")
+        _ready(pg)
+        rows = pg.locator("[data-testid=case-row]")
+        assert rows.count() == len(predicted)
+        for sid, label in predicted.items():
+            row = pg.locator(f"[data-testid=case-row][data-slide-id='{sid}']")
+            assert row.locator("[data-testid=predicted-label]").inner_text() == label
+        pg.screenshot(path=str(tmp_path / "demo-cases.png"))
+
+        sid = next(s for s, label in predicted.items() if label == "malignant")
+        pg.locator(f"[data-testid=case-row][data-slide-id='{sid}'] a.slide-link").first.click()
+        pg.wait_for_url(f"**/slide/{sid}")
+        _ready(pg)
+        _wait_tiles_loaded(pg)
+        tiles = traffic.tiles()
+        assert len(tiles) >= 4 and all(status == 200 for _, status in tiles)
+        names = pg.locator("[data-testid=overlay-choices] input").evaluate_all(
+            "els => els.map(e => e.value)"
+        )
+        assert {"attention", "immune-density"} <= set(names)
+        pg.screenshot(path=str(tmp_path / "demo-slide.png"))
+
+        pg.click("#us-link")
+        pg.wait_for_url(f"**/ultrasound/{sid}")
+        _ready(pg)
+        assert (f"{base}/us/{sid}/frame.png", 200) in traffic.responses
+        marks = json.loads((results / "slides" / sid / "ultrasound" / "landmarks.json").read_text())
+        assert pg.locator("#us-landmarks [data-testid=landmark]").count() == len(marks["points"])
+        assert "mm" in pg.locator("[data-testid=tre-report]").inner_text()
+        pg.screenshot(path=str(tmp_path / "demo-ultrasound.png"))
+        assert not traffic.errors, traffic.errors
+    finally:
+        server.stop()
+        context.close()
