@@ -516,7 +516,8 @@ def demo(
         f"  heatmaps (OME-Zarr, GeoJSON, PNG) {results / 'slides'}/<slide>/attention.*\n"
         f"  immune cells and density maps     {results / 'slides'}/<slide>/immune/\n"
         f"  heatmaps on the ultrasound frame  {results / 'slides'}/<slide>/ultrasound/\n"
-        f"  evaluation report                 {report_dir / 'report.html'}"
+        f"  evaluation report                 {report_dir / 'report.html'}\n"
+        f"\nBrowse it all: oncotrace view {results}   (once: oncotrace viewer-setup)"
     )
 
 
