@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -47,9 +47,18 @@ def register(app: typer.Typer, console: Console) -> None:
             ),
         ] = None,
         device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-        mode: Annotated[str, typer.Option("--mode", help="tissue or smear.")] = "tissue",
-        mpp_target: Annotated[float, typer.Option("--mpp-target")] = 0.5,
-        tile_px: Annotated[int, typer.Option("--tile-px")] = 224,
+        mode: Annotated[
+            str | None,
+            typer.Option("--mode", help="tissue or smear [default: as the model was trained]."),
+        ] = None,
+        mpp_target: Annotated[
+            float | None,
+            typer.Option("--mpp-target", help="Tile µm/px [default: as the model was trained]."),
+        ] = None,
+        tile_px: Annotated[
+            int | None,
+            typer.Option("--tile-px", help="Tile side in px [default: as the model was trained]."),
+        ] = None,
         mpp: Annotated[
             float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
         ] = None,
@@ -76,7 +85,7 @@ def register(app: typer.Typer, console: Console) -> None:
         )
         from wsi import slide_id_for
 
-        if mode not in ("tissue", "smear"):
+        if mode is not None and mode not in ("tissue", "smear"):
             raise typer.BadParameter("--mode must be 'tissue' or 'smear'")
         if workers is not None and scheduler is not None:
             raise typer.BadParameter("choose --workers (a LocalCluster) or --scheduler, not both")
@@ -100,17 +109,21 @@ def register(app: typer.Typer, console: Console) -> None:
         if not jobs:
             typer.echo(f"error: no slides found in {', '.join(map(str, inputs))}.", err=True)
             raise typer.Exit(2)
+        tiling, differs = resolve_tiling(
+            meta.get("tiling"), {"target_mpp": mpp_target, "tile_px": tile_px, "mode": mode}
+        )
+        for key, (given, trained) in differs.items():
+            console.print(
+                f"[yellow]warning:[/yellow] {key} = {given} but the model was trained on tiles"
+                f" with {key} = {trained}; its predictions may not transfer."
+            )
         cores = os.cpu_count() or 2
         n_workers = workers if workers is not None else max(1, cores // 2)
         cfg = ScoreConfig(
             model_dir=str(model.resolve()),
             model_hash=digest,
             out_dir=str(out.resolve()),
-            tiling={
-                "target_mpp": mpp_target,
-                "tile_px": tile_px,
-                "mode": mode,
-            },
+            tiling=tiling,
             weights=weights,
             device=device,
             mpp=mpp,
@@ -163,3 +176,26 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print(f"[yellow]{n_err} slide(s) failed; see {files['errors']}.[/yellow]")
         if n_err and strict:
             raise typer.Exit(1)
+
+
+#: Tiling for models trained before model.json recorded it (wsi.TilingConfig's defaults).
+_DEFAULT_TILING: dict[str, Any] = {"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"}
+
+
+def resolve_tiling(
+    trained: Any, given: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Scoring tiling: the model's training tiling, with any value the user gave on top.
+
+    Returns the tiling (``wsi.TilingConfig`` fields) and, per key the user set differently
+    from the training, ``(given, trained)`` for a warning.
+    """
+    base = dict(trained) if isinstance(trained, dict) else dict(_DEFAULT_TILING)
+    differs: dict[str, tuple[Any, Any]] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if isinstance(trained, dict) and key in trained and trained[key] != value:
+            differs[key] = (value, trained[key])
+        base[key] = value
+    return base, differs

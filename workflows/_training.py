@@ -93,7 +93,11 @@ def train_command(
         **fit_kw,
     }
     out.mkdir(parents=True, exist_ok=True)
-    mil.save_model(out, model, config, metrics, data=data, extra={"calibration": calibration})
+    extra: dict[str, Any] = {"calibration": calibration}
+    tiling = training_tiling(Path(stores), [str(s) for s in data.slide_ids])
+    if tiling is not None:
+        extra["tiling"] = tiling
+    mil.save_model(out, model, config, metrics, data=data, extra=extra)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     _write_predictions(out / "predictions_heldout.csv", data, ev)
     return {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 1), "n_cases": len(data)}
@@ -259,3 +263,22 @@ def _write_predictions(path: Path, data: mil.CohortData, ev: Any) -> None:
                         ";".join(f"{n}={v:.4f}" for n, v in zip(names, p, strict=True)),
                     ]
                 )
+
+
+def training_tiling(stores: Path, slide_ids: list[str]) -> dict[str, Any] | None:
+    """The tiling every training store was cut with (``wsi.TilingConfig`` fields), or None.
+
+    Recorded in ``model.json`` so ``oncotrace score`` cuts new slides the same way. None when
+    the stores disagree (or predate the record): scoring then uses its command-line values.
+    """
+    from wsi import read_store_attrs
+
+    seen: list[dict[str, Any]] = []
+    for sid in slide_ids:
+        attrs = read_store_attrs(stores / f"{sid}.zarr") or {}
+        tiling = attrs.get("tiling")
+        if not isinstance(tiling, dict):
+            return None
+        if tiling not in seen:
+            seen.append(tiling)
+    return seen[0] if len(seen) == 1 else None

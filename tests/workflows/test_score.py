@@ -300,3 +300,17 @@ def zarr_open(path: Path) -> Any:
     import zarr
 
     return zarr.open_group(path, mode="r")
+
+
+def test_scoring_tiles_as_the_model_was_trained_unless_told_otherwise() -> None:
+    from workflows._score_cli import resolve_tiling
+
+    trained = {"target_mpp": 1.0, "tile_px": 256, "stride_px": 128, "mode": "smear"}
+    none = {"target_mpp": None, "tile_px": None, "mode": None}
+    tiling, differs = resolve_tiling(trained, none)
+    assert tiling == trained and not differs
+    tiling, differs = resolve_tiling(trained, {**none, "tile_px": 224})
+    assert tiling == {**trained, "tile_px": 224} and differs == {"tile_px": (224, 256)}
+    # a model from before the record: wsi's defaults, and nothing to warn about
+    tiling, differs = resolve_tiling(None, {**none, "mode": "smear"})
+    assert tiling == {"target_mpp": 0.5, "tile_px": 224, "mode": "smear"} and not differs

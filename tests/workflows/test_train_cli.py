@@ -51,6 +51,10 @@ def test_kfold_writes_model_metrics_and_grouped_predictions(cohort: Path, tmp_pa
     assert code == 0, output
     meta = json.loads((out / "model.json").read_text())
     assert meta["encoder"]["name"] == "pathomics" and meta["covariates"]["names"] == ["age", "sex"]
+    # the stores' tiling is recorded so `oncotrace score` cuts new slides the same way
+    store = next((cohort / "stores").glob("*.zarr"))
+    assert meta["tiling"] == wsi.read_store_attrs(store)["tiling"]
+    assert meta["tiling"]["target_mpp"] == 0.5 and meta["tiling"]["tile_px"] == 224
     assert (out / "model.safetensors").is_file() and "label" in json.loads(
         (out / "metrics.json").read_text()
     )
