@@ -441,44 +441,13 @@ def write_ome_zarr(
     -------
     Path of the finished store; :func:`read_heatmap` reads it back.
     """
-    import warnings
-
-    import zarr
-
-    with warnings.catch_warnings():
-        # ome-zarr builds a deprecated Scaler as a default argument when the module is imported.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from ome_zarr.format import FormatV05
-        from ome_zarr.writer import write_multiscales_metadata
-
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    levels = _pyramid(heatmap.grid)
-    with _atomic(final) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        datasets = []
-        for k, level in enumerate(levels):
-            group.create_array(
-                f"s{k}",
-                data=np.ascontiguousarray(level, dtype=np.float32),
-                chunks=(min(level.shape[0], 512), min(level.shape[1], 512)),
-                fill_value=np.float32(np.nan),
-                dimension_names=("y", "x"),
-            )
-            datasets.append(
-                {"path": f"s{k}", "coordinateTransformations": ngff_transforms(heatmap, k)}
-            )
-        write_multiscales_metadata(
-            group,
-            datasets=datasets,
-            fmt=FormatV05(),
-            axes=[
-                {"name": "y", "type": "space", "unit": "micrometer"},
-                {"name": "x", "type": "space", "unit": "micrometer"},
-            ],
-            name=name,
-        )
-        group.attrs["oncotrace"] = {
+    return _write_ngff_grid(
+        path,
+        heatmap.grid,
+        lambda k: ngff_transforms(heatmap, k),
+        unit="micrometer",
+        name=name,
+        attrs={
             "kind": kind,
             "name": name,
             "value_unit": unit,
@@ -491,7 +460,59 @@ def write_ome_zarr(
             "n_tiles": heatmap.n_tiles,
             "pixel_convention": "translation = centre of cell (0, 0), level-0 pixel centres at "
             "integer multiples of mpp",
-        }
+        },
+    )
+
+
+def _write_ngff_grid(
+    path: str | Path,
+    grid: NDArray[np.float32],
+    transforms: Callable[[int], list[dict[str, Any]]],
+    *,
+    unit: str,
+    name: str,
+    attrs: Mapping[str, Any],
+) -> Path:
+    """Write ``grid`` and its NaN-aware pyramid as an NGFF 0.5 multiscale (Zarr v3), atomically.
+
+    ``transforms(k)`` gives level ``k``'s coordinateTransformations; both axes are in ``unit``;
+    ``attrs`` become the group's ``oncotrace`` attrs.
+    """
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        # ome-zarr builds a deprecated Scaler as a default argument when the module is imported.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.format import FormatV05
+        from ome_zarr.writer import write_multiscales_metadata
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic(final) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        datasets = []
+        for k, level in enumerate(_pyramid(grid)):
+            group.create_array(
+                f"s{k}",
+                data=np.ascontiguousarray(level, dtype=np.float32),
+                chunks=(min(level.shape[0], 512), min(level.shape[1], 512)),
+                fill_value=np.float32(np.nan),
+                dimension_names=("y", "x"),
+            )
+            datasets.append({"path": f"s{k}", "coordinateTransformations": transforms(k)})
+        write_multiscales_metadata(
+            group,
+            datasets=datasets,
+            fmt=FormatV05(),
+            axes=[
+                {"name": "y", "type": "space", "unit": unit},
+                {"name": "x", "type": "space", "unit": unit},
+            ],
+            name=name,
+        )
+        group.attrs["oncotrace"] = dict(attrs)
     return final
 
 

@@ -36,7 +36,7 @@ from numpy.typing import ArrayLike, NDArray
 from ._heatmap import (
     Heatmap,
     _atomic,
-    _pyramid,
+    _write_ngff_grid,
     write_overlay_png,
 )
 
@@ -684,44 +684,13 @@ def write_mapped_ome_zarr(
     -------
     Path of the finished store.
     """
-    import zarr
-
-    with warnings.catch_warnings():
-        # ome-zarr builds a deprecated Scaler as a default argument when the module is imported.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from ome_zarr.format import FormatV05
-        from ome_zarr.writer import write_multiscales_metadata
-
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(final) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        datasets = []
-        for k, level in enumerate(_pyramid(mapped.grid)):
-            group.create_array(
-                f"s{k}",
-                data=np.ascontiguousarray(level, dtype=np.float32),
-                chunks=(min(level.shape[0], 512), min(level.shape[1], 512)),
-                fill_value=np.float32(np.nan),
-                dimension_names=("y", "x"),
-            )
-            datasets.append(
-                {
-                    "path": f"s{k}",
-                    "coordinateTransformations": mapped_ngff_transforms(mapped.spacing_mm, k),
-                }
-            )
-        write_multiscales_metadata(
-            group,
-            datasets=datasets,
-            fmt=FormatV05(),
-            axes=[
-                {"name": "y", "type": "space", "unit": "millimeter"},
-                {"name": "x", "type": "space", "unit": "millimeter"},
-            ],
-            name=mapped.name,
-        )
-        group.attrs["oncotrace"] = {
+    return _write_ngff_grid(
+        path,
+        mapped.grid,
+        lambda k: mapped_ngff_transforms(mapped.spacing_mm, k),
+        unit="millimeter",
+        name=mapped.name,
+        attrs={
             "kind": "heatmap on ultrasound",
             "name": mapped.name,
             "empty_cells": "NaN",
@@ -731,8 +700,8 @@ def write_mapped_ome_zarr(
             "(NGFF pixel centres); the image's top-left corner is at -spacing_mm / 2",
             "ultrasound": None if ultrasound is None else ultrasound.describe(),
             **(dict(extra) if extra else {}),
-        }
-    return final
+        },
+    )
 
 
 def _pixel_heatmap(mapped: MappedHeatmap) -> Heatmap:
