@@ -36,7 +36,6 @@ JPEG_QUALITY = 85
 DEFAULT_CACHE_MIB = 256
 #: Open slide handles kept (least recently used closed first).
 DEFAULT_MAX_OPEN_SLIDES = 8
-WHITE = 255
 
 
 class TileNotFoundError(LookupError):
@@ -149,25 +148,14 @@ def render_tile(slide: Slide, region: TileRegion) -> NDArray[np.uint8]:
     tile pixel half over the edge averages the slide with white).
     """
     out_w, out_h = region.size
-    ex, ey = region.extent
     ds = region.downsample
     level = slide.best_level_for_downsample(ds)
     lds = slide.level_downsamples[level]
-    lw, lh = slide.level_dimensions[level]
-    # The readers map a level-0 location to level pixel floor(x / lds) (cuCIM's rule).
-    lx, ly = math.floor(region.location[0] / lds), math.floor(region.location[1] / lds)
-    # The whole tile in level pixels, so the shrink factor is exactly ds / lds ...
+    # The whole tile in level pixels, so the shrink factor is exactly ds / lds; the Slide API
+    # gives white past the slide's edge, whichever reader is behind it.
     full_w = max(1, round(out_w * ds / lds))
     full_h = max(1, round(out_h * ds / lds))
-    # ... of which only the part inside the slide is read: readers disagree on what lies
-    # beyond the edge (cuCIM returns black, OpenSlide transparent).
-    read_w = max(1, min(full_w, math.ceil(ex / lds), lw - lx))
-    read_h = max(1, min(full_h, math.ceil(ey / lds), lh - ly))
-    pixels = slide.read_region(region.location, level, (read_w, read_h))
-    if (read_w, read_h) != (full_w, full_h):
-        canvas = np.full((full_h, full_w, 3), WHITE, np.uint8)
-        canvas[:read_h, :read_w] = pixels
-        pixels = canvas
+    pixels = slide.read_region(region.location, level, (full_w, full_h))
     if (full_w, full_h) != (out_w, out_h):
         pixels = np.asarray(
             Image.fromarray(pixels).resize((out_w, out_h), Image.Resampling.BOX), np.uint8
