@@ -361,29 +361,25 @@ def _heatmaps(
     ts = attrs["tile_size_level0"]
     stride = attrs.get("stride_level0") or ts
     scores = {t: spatial.normalise_attention(a, method="rank") for t, a in attention.items()}
-    first = next(iter(scores))
-    heat = spatial.attention_heatmap(
-        coords,
-        scores[first],
-        tile_size_level0=(float(ts[0]), float(ts[1])),
-        level0_size=tuple(attrs["level0_size"]),
-        mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])),
-        stride_level0=(float(stride[0]), float(stride[1])),
-    )
-    spatial.write_ome_zarr(heat, here / "attention.ome.zarr", name=f"attention ({first})")
-    # the other tasks' attention (multi-task heads attend per task) for viewers to switch to
-    for task, task_scores in list(scores.items())[1:]:
-        other = spatial.attention_heatmap(
+    heats = {
+        t: spatial.attention_heatmap(
             coords,
-            task_scores,
+            s,
             tile_size_level0=(float(ts[0]), float(ts[1])),
             level0_size=tuple(attrs["level0_size"]),
             mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])),
             stride_level0=(float(stride[0]), float(stride[1])),
         )
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+        for t, s in scores.items()
+    }
+    first = next(iter(heats))
+    heat = heats[first]
+    # the first task as attention.ome.zarr; the others (multi-task heads attend per task) for
+    # viewers to switch to
+    for task, task_heat in heats.items():
+        stem = "" if task == first else "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", task)
         spatial.write_ome_zarr(
-            other, here / f"attention-{stem}.ome.zarr", name=f"attention ({task})"
+            task_heat, here / f"attention{stem}.ome.zarr", name=f"attention ({task})"
         )
     spatial.write_geojson(
         here / "attention.geojson",

@@ -291,6 +291,7 @@ def register(app: typer.Typer, console: Console) -> None:
             write_st_report,
         )
         from spatial._visium import DEFAULT_IMMUNE_GENES
+        from wsi import MppError
 
         if image not in ("fullres", "hires", "lowres"):
             raise typer.BadParameter("--image must be fullres, hires or lowres")
@@ -315,11 +316,15 @@ def register(app: typer.Typer, console: Console) -> None:
             if cells_csv is not None:
                 cells = CellTable.from_csv(cells_csv)
             else:
-                slide_mpp = mpp
-                if slide_mpp is None and not _has_file_mpp(slide):
-                    # the 55 µm spots fix the image's scale when the file carries none (PNGs)
-                    slide_mpp = vis.mpp_fullres * scale
-                cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=slide_mpp)
+                try:
+                    cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=mpp)
+                except MppError:
+                    if mpp is not None:
+                        raise
+                    # the 55 µm spots fix the image's scale when the file carries none (PNGs);
+                    # open_slide raises this before any detection work
+                    spot_mpp = vis.mpp_fullres * scale
+                    cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=spot_mpp)
             if max(cells.mpp) > COARSE_MPP:
                 coarse.append(
                     f"the slide is {max(cells.mpp):.2f} µm/px: nuclei are not resolved above "
@@ -363,14 +368,3 @@ def _fmt(value: Any) -> str:
         return f"{float(value):.3g}"
     except (TypeError, ValueError):
         return str(value)
-
-
-def _has_file_mpp(path: Path) -> bool:
-    """True when the slide file itself records a plausible mpp."""
-    from wsi import MppError, open_slide
-
-    try:
-        with open_slide(path):
-            return True
-    except MppError:
-        return False
