@@ -73,16 +73,8 @@ def spatial_demo(
         )
         # the hottest attention cell, through the truth and through the fit
         r, c = np.unravel_index(np.nanargmax(attention.grid), attention.grid.shape)
-        hot_um = np.array(
-            [
-                [
-                    (attention.origin_level0[0] + (c + 0.5) * attention.cell_size_level0[0])
-                    * attention.mpp[0],
-                    (attention.origin_level0[1] + (r + 0.5) * attention.cell_size_level0[1])
-                    * attention.mpp[1],
-                ]
-            ]
-        )
+        hot_x, hot_y = attention.cell_centre_level0(r, c)
+        hot_um = np.array([[hot_x * attention.mpp[0], hot_y * attention.mpp[1]]], np.float64)
         err = float(np.hypot(*(reg.transform(hot_um) - phantom.truth(hot_um))[0]))
         hold = reg.report.get("holdout_tre_mm") or {}
         summary[here.name] = {
