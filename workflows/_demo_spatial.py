@@ -17,21 +17,6 @@ from typing import Any
 import numpy as np
 
 
-def write_landmarks_json(path: Path, landmarks: Any) -> Path:
-    """``landmarks.json`` in the documented format (µm on the slide, mm on the frame)."""
-    points = [
-        {
-            "id": pid,
-            "pathology_um": [round(float(v), 3) for v in landmarks.pathology_um[i]],
-            "ultrasound_mm": [round(float(v), 5) for v in landmarks.ultrasound_mm[i]],
-            "role": landmarks.roles[i],
-        }
-        for i, pid in enumerate(landmarks.ids)
-    ]
-    path.write_text(json.dumps({"points": points}, indent=1) + "\n")
-    return path
-
-
 def spatial_demo(
     results: Path, on_slide: Callable[[str], None] | None = None, *, workers: int = 2
 ) -> dict[str, Any]:
@@ -60,7 +45,10 @@ def spatial_demo(
         us_dir = here / "ultrasound"
         us_dir.mkdir(parents=True, exist_ok=True)
         phantom = spatial.render_ultrasound_phantom(size_um, seed=i, path=us_dir / "frame.png")
-        write_landmarks_json(us_dir / "landmarks.json", phantom.landmarks)
+        # the documented landmarks.json format (µm on the slide, mm on the frame)
+        (us_dir / "landmarks.json").write_text(
+            json.dumps(phantom.landmarks.to_dict(), indent=1) + "\n"
+        )
         reg = spatial.fit_landmarks(phantom.landmarks, bin_um=50.0)
         spatial.to_ultrasound(attention, reg, phantom.ultrasound, us_dir, name="attention")
         spatial.to_ultrasound(
