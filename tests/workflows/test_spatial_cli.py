@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -123,8 +124,6 @@ def test_map_us_puts_the_planted_cluster_where_the_landmarks_say(
     reg = json.loads((out / "registration.json").read_text())
     tre = reg["report"]["holdout_tre_mm"]["mean"]
     assert tre < 0.03
-    import zarr
-
     grid = np.asarray(zarr.open_group(out / "density.ome.zarr", mode="r")["s0"][...])
     assert grid.shape == (US_SIZE[1], US_SIZE[0])
     r, c = np.unravel_index(np.nanargmax(grid), grid.shape)
@@ -169,11 +168,8 @@ def test_map_us_real_til_grid_onto_the_calibrated_cine(tmp_path: Path, shared_da
     assert code == 2 and "--heatmap-mpp" in text  # the TIL grid has no scale
     code, text = _run(*base, "--frame", "3", "--heatmap-mpp", "0.25", "--out", str(tmp_path / "o"))
     assert code == 0, text
-    grid = np.asarray(
-        __import__("zarr").open_group(tmp_path / "o" / "lymphocyte_probability.ome.zarr", mode="r")[
-            "s0"
-        ][...]
-    )
+    store = zarr.open_group(tmp_path / "o" / "lymphocyte_probability.ome.zarr", mode="r")
+    grid = np.asarray(store["s0"][...])
     assert grid.shape == (240, 320)
     # the grid's 97 x 60 mm slide frame lands where the landmarks put it: corners of the TIL
     # extent map inside the frame and the values are lym_prob in [0, 1]
