@@ -70,7 +70,7 @@ def _candidate_slides() -> list[Path]:
 
 def _squares_slide(n_tiles: int) -> Path:
     """A jpeg ``make_tissue_squares`` slide at 0.5 µm/px with one square holding ≥ n tiles."""
-    from wsi.synthetic import make_tissue_squares
+    from oncotrace.wsi.synthetic import make_tissue_squares
 
     side = int(np.ceil(np.sqrt(n_tiles * 1.1))) * TILE_PX
     path = DATA / f"squares-{side}.tiff"
@@ -88,10 +88,10 @@ def _squares_slide(n_tiles: int) -> Path:
 
 def ensure_store(n_tiles: int, *, regenerate: bool = False) -> tuple[Path, dict[str, Any]]:
     """A finished tile store with exactly ``n_tiles`` 224-px tiles at 0.5 µm/px (cached)."""
-    from wsi import open_slide, read_store_attrs
-    from wsi._store import TilingConfig, write_patches
-    from wsi._tiling import tile_coords
-    from wsi._tissue import detect_tissue
+    from oncotrace.wsi import open_slide, read_store_attrs
+    from oncotrace.wsi._store import TilingConfig, write_patches
+    from oncotrace.wsi._tiling import tile_coords
+    from oncotrace.wsi._tissue import detect_tissue
 
     out_dir = DATA / f"embed-store-{n_tiles}"
     if out_dir.exists() and not regenerate:
@@ -129,8 +129,7 @@ def ensure_store(n_tiles: int, *, regenerate: bool = False) -> tuple[Path, dict[
 def load_batches(store: Path, batch_size: int) -> list[np.ndarray]:
     """The store's patches in memory, as the same uint8 batches embed() will see."""
     import zarr
-
-    from wsi._store import fast_codecs
+    from oncotrace.wsi._store import fast_codecs
 
     with fast_codecs():
         patches = zarr.open_group(store, mode="r")["patches"]
@@ -197,7 +196,7 @@ def bare_forward(enc: Any, batches: list[np.ndarray]) -> dict[str, Any]:
 
 
 def embed_e2e(enc: Any, store: Path, batch_size: int, n: int) -> dict[str, Any]:
-    import mil
+    from oncotrace import mil
 
     proxy = TimedEncoder(enc)
 
@@ -212,8 +211,8 @@ def embed_zarrs_reads(enc: Any, store: Path, batch_size: int, n: int) -> dict[st
     """(2') What-if for the proposed fix: the same embed() call inside ``fast_codecs()``, so the
     ``patches`` array embed() opens is read through the zarrs pipeline too (today it is opened
     before embed() enters ``fast_codecs()`` and is read by zarr-python's own pipeline)."""
-    import mil
-    from wsi._store import fast_codecs
+    from oncotrace import mil
+    from oncotrace.wsi._store import fast_codecs
 
     proxy = TimedEncoder(enc)
 
@@ -227,7 +226,7 @@ def embed_zarrs_reads(enc: Any, store: Path, batch_size: int, n: int) -> dict[st
 
 def profile_embed(enc: Any, store: Path, batch_size: int, top: int = 18) -> str:
     """cProfile of one embed run (main thread only), top entries by own time and cumulative."""
-    import mil
+    from oncotrace import mil
 
     prof = cProfile.Profile()
     prof.enable()
@@ -254,7 +253,7 @@ def prefetch_read_alone(store: Path, batch_size: int) -> dict[str, Any]:
 
     r = _phase("    reads as embed() does them (zarr-python pipeline)", n, run)
 
-    from wsi._store import fast_codecs
+    from oncotrace.wsi._store import fast_codecs
 
     with fast_codecs():
         p2 = zarr.open_group(store, mode="r")["patches"]
@@ -271,8 +270,7 @@ def bench_encoder(
     name: str, store: Path, batches: list[np.ndarray], args: argparse.Namespace
 ) -> dict[str, Any]:
     import torch
-
-    import mil
+    from oncotrace import mil
 
     n = sum(len(b) for b in batches)
     enc = mil.create_encoder(name, weights="random", precision=args.precision, threads=args.threads)

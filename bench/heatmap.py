@@ -75,8 +75,7 @@ def child(n_tiles: int, repeat: int, result: Path) -> None:
     import numpy as np
     import psutil
     import zarr
-
-    import spatial
+    from oncotrace import spatial
 
     t_base_imports = time.perf_counter() - t0
     rss_base = psutil.Process().memory_info().rss / 1e6

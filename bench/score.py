@@ -37,7 +37,7 @@ DATA = HERE / "_data" / "score"
 
 
 def _cohort(n: int, size: int, name: str) -> list[Path]:
-    from mil.phantom import make_cohort
+    from oncotrace.mil.phantom import make_cohort
 
     root = DATA / f"{name}-{n}x{size}"
     if not (root / "cohort.json").is_file():
@@ -50,7 +50,7 @@ def _cohort(n: int, size: int, name: str) -> list[Path]:
 
 def _model() -> Path:
     """An untrained gated-ABMIL head on pathomics features (throughput does not need a fit)."""
-    import mil
+    from oncotrace import mil
 
     out = DATA / "model"
     if not (out / "model.json").is_file():
@@ -61,7 +61,13 @@ def _model() -> Path:
 
 
 def _run(slides: list[Path], workers: int, threads: int, tag: str) -> dict[str, float]:
-    from workflows._score import ScoreConfig, SlideJob, model_hash, run_score, write_outputs
+    from oncotrace.workflows._score import (
+        ScoreConfig,
+        SlideJob,
+        model_hash,
+        run_score,
+        write_outputs,
+    )
 
     model = _model()
     out = DATA / f"results-{tag}"

@@ -93,7 +93,7 @@ def oncotrace_cli() -> list[str] | None:
     if exe.exists():
         return [str(exe)]
     try:
-        import workflows.cli  # noqa: F401
+        import oncotrace.workflows.cli  # noqa: F401
     except ImportError:
         return None
     return [
@@ -372,8 +372,8 @@ def breakdown(
     max_n: int = 4096,
 ) -> dict[str, float]:
     """Per-stage cost of the tiler on the same coords, each stage alone, in this process."""
-    import wsi
-    from wsi import _tiling
+    from oncotrace import wsi
+    from oncotrace.wsi import _tiling
 
     sel = coords[subset_runs(len(coords), max_n)]
     res: dict[str, float] = {}
@@ -462,7 +462,7 @@ def tiler_fingerprint() -> dict[str, str]:
 def tiler_cucim_cache_mib() -> int:
     """The cuCIM cache size the tiler sets up for itself (0 if it sets none). Imports no cuCIM."""
     try:
-        from wsi import _backends
+        from oncotrace.wsi import _backends
     except ImportError:
         return 0
     return int(getattr(_backends, "CUCIM_CACHE_MIB", 0) or 0)

@@ -81,9 +81,8 @@ def ensure_data(
 ) -> tuple[Path, list[Path], np.ndarray, dict[str, Any]]:
     """The cohort's stores and labels, generated once (``done.json`` marks a finished set)."""
     import zarr
-
-    from mil._embed import FEATURE_CHUNK
-    from wsi._store import ATTRS_KEY, fast_codecs
+    from oncotrace.mil._embed import FEATURE_CHUNK
+    from oncotrace.wsi._store import ATTRS_KEY, fast_codecs
 
     root = data_dir(bags, instances, dim, codec, seed)
     marker = root / "done.json"
@@ -177,7 +176,7 @@ class SerialBags(Sequence[np.ndarray]):
 
 
 def run_fit(bags: Any, labels: np.ndarray, dim: int, args: argparse.Namespace) -> dict[str, Any]:
-    import mil
+    from oncotrace import mil
 
     _, hist = mil.fit(
         bags,
@@ -227,8 +226,7 @@ def _round(v: float | None) -> float | None:
 
 def load_in_memory(paths: Sequence[Path]) -> tuple[list[np.ndarray], float]:
     import zarr
-
-    from wsi._store import fast_codecs
+    from oncotrace.wsi._store import fast_codecs
 
     t0 = time.perf_counter()
     out = []
@@ -256,9 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-
-    from mil import _bags
-    from mil._bags import ZarrBags  # not exported from `mil` yet
+    from oncotrace.mil import _bags
+    from oncotrace.mil._bags import ZarrBags  # not exported from `mil` yet
 
     torch.set_num_threads(args.threads)
     print(

@@ -83,8 +83,7 @@ def _results(slide: Path, root: Path) -> Path:
 
 def _tile_set(width: int, height: int, n: int, seed: int) -> list[tuple[int, int, int]]:
     import numpy as np
-
-    from workflows._viewer._tiles import DeepZoom
+    from oncotrace.workflows._viewer._tiles import DeepZoom
 
     dz = DeepZoom(width, height)
     rng = np.random.default_rng(seed)
@@ -98,9 +97,8 @@ def _tile_set(width: int, height: int, n: int, seed: int) -> list[tuple[int, int
 
 def _bare(slide_path: Path, tiles: list[tuple[int, int, int]]) -> Callable[[], int]:
     """The baseline loop, written out: geometry, read_region, resize, encode."""
+    from oncotrace.wsi import open_slide
     from PIL import Image
-
-    from wsi import open_slide
 
     slide = open_slide(slide_path)
     w0, h0 = slide.dimensions
@@ -193,7 +191,7 @@ class _ViewProcess:
     def __init__(self, root: Path, cache_mib: float) -> None:
         import subprocess
 
-        cmd = [sys.executable, "-m", "workflows.cli", "view", str(root), "--port", "0"]
+        cmd = [sys.executable, "-m", "oncotrace.workflows.cli", "view", str(root), "--port", "0"]
         cmd += ["--cache-mib", str(cache_mib), "--no-browser"]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -271,7 +269,7 @@ def main() -> None:
     if not args.decoder_cache:
         _no_decoder_cache(cfg_dir)
 
-    from workflows._viewer.server import create_app, start_server
+    from oncotrace.workflows._viewer.server import create_app, start_server
 
     slide = _slide(args.size)
     with tempfile.TemporaryDirectory(prefix="viewer-bench-") as tmp:

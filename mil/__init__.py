@@ -1,5 +1,14 @@
 """mil — patch encoders, embeddings, attention-MIL heads, training and evaluation."""
 
+if __name__ != "oncotrace.mil":
+    # The source folder was imported under its bare name (e.g. from the repository root, which
+    # is on sys.path there): a second, unrelated copy of the stage. Refuse it.
+    raise ImportError(
+        f"this is OncoTrace's `mil` stage, importable only as `oncotrace.mil` "
+        f"(got {__name__!r}): write `from oncotrace import mil` after `pip install -e .`"
+    )
+
+
 from . import _metrics as metrics
 from ._bags import ZarrBags, prefetch_bags
 from ._embed import embed, read_features

@@ -17,8 +17,7 @@ from typing import Any, overload
 
 import numpy as np
 import zarr
-
-from wsi._store import fast_codecs
+from oncotrace.wsi._store import fast_codecs
 
 from ._embed import FEATURES_GROUP
 

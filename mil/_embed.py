@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-
-from wsi import read_store_attrs
-from wsi._store import fast_codecs
+from oncotrace.wsi import read_store_attrs
+from oncotrace.wsi._store import fast_codecs
 
 from ._encoders import Encoder, create_encoder
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from oncotrace import __version__
 
 from . import _metrics
 from ._splits import _check_inputs, _patient_labels
@@ -173,7 +174,7 @@ class _FewShotHead:
         meta = {
             "format": _FORMAT,
             "format_version": _FORMAT_VERSION,
-            "oncotrace_version": _package_version(),
+            "oncotrace_version": __version__,
             "kind": self.kind,
             "classes": self.classes_.tolist(),
             "pool": self.pool,
@@ -182,15 +183,6 @@ class _FewShotHead:
         }
         (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass(eq=False)

@@ -47,6 +47,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from oncotrace import __version__
 from torch import Tensor, nn
 
 from ._state import state_dict_mismatch
@@ -972,15 +973,6 @@ def create_head(
 # --------------------------------------------------------------------------------------------
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def save_head(model: MILHead, directory: str | Path) -> Path:
     """Write ``model.safetensors`` (weights) and ``model.json`` (config) into ``directory``.
 
@@ -1004,7 +996,7 @@ def save_head(model: MILHead, directory: str | Path) -> Path:
     meta = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
-        "oncotrace_version": _package_version(),
+        "oncotrace_version": __version__,
         "torch_version": torch.__version__,
         "weights": _WEIGHTS_FILE,
         "config": model.config.to_dict(),

@@ -31,10 +31,15 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
-
-from wsi import read_store_attrs, store_path
-from wsi._inspect import file_fingerprint
-from wsi._store import ATTRS_KEY, STORE_FORMAT, _remove_stale_partials, fast_codecs, package_version
+from oncotrace import __version__
+from oncotrace.wsi import read_store_attrs, store_path
+from oncotrace.wsi._inspect import file_fingerprint
+from oncotrace.wsi._store import (
+    ATTRS_KEY,
+    STORE_FORMAT,
+    _remove_stale_partials,
+    fast_codecs,
+)
 
 from ._embed import FEATURE_CHUNK, FEATURES_GROUP
 
@@ -407,7 +412,7 @@ def _store_attrs(h5: H5Features, sid: str, fp: str, sha: str) -> dict[str, Any]:
     return {
         "format": STORE_FORMAT,
         "complete": True,
-        "package_version": package_version(),
+        "package_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "slide_id": sid,
         "source_path": str(h5.path.resolve()),

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
-from wsi import read_store_attrs
+from oncotrace.wsi import read_store_attrs
 
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
 

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from oncotrace import __version__
+from oncotrace.wsi.synthetic import BACKGROUND, he_texture, write_pyramid_tiff
 from PIL import Image
 from scipy import ndimage
-
-from wsi.synthetic import BACKGROUND, he_texture, write_pyramid_tiff
 
 Mode = Literal["tissue", "smear"]
 Morphology = Literal["gland", "sheet", "spindle"]
@@ -349,7 +349,7 @@ def make_cohort(
     meta = {
         "format": COHORT_FORMAT,
         "generator": "oncotrace.mil.phantom.make_cohort",
-        "version": _package_version(),
+        "version": __version__,
         "mode": mode,
         "mpp": mpp,
         "size_px": [w, h],
@@ -416,15 +416,6 @@ def _render_job(job: _Job) -> None:
         description="OncoTrace phantom slide",
     )
     Image.fromarray(region.astype(np.uint8) * 255).save(job.out / "masks" / f"{job.slide_id}.png")
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _resolve_morphologies(

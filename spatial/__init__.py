@@ -1,14 +1,25 @@
 """spatial — heatmaps, immune-cell maps, ultrasound registration and spatial-transcriptomics
 validation, and the files viewers read (ARCHITECTURE.md)."""
 
+if __name__ != "oncotrace.spatial":
+    # The source folder was imported under its bare name (e.g. from the repository root, which
+    # is on sys.path there): a second, unrelated copy of the stage. Refuse it.
+    raise ImportError(
+        f"this is OncoTrace's `spatial` stage, importable only as `oncotrace.spatial` "
+        f"(got {__name__!r}): write `from oncotrace import spatial` after `pip install -e .`"
+    )
+
+
 from ._cellphantom import ImmuneCluster, PlantedCells, render_cells, write_phantom_slide
 from ._heatmap import (
+    Colormap,
     Heatmap,
     attention_heatmap,
     ngff_transforms,
     normalise_attention,
     read_heatmap,
     render_overlay,
+    value_range,
     write_geojson,
     write_ome_zarr,
     write_overlay_png,
@@ -84,6 +95,7 @@ __all__ = [
     "US_PX",
     "Affine",
     "CellTable",
+    "Colormap",
     "DensityMaps",
     "Heatmap",
     "ImmuneCluster",
@@ -134,6 +146,7 @@ __all__ = [
     "to_ultrasound",
     "toroidal_null",
     "transform_from_dict",
+    "value_range",
     "visium_image_scale",
     "write_geojson",
     "write_immune_outputs",

@@ -309,6 +309,6 @@ def write_phantom_slide(
     Uses :func:`wsi.synthetic.write_pyramid_tiff` (what the wsi tests use), so
     :func:`wsi.open_slide` reads it through the ordinary slide path.
     """
-    from wsi.synthetic import write_pyramid_tiff
+    from oncotrace.wsi.synthetic import write_pyramid_tiff
 
     return write_pyramid_tiff(path, image, mpp=mpp, levels=levels, compression=compression)

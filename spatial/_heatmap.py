@@ -665,7 +665,7 @@ def write_geojson(
 # --------------------------------------------------------------------------------------------
 
 
-def _value_range(heatmap: Heatmap, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+def value_range(heatmap: Heatmap, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     finite = heatmap.grid[np.isfinite(heatmap.grid)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
@@ -717,7 +717,7 @@ def render_overlay(
     row, _ = heatmap.cell_of(0.0, (np.arange(h) + 0.5) * dy)
     _, col = heatmap.cell_of((np.arange(w) + 0.5) * dx, 0.0)
     row_ok, col_ok = (row >= 0) & (row < gh), (col >= 0) & (col < gw)
-    lo, hi = _value_range(heatmap, vmin, vmax)
+    lo, hi = value_range(heatmap, vmin, vmax)
     # Colour the small grid once through a 256-entry table, then index it per thumbnail pixel.
     lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
     finite = np.isfinite(heatmap.grid)
@@ -788,7 +788,7 @@ def write_overlay_png(
         thumb = thumb[step // 2 :: step, step // 2 :: step]
         dx, dy = dx * step, dy * step
     image = render_overlay(heatmap, thumb, (dx, dy), alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
-    lo, hi = _value_range(heatmap, vmin, vmax)
+    lo, hi = value_range(heatmap, vmin, vmax)
     h, w = image.shape[:2]
     bar_px, title_px = 110, (32 if title else 0)
     body_px = max(h, 240)

@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 from ._heatmap import Heatmap, _atomic
 
 if TYPE_CHECKING:
-    from wsi import Slide
+    from oncotrace.wsi import Slide
 
 Stain = Literal["he", "ihc-dab"]
 GeometryKind = Literal["polygon", "point"]
@@ -776,7 +776,7 @@ def _resolve_store(
     path: Path, mpp: float | None
 ) -> tuple[Path, float | tuple[float, float] | None]:
     """A per-slide Zarr store stands for its source slide (with the store's mpp override)."""
-    import wsi
+    from oncotrace import wsi
 
     if not path.is_dir() or path.suffix != ".zarr":
         return path, mpp
@@ -841,7 +841,7 @@ def detect_immune_cells(
         Bad stain, mpp, region or image. ``wsi`` errors (MppError, NoTissueError, …) pass
         through with the file named.
     """
-    import wsi
+    from oncotrace import wsi
 
     if stain not in CLASSES:
         raise ValueError(f"stain must be 'he' or 'ihc-dab', got {stain!r}.")

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from oncotrace import __version__
 from scipy.interpolate import RBFInterpolator
 from scipy.linalg import null_space
 from scipy.spatial import Delaunay
@@ -990,15 +991,6 @@ def _ratio(value: float | None, denominator: float) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
-
-
 @dataclass(frozen=True, eq=False)
 class Registration:
     """A fitted ``"slide_um" -> "us_mm"`` transform with its accuracy report.
@@ -1035,7 +1027,7 @@ class Registration:
         return {
             "format": "oncotrace.registration",
             "format_version": REGISTRATION_FORMAT,
-            "oncotrace_version": _package_version(),
+            "oncotrace_version": __version__,
             "source": self.transform.source,
             "target": self.transform.target,
             "model": self.model,

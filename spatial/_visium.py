@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
+from oncotrace import __version__
 
 from ._heatmap import _atomic
 from ._spatialstats import (
@@ -837,7 +838,7 @@ def st_validate(
     spot_area_mm2 = math.pi * (VISIUM_SPOT_DIAMETER_UM / 2000.0) ** 2
     return {
         "kind": "oncotrace.st_validation",
-        "version": _package_version(),
+        "version": __version__,
         "visium": {
             "source": str(visium.source),
             "counts_source": str(visium.counts_source) if visium.counts_source else None,
@@ -873,15 +874,6 @@ def st_validate(
         "warnings": warnings,
         "spots": spots,
     }
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ("wsi", "mil", "spatial", "workflows")
+PACKAGES = tuple(f"oncotrace.{stage}" for stage in ("wsi", "mil", "spatial", "workflows"))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -20,7 +20,7 @@ def test_all_names_resolve(package: str) -> None:
 
 
 def test_wsi_exports_the_slide_api() -> None:
-    import wsi
+    from oncotrace import wsi
 
     assert {"open_slide", "Slide", "Mpp", "SlideError", "EXPORTED_PROPERTIES"} <= set(wsi.__all__)
     for name in ("UnsupportedSlideError", "CorruptSlideError", "MppError"):

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wsi import SlideError, TilingConfig, slide_id_for, tile_slide
-from wsi._store import package_version
+from oncotrace import __version__
+from oncotrace.wsi import SlideError, TilingConfig, slide_id_for, tile_slide
 
 #: File types picked up when a folder is given (DICOM-WSI folders are picked up as folders).
 SLIDE_SUFFIXES = frozenset(
@@ -86,7 +86,7 @@ def _is_dicom_folder(p: Path) -> bool:
 
 
 def _stage_of(exc: BaseException) -> str:
-    from wsi import (
+    from oncotrace.wsi import (
         CorruptSlideError,
         MppError,
         NoTissueError,
@@ -180,7 +180,7 @@ def tile_batch(
     report.seconds = time.perf_counter() - t0
     write_errors_csv(out_dir / "errors.csv", report.errors)
     summary = {
-        "package_version": package_version(),
+        "package_version": __version__,
         "config": asdict(config),
         "mpp_override": mpp,
         "workers": workers,

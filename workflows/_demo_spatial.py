@@ -26,7 +26,7 @@ def spatial_demo(
     ultrasound distance between where the true transform puts the hottest attention cell and
     where the fitted one does (mm).
     """
-    import spatial
+    from oncotrace import spatial
 
     summary: dict[str, Any] = {}
     for i, here in enumerate(sorted((results / "slides").iterdir())):

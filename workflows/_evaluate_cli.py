@@ -106,7 +106,7 @@ def evaluate_command(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Load, check, predict, calibrate, evaluate and write the report files into ``out``."""
-    import mil
+    from oncotrace import mil
 
     t0 = time.perf_counter()
     model, meta = mil.load_model(model_dir)
@@ -208,7 +208,7 @@ def evaluate_command(
 def _model_inputs(
     model_dir: Path, model: Any, meta: dict[str, Any]
 ) -> tuple[str, dict[str, tuple[str, ...]], dict[str, Any]]:
-    from mil import encoder_config
+    from oncotrace.mil import encoder_config
 
     path = model_dir / "model.json"
     enc = meta.get("encoder")
@@ -285,7 +285,7 @@ def _compare_readers(
     calibrated: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """McNemar (accuracy) and, for binary tasks with reader scores, DeLong (AUC) per reader."""
-    import mil
+    from oncotrace import mil
 
     calls = _read_readers(path, data, tasks)
     rows = []

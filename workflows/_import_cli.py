@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from oncotrace import __version__
+from oncotrace.workflows._batch import BatchReport, write_errors_csv
 from rich.console import Console
 from rich.table import Table
-
-from workflows._batch import BatchReport, write_errors_csv
-from wsi._store import package_version
 
 H5_SUFFIXES = frozenset({".h5", ".hdf5"})
 SUMMARY_FILE = "import-features.json"
@@ -60,7 +59,7 @@ def import_batch(
     ``errors.csv`` and ``import-features.json`` in ``out_dir`` describe this run (rewritten
     each run, so a file fixed since the last run drops out of the error list).
     """
-    from mil._import import FeatureImportError, import_features
+    from oncotrace.mil import FeatureImportError, import_features
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
@@ -112,7 +111,7 @@ def import_batch(
     report.seconds = time.perf_counter() - t0
     write_errors_csv(out_dir / "errors.csv", report.errors)
     summary = {
-        "package_version": package_version(),
+        "package_version": __version__,
         "name": name,
         "tile_px_level0": tile_px,
         "mpp": mpp,

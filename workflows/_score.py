@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from wsi import SlideError, TilingConfig, slide_id_for
-from wsi._inspect import file_fingerprint
+from oncotrace import __version__
+from oncotrace.wsi import SlideError, TilingConfig, slide_id_for
+from oncotrace.wsi._inspect import file_fingerprint
 
 RESULT_FORMAT = 1
 TOP_K = 3
@@ -157,7 +157,7 @@ _LOADS = {"model": 0, "encoder": 0}  # how often this process loaded them (run.j
 
 
 def _load(cfg: ScoreConfig) -> tuple[Any, dict[str, Any], Any]:
-    import mil
+    from oncotrace import mil
 
     if cfg.model_hash not in _MODELS:
         _MODELS.clear()  # one model per run; do not keep old ones in a long-lived worker
@@ -213,7 +213,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         model, meta, encoder = _load(cfg)
         stage = "tile"
         t = time.perf_counter()
-        from wsi import tile_slide
+        from oncotrace.wsi import tile_slide
 
         tiled = tile_slide(
             job.path,
@@ -226,7 +226,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         timings["tile_s"] = time.perf_counter() - t
         stage = "embed"
         t = time.perf_counter()
-        import mil
+        from oncotrace import mil
 
         mil.embed(tiled.store, encoder)
         timings["embed_s"] = time.perf_counter() - t
@@ -290,7 +290,7 @@ def _peak_rss_mib() -> float:
 
 def _stage_name(exc: BaseException, stage: str) -> str:
     if stage == "tile" and isinstance(exc, SlideError):
-        from workflows._batch import _stage_of
+        from oncotrace.workflows._batch import _stage_of
 
         return _stage_of(exc)
     return stage
@@ -299,7 +299,7 @@ def _stage_name(exc: BaseException, stage: str) -> str:
 def _predict(
     store: Path, job: SlideJob, model: Any, meta: Mapping[str, Any], encoder: Any
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
-    import mil
+    from oncotrace import mil
 
     if model.config.multimodal:
         raise ValueError(
@@ -349,9 +349,8 @@ def _heatmaps(
     store: Path, here: Path, attention: Mapping[str, np.ndarray], coords: np.ndarray
 ) -> None:
     import zarr
-
-    import spatial
-    from wsi import read_store_attrs
+    from oncotrace import spatial
+    from oncotrace.wsi import read_store_attrs
 
     attrs = read_store_attrs(store) or {}
     g = zarr.open_group(store, mode="r")
@@ -607,10 +606,8 @@ def write_outputs(
         for e in sorted(errors, key=lambda e: e["slide_id"]):
             w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], e["message"]])
     os.replace(tmp, err_path)
-    from wsi._store import package_version
-
     run = {
-        "oncotrace": package_version(),
+        "oncotrace": __version__,
         "versions": _versions(),
         "config": {**dict(run_config), **asdict(cfg)},
         "model_hash": cfg.model_hash,

@@ -73,8 +73,8 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = False,
     ) -> None:
         """Tile → embed → predict → heatmaps for every slide; one Dask task per slide, resumable."""
-        from workflows._batch import find_slides
-        from workflows._score import (
+        from oncotrace.workflows._batch import find_slides
+        from oncotrace.workflows._score import (
             ScoreConfig,
             SlideJob,
             _check_unique,
@@ -83,7 +83,7 @@ def register(app: typer.Typer, console: Console) -> None:
             run_score,
             write_outputs,
         )
-        from wsi import slide_id_for
+        from oncotrace.wsi import slide_id_for
 
         if mode is not None and mode not in ("tissue", "smear"):
             raise typer.BadParameter("--mode must be 'tissue' or 'smear'")

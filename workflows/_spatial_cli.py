@@ -59,7 +59,7 @@ def load_heatmap_input(path: Path, *, mpp: float | None) -> tuple[Any, str]:
 
     Returns the :class:`spatial.Heatmap` and a layer name for the outputs.
     """
-    from spatial import load_til_grid, read_heatmap
+    from oncotrace.spatial import load_til_grid, read_heatmap
 
     if path.is_dir():
         heat = read_heatmap(path)
@@ -111,7 +111,7 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = "polygon",
     ) -> None:
         """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs."""
-        from spatial import density_map, detect_immune_cells, write_immune_outputs
+        from oncotrace.spatial import density_map, detect_immune_cells, write_immune_outputs
 
         if stain not in ("he", "ihc-dab"):
             raise typer.BadParameter("--stain must be 'he' or 'ihc-dab'")
@@ -186,7 +186,7 @@ def register(app: typer.Typer, console: Console) -> None:
         alpha: Annotated[float, typer.Option("--alpha", help="Overlay opacity.")] = 0.5,
     ) -> None:
         """Register the slide to the ultrasound by landmarks and resample a heatmap onto it."""
-        from spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
+        from oncotrace.spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
 
         if model not in ("auto", "affine", "tps"):
             raise typer.BadParameter("--model must be auto, affine or tps")
@@ -280,8 +280,8 @@ def register(app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Detected immune cells per Visium spot vs an immune gene score, with spatial nulls."""
         import numpy as np
-
-        from spatial import (
+        from oncotrace.spatial import (
+            DEFAULT_IMMUNE_GENES,
             CellTable,
             detect_immune_cells,
             immune_gene_score,
@@ -290,8 +290,7 @@ def register(app: typer.Typer, console: Console) -> None:
             visium_image_scale,
             write_st_report,
         )
-        from spatial._visium import DEFAULT_IMMUNE_GENES
-        from wsi import MppError
+        from oncotrace.wsi import MppError
 
         if image not in ("fullres", "hires", "lowres"):
             raise typer.BadParameter("--image must be fullres, hires or lowres")

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
-import mil
+from oncotrace import mil
 
 Split = Literal["kfold", "site", "holdout"]
 
@@ -271,7 +270,7 @@ def training_tiling(stores: Path, slide_ids: list[str]) -> dict[str, Any] | None
     Recorded in ``model.json`` so ``oncotrace score`` cuts new slides the same way. None when
     the stores disagree (or predate the record): scoring then uses its command-line values.
     """
-    from wsi import read_store_attrs
+    from oncotrace.wsi import read_store_attrs
 
     seen: list[dict[str, Any]] = []
     for sid in slide_ids:

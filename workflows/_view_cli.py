@@ -42,7 +42,7 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = False,
     ) -> None:
         """Browse slides, predictions, heatmaps and ultrasound overlays in a local web viewer."""
-        from workflows._viewer.server import (
+        from oncotrace.workflows._viewer.server import (
             LOOPBACK_HOSTS,
             RunningServer,
             bind,

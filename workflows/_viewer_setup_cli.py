@@ -19,7 +19,7 @@ def register(app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Install OpenSeadragon (pinned in the package's package-lock.json) with `npm ci` into
         the user cache (or $ONCOTRACE_VIEWER_DIR), once per machine, for `oncotrace view`."""
-        from workflows._viewer._assets import (
+        from oncotrace.workflows._viewer._assets import (
             install_dir,
             installed_version,
             pinned_openseadragon_version,

@@ -9,6 +9,16 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from oncotrace.workflows import (
+    _evaluate_cli,
+    _import_cli,
+    _score_cli,
+    _spatial_cli,
+    _view_cli,
+    _viewer_setup_cli,
+)
+from oncotrace.workflows._batch import BatchReport, find_slides, tile_batch
+from oncotrace.wsi import TilingConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -20,17 +30,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-
-from workflows import (
-    _evaluate_cli,
-    _import_cli,
-    _score_cli,
-    _spatial_cli,
-    _view_cli,
-    _viewer_setup_cli,
-)
-from workflows._batch import BatchReport, find_slides, tile_batch
-from wsi import TilingConfig
 
 app = typer.Typer(
     name="oncotrace",
@@ -85,7 +84,7 @@ def tile(
     ] = False,
 ) -> None:
     """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
-    from wsi import TilingConfig
+    from oncotrace.wsi import TilingConfig
 
     if mode not in ("tissue", "smear"):
         raise typer.BadParameter("--mode must be 'tissue' or 'smear'")
@@ -188,7 +187,7 @@ def embed(
     ] = "auto",
 ) -> None:
     """Embed the tiles of each store with an encoder: features/<encoder> (N, D)."""
-    import mil
+    from oncotrace import mil
 
     paths: list[Path] = []
     for p in stores:
@@ -272,7 +271,7 @@ def train(
     ] = 0.9,
 ) -> None:
     """Train an attention-MIL model with patient-grouped evaluation; never splits a patient."""
-    from workflows._training import train_command
+    from oncotrace.workflows._training import train_command
 
     chosen = sum(
         x is not None and x is not False for x in (folds, test_site, split, leave_site_out or None)
@@ -329,7 +328,7 @@ def train(
 @app.command()
 def encoders() -> None:
     """List the registered patch encoders with their dims, resolution and licence."""
-    import mil
+    from oncotrace import mil
 
     table = Table(title="encoders")
     for col in ("name", "dim", "µm/px", "weights (hub)", "licence"):
@@ -349,7 +348,7 @@ def info(
     ] = "auto",
 ) -> None:
     """Print the allow-listed description of a slide (never labels, macros or raw metadata)."""
-    from wsi import SlideError, open_slide
+    from oncotrace.wsi import SlideError, open_slide
 
     try:
         with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:  # type: ignore[arg-type]
@@ -375,11 +374,17 @@ def demo(
     LocalCluster → evaluation report and heatmaps. No downloads; a few minutes on 2 cores."""
     import csv
 
-    import mil
-    from mil.phantom import make_cohort
-    from workflows._evaluate_cli import evaluate_command
-    from workflows._score import ScoreConfig, SlideJob, model_hash, run_score, write_outputs
-    from workflows._training import train_command
+    from oncotrace import mil
+    from oncotrace.mil.phantom import make_cohort
+    from oncotrace.workflows._evaluate_cli import evaluate_command
+    from oncotrace.workflows._score import (
+        ScoreConfig,
+        SlideJob,
+        model_hash,
+        run_score,
+        write_outputs,
+    )
+    from oncotrace.workflows._training import train_command
 
     if cases < 9:
         raise typer.BadParameter("--cases must be at least 9 (3 per fold and a test third)")
@@ -482,7 +487,7 @@ def demo(
         "[bold]5/6[/bold] immune-cell maps, carried with the attention maps onto phantom"
         " ultrasound frames by landmark registration…"
     )
-    from workflows._demo_spatial import spatial_demo
+    from oncotrace.workflows._demo_spatial import spatial_demo
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console

@@ -1,5 +1,14 @@
 """wsi — open slides and smears, find tissue or cells, cut micrometre-exact tiles into Zarr."""
 
+if __name__ != "oncotrace.wsi":
+    # The source folder was imported under its bare name (e.g. from the repository root, which
+    # is on sys.path there): a second, unrelated copy of the stage. Refuse it.
+    raise ImportError(
+        f"this is OncoTrace's `wsi` stage, importable only as `oncotrace.wsi` "
+        f"(got {__name__!r}): write `from oncotrace import wsi` after `pip install -e .`"
+    )
+
+
 from ._errors import (
     CorruptSlideError,
     MppError,

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from oncotrace import __version__
 from zarr.codecs import BloscCodec
 
 from ._errors import NoTissueError
@@ -49,15 +50,6 @@ from ._tissue import Mode, TissueMask, detect_tissue
 STORE_FORMAT = 1
 SHARD_TILES = 64
 ATTRS_KEY = "oncotrace"
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oncotrace")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -366,7 +358,7 @@ def _attrs(
     return {
         "format": STORE_FORMAT,
         "complete": True,
-        "package_version": package_version(),
+        "package_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "slide_id": sid,
         "source_path": str(slide.path.resolve()),

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import mil
-from mil._encoders import TimmEncoder, WeightsError, build_timm_model
-from mil._pathomics import FEATURE_NAMES, pathomics_features
-from wsi.synthetic import BACKGROUND, he_texture
+from oncotrace import mil
+from oncotrace.mil._encoders import TimmEncoder, WeightsError, build_timm_model
+from oncotrace.mil._pathomics import FEATURE_NAMES, pathomics_features
+from oncotrace.wsi.synthetic import BACKGROUND, he_texture
 
 GIANT = os.environ.get("ONCOTRACE_TEST_GIANT") == "1"
 TIMM_NAMES = [n for n in mil.list_encoders() if n != "pathomics"]
@@ -166,7 +165,7 @@ def tiny_phikon(monkeypatch: pytest.MonkeyPatch) -> mil.EncoderConfig:
     """Phikon-v2's recipe and loading path at 2 layers x 64 wide, registered for one test."""
     import dataclasses
 
-    from mil import _encoders
+    from oncotrace.mil import _encoders
 
     cfg = mil.encoder_config("phikon-v2")
     kw = {**cfg.timm_kwargs, "embed_dim": TINY_DIM, "depth": TINY_DEPTH, "num_heads": 4}

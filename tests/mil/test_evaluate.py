@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oncotrace import mil
+from oncotrace.mil import evaluate_predictions, fit_calibration
 from scipy import special
 from sklearn.metrics import (
     accuracy_score,
@@ -19,9 +21,6 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 from sklearn.preprocessing import label_binarize
-
-import mil
-from mil import evaluate_predictions, fit_calibration
 
 BIN = {"label": ("benign", "malignant")}
 

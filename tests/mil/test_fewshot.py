@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
-from mil._fewshot import (
+from oncotrace.mil._fewshot import (
     LinearProbeHead,
     PrototypeHead,
     case_embeddings,
     fewshot_evaluate,
     load_fewshot_head,
 )
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 
 def _cohort(

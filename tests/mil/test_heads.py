@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-
-from mil._heads import (
+from oncotrace.mil._heads import (
     HeadConfig,
     MILHead,
     create_head,
@@ -19,6 +17,7 @@ from mil._heads import (
     load_head,
     save_head,
 )
+from sklearn.metrics import roc_auc_score
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,10 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-
-import wsi
-from mil._bags import ZarrBags
-from mil._import import FeatureImportError, import_features, read_h5_features
-from mil._train import load_cohort
+from oncotrace import wsi
+from oncotrace.mil._bags import ZarrBags
+from oncotrace.mil._import import FeatureImportError, import_features, read_h5_features
+from oncotrace.mil._train import load_cohort
 
 DIM = 1024  # the registered "uni" encoder's dim, so load_cohort accepts the name
 
@@ -348,7 +347,7 @@ def test_unfinished_directory_is_refused(tmp_path: Path) -> None:
 def test_interrupted_import_leaves_no_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mil._import as imp
+    import oncotrace.mil._import as imp
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
@@ -361,7 +360,7 @@ def test_interrupted_import_leaves_no_store(
 
 
 def test_embed_refuses_an_imported_store_with_a_clear_error(tmp_path: Path) -> None:
-    from mil import embed
+    from oncotrace.mil import embed
 
     h5, _, _ = trident_file(tmp_path / "S1.h5")
     store = import_features(h5, tmp_path / "stores", "uni").store

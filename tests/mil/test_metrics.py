@@ -7,17 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy import special, stats
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    recall_score,
-    roc_auc_score,
-    top_k_accuracy_score,
-)
-
-from mil._metrics import (
+from oncotrace.mil._metrics import (
     apply_temperature,
     auc_ci,
     binary_metrics,
@@ -34,6 +24,15 @@ from mil._metrics import (
     mcnemar_test,
     multiclass_metrics,
     reliability_curve,
+)
+from scipy import special, stats
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+    top_k_accuracy_score,
 )
 
 # ------------------------------------------------------------------ independent references

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from oncotrace import wsi
+from oncotrace.mil.phantom import Cohort, make_cohort
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
-
-import wsi
-from mil.phantom import Cohort, make_cohort
 
 N_CASES = 20
 SIZE = (2048, 1536)

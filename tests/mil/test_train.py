@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from sklearn.metrics import roc_auc_score
-
-from mil._metrics import binary_metrics
-from mil._train import (
+from oncotrace.mil._metrics import binary_metrics
+from oncotrace.mil._train import (
     CohortData,
     cross_validate,
     fit,
@@ -25,6 +23,7 @@ from mil._train import (
     predict,
     save_model,
 )
+from sklearn.metrics import roc_auc_score
 
 D = 16
 TASKS = {"label": ("neg", "pos")}
@@ -326,9 +325,9 @@ def test_phantom_end_to_end(tmp_path: Path) -> None:
     Three classes, each carried only by its planted morphology (glands, sheets, spindle cells),
     as in an origin task: every slide has evidence for its class, so attention is scored on all.
     """
-    import wsi
-    from mil import embed
-    from mil.phantom import make_cohort
+    from oncotrace import wsi
+    from oncotrace.mil import embed
+    from oncotrace.mil.phantom import make_cohort
 
     t0 = time.perf_counter()
     classes = ("benign", "malignant", "sarcoma")

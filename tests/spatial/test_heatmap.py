@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import spatial
+from oncotrace import spatial
 
 TILE = 256
 MPP = 0.5

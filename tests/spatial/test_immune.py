@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-
-from spatial._cellphantom import (
+from oncotrace.spatial._cellphantom import (
     ImmuneCluster,
     PlantedCells,
     render_cells,
     write_phantom_slide,
 )
-from spatial._immune import (
+from oncotrace.spatial._immune import (
     CellTable,
     create_cell_detector,
     density_map,
@@ -151,7 +150,7 @@ def test_dab_positive_cells_found_through_a_tiff_slide(
 def test_a_tile_store_stands_for_its_slide(
     tmp_path: Path, ihc_slide: tuple[Path, PlantedCells]
 ) -> None:
-    import wsi
+    from oncotrace import wsi
 
     path = ihc_slide[0]
     store = wsi.tile_slide(path, tmp_path, workers=1).store

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from spatial._landmarks import (
+from oncotrace.spatial._landmarks import (
     LandmarkError,
     Registration,
     fit_landmarks,

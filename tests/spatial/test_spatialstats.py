@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from numpy.typing import NDArray
-from scipy.ndimage import gaussian_filter
-from scipy.stats import spearmanr
-
-from spatial._spatialstats import (
+from oncotrace.spatial._spatialstats import (
     apply_null,
     association_test,
     bivariate_association,
@@ -21,6 +18,8 @@ from spatial._spatialstats import (
     permutation_pvalue,
     toroidal_null,
 )
+from scipy.ndimage import gaussian_filter
+from scipy.stats import spearmanr
 
 PATH4 = sp.csr_array(
     np.array([[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=np.float64)

@@ -6,9 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from scipy.interpolate import RBFInterpolator
-
-from spatial._transforms import (
+from oncotrace.spatial._transforms import (
     Affine,
     Sequence,
     ThinPlateSpline,
@@ -19,6 +17,7 @@ from spatial._transforms import (
     us_px_to_mm,
     us_px_to_mm_transform,
 )
+from scipy.interpolate import RBFInterpolator
 
 
 def random_affine(rng: np.random.Generator) -> np.ndarray:

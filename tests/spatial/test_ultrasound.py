@@ -17,12 +17,10 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image
-
-from spatial._heatmap import Heatmap, read_heatmap, write_ome_zarr
-from spatial._landmarks import Registration, fit_landmarks, landmarks_from_arrays
-from spatial._transforms import Affine
-from spatial._ultrasound import (
+from oncotrace.spatial._heatmap import Heatmap, read_heatmap, write_ome_zarr
+from oncotrace.spatial._landmarks import Registration, fit_landmarks, landmarks_from_arrays
+from oncotrace.spatial._transforms import Affine
+from oncotrace.spatial._ultrasound import (
     Ultrasound,
     UltrasoundError,
     landmarks_overlay_png,
@@ -30,6 +28,7 @@ from spatial._ultrasound import (
     sample_heatmap,
     to_ultrasound,
 )
+from PIL import Image
 
 CINE = "ultrasound/cardiac-cine-calibrated.dcm"
 NODE = "ultrasound/lymph-node-power-doppler.dcm"

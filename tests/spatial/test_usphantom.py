@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-import spatial
+from oncotrace import spatial
 
 
 def test_phantom_frame_holds_the_specimen_at_its_true_pose(tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ import h5py
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-
-from spatial._spatialstats import NullName
-from spatial._visium import (
+from oncotrace.spatial._spatialstats import NullName
+from oncotrace.spatial._visium import (
     Visium,
     VisiumError,
     count_cells_per_spot,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``oncotrace demo --cases 12 --workers 2`` once per session: (output folder, console text)."""
-    from workflows.cli import app
+    from oncotrace.workflows.cli import app
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     old = os.environ.get("COLUMNS")

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-import wsi
+from oncotrace import wsi
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -81,8 +81,7 @@ def _check_planted_region_is_hot(out: Path, rows: list[dict[str, str]]) -> None:
     micrometre transform back to level-0 pixels and looked up in the planted-region mask)."""
     import numpy as np
     import zarr
-
-    from mil.phantom import Cohort
+    from oncotrace.mil.phantom import Cohort
 
     cohort = Cohort.load(out / "cohort")
     malignant = [r["slide_id"] for r in rows if r["label"] == "malignant"]

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from oncotrace.workflows.cli import app
 from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 from typer.testing import CliRunner
-
-from workflows.cli import app
 
 ENC, DIM = "pathomics", 89
 GRADES = ("g1", "g2", "g3")

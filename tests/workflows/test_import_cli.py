@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from oncotrace.workflows.cli import app
 from typer.testing import CliRunner
 
 from tests.mil.test_import import clam_file, trident_file
-from workflows.cli import app
 
 
 def _errors(out: Path) -> dict[str, dict[str, str]]:

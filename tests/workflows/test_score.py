@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from oncotrace import mil, wsi
+from oncotrace.mil.phantom import make_cohort
+from oncotrace.workflows.cli import app
 from typer.testing import CliRunner
 
-import mil
-import wsi
-from mil.phantom import make_cohort
 from tests.wsi import badinput
-from workflows.cli import app
 
 BIN = Path(sys.executable).parent
 
@@ -110,8 +109,7 @@ def _check_heatmaps(trained: dict[str, Path], out: Path, sid: str) -> None:
     OME-Zarr's scale is the tile size in µm."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
-
-    import spatial
+    from oncotrace import spatial
 
     store = out / "stores" / f"{sid}.zarr"
     feats, coords, _ = mil.read_features(store, "pathomics")
@@ -280,8 +278,8 @@ def test_a_killed_client_resumes_without_redoing_finished_slides(
 def test_every_task_gets_its_own_attention_heatmap(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    import spatial
-    from workflows._score import _heatmaps
+    from oncotrace import spatial
+    from oncotrace.workflows._score import _heatmaps
 
     store = sorted(trained["stores"].glob("*.zarr"))[0]
     coords = np.asarray(zarr_open(store)["coords"][...], np.int64)
@@ -303,7 +301,7 @@ def zarr_open(path: Path) -> Any:
 
 
 def test_scoring_tiles_as_the_model_was_trained_unless_told_otherwise() -> None:
-    from workflows._score_cli import resolve_tiling
+    from oncotrace.workflows._score_cli import resolve_tiling
 
     trained = {"target_mpp": 1.0, "tile_px": 256, "stride_px": 128, "mode": "smear"}
     none = {"target_mpp": None, "tile_px": None, "mode": None}

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from oncotrace import spatial
+from oncotrace.workflows.cli import app
 from PIL import Image
 from typer.testing import CliRunner
-
-import spatial
-from workflows.cli import app
 
 MPP = 0.5
 SIDE = 1536  # px: 768 µm

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from oncotrace import wsi
+from oncotrace.workflows.cli import app
+from oncotrace.wsi.synthetic import BACKGROUND, make_tissue_squares, write_pyramid_tiff
 from typer.testing import CliRunner
 
-import wsi
 from tests.wsi import badinput
-from workflows.cli import app
-from wsi.synthetic import BACKGROUND, make_tissue_squares, write_pyramid_tiff
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

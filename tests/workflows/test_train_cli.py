@@ -8,12 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from oncotrace import mil, wsi
+from oncotrace.mil.phantom import make_cohort
+from oncotrace.workflows.cli import app
 from typer.testing import CliRunner
-
-import mil
-import wsi
-from mil.phantom import make_cohort
-from workflows.cli import app
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from starlette.testclient import TestClient
-from typer.testing import CliRunner
-
-from spatial import (
+from oncotrace.spatial import (
     Heatmap,
     fit_landmarks,
     landmarks_from_arrays,
@@ -35,10 +31,13 @@ from spatial import (
     to_ultrasound,
     write_ome_zarr,
 )
-from workflows._viewer._results import NotFoundError
-from workflows._viewer._tiles import ByteLRU, DeepZoom, SlidePool, TileService
-from workflows._viewer.server import create_app, safe_file, start_server
-from wsi.synthetic import write_pyramid_tiff
+from oncotrace.workflows._viewer._results import NotFoundError
+from oncotrace.workflows._viewer._tiles import ByteLRU, DeepZoom, SlidePool, TileService
+from oncotrace.workflows._viewer.server import create_app, safe_file, start_server
+from oncotrace.wsi.synthetic import write_pyramid_tiff
+from PIL import Image
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
 
 MPP = 0.5
 BIG = (2048, 1536)
@@ -634,9 +633,8 @@ def test_server_thread_answers_loopback_names_only(fx: Fixture) -> None:
 
 def test_view_command_rejects_a_non_results_folder(tmp_path: Path) -> None:
     import typer
+    from oncotrace.workflows._view_cli import register
     from rich.console import Console
-
-    from workflows._view_cli import register
 
     app = typer.Typer()
     register(app, Console(stderr=True))

@@ -68,8 +68,8 @@ def build_viewer_results(root: Path, *, spatial: bool = True) -> ViewerResults:
 
     ``spatial=False`` skips ``immune/`` and ``ultrasound/`` (the slowest part, ~5 s).
     """
-    import spatial as sp
-    from mil.phantom import make_cohort
+    from oncotrace import spatial as sp
+    from oncotrace.mil.phantom import make_cohort
 
     started = time.perf_counter()
     cohort = make_cohort(
@@ -141,7 +141,7 @@ def build_viewer_results(root: Path, *, spatial: bool = True) -> ViewerResults:
         )
     )
     if spatial:
-        from workflows._demo_spatial import spatial_demo
+        from oncotrace.workflows._demo_spatial import spatial_demo
 
         spatial_demo(results, workers=1)
     return ViewerResults(

@@ -21,9 +21,8 @@ from typing import Literal
 
 import numpy as np
 import tifffile
+from oncotrace.wsi import CorruptSlideError, MppError, SlideError, UnsupportedSlideError
 from PIL import Image
-
-from wsi import CorruptSlideError, MppError, SlideError, UnsupportedSlideError
 
 SEED = 20240611
 

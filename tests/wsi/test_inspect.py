@@ -22,11 +22,11 @@ import pytest
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oncotrace import wsi
+from oncotrace.wsi._backends import cucim_available
+from oncotrace.wsi._inspect import inspect_file, sniff
 
-import wsi
 from tests.wsi import badinput
-from wsi._backends import cucim_available
-from wsi._inspect import inspect_file, sniff
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

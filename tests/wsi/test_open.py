@@ -13,12 +13,12 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from oncotrace import wsi
+from oncotrace.wsi._backends import cucim_available
+from oncotrace.wsi._inspect import inspect_file
 from PIL import Image
 
-import wsi
 from tests.wsi import badinput
-from wsi._backends import cucim_available
-from wsi._inspect import inspect_file
 
 needs_cucim = pytest.mark.skipif(not cucim_available(), reason="cuCIM is not installed")
 #: Readers of TIFF-based slides; cuCIM is an optional extra.
@@ -223,7 +223,7 @@ def test_cmu1_past_the_edge_is_white_in_every_backend(
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_generic_tiff_past_the_edge_is_white_in_every_backend(tmp_path: Path, level: int) -> None:
     # cuCIM fills past the edge of a generic tiled TIFF with black (Aperio SVS: white)
-    from wsi.synthetic import write_pyramid_tiff
+    from oncotrace.wsi.synthetic import write_pyramid_tiff
 
     img = np.full((1000, 1300, 3), 128, np.uint8)
     path = write_pyramid_tiff(tmp_path / "grey.tif", img, mpp=0.5, levels=3, compression="jpeg")
@@ -568,7 +568,7 @@ def test_forced_backend_that_cannot_read_the_container_is_unsupported(
 def test_cucim_never_serves_tiles_of_a_file_that_shared_its_cache_key(tmp_path: Path) -> None:
     """cuCIM keys its tile cache on (device, inode, mtime nanoseconds): a slide rewritten in place
     with the same nanoseconds must not come back with the previous slide's pixels."""
-    from wsi.synthetic import write_pyramid_tiff
+    from oncotrace.wsi.synthetic import write_pyramid_tiff
 
     path, other = tmp_path / "a.tif", tmp_path / "b.tif"
     for value, target in ((50, path), (200, other)):

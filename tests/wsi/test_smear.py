@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oncotrace import wsi
+from oncotrace.wsi._smear import smear_mask
+from oncotrace.wsi.synthetic_smear import SmearTruth, make_smear, render_smear
 from PIL import Image
 from scipy import ndimage
-
-import wsi
-from wsi._smear import smear_mask
-from wsi.synthetic_smear import SmearTruth, make_smear, render_smear
 
 # -- synthetic smears ---------------------------------------------------------------------------
 

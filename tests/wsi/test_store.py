@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from oncotrace import wsi
+from oncotrace.wsi.synthetic import he_texture, make_tissue_squares
 from scipy import ndimage as ndi
-
-import wsi
-from wsi.synthetic import he_texture, make_tissue_squares
 
 
 @pytest.fixture
@@ -60,7 +59,7 @@ def test_a_store_without_completion_mark_is_not_complete(planted, tmp_path: Path
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import wsi
+    from oncotrace import wsi
     path, out = sys.argv[1], sys.argv[2]
     state = {"n": 0}
     def progress(n):

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-import wsi
-from wsi.synthetic import he_texture, make_tissue_squares, write_pyramid_tiff
+from oncotrace import wsi
+from oncotrace.wsi.synthetic import he_texture, make_tissue_squares, write_pyramid_tiff
 
 TILE0 = 448  # a 224-px tile at 0.5 µm/px spans 448 level-0 px at 0.25 µm/px
 

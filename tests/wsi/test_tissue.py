@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oncotrace import wsi
+from oncotrace.wsi.synthetic import BACKGROUND, he_texture, write_pyramid_tiff
 from PIL import Image
 from scipy import ndimage as ndi
-
-import wsi
-from wsi.synthetic import BACKGROUND, he_texture, write_pyramid_tiff
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -30,8 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-
-from spatial import Heatmap
+from oncotrace.spatial import Heatmap
 
 #: Seconds between two cheap mtime checks of the results folder.
 RESCAN_INTERVAL_S = 1.0
@@ -391,7 +390,7 @@ def file_key(path: Path) -> tuple[str, int, int]:
 def load_heatmap(overlay: OverlayFile, root: Path) -> Heatmap:
     """Read a slide-grid overlay store with :func:`spatial.read_heatmap` after checking that
     nothing in it points outside ``root``."""
-    from spatial import read_heatmap
+    from oncotrace.spatial import read_heatmap
 
     if not tree_inside(overlay.path, root):
         raise NotFoundError(f"{overlay.path} links outside the results folder")

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from oncotrace.wsi import Slide, open_slide
 from PIL import Image
-
-from wsi import Slide, open_slide
 
 TILE_SIZE = 254
 OVERLAP = 1

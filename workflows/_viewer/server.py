@@ -28,6 +28,8 @@ from urllib.parse import quote
 
 import numpy as np
 from numpy.typing import NDArray
+from oncotrace.spatial import Colormap, Heatmap, UltrasoundError, read_ultrasound, value_range
+from oncotrace.wsi import SlideError
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -37,10 +39,6 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-
-from spatial import Heatmap, UltrasoundError, read_ultrasound
-from spatial._heatmap import Colormap, _value_range
-from wsi import SlideError
 
 from ._results import (
     Case,
@@ -243,7 +241,7 @@ class Viewer:
     def overlay_entry(self, case: Case, name: str) -> dict[str, Any]:
         ov = case.overlays[name]
         heat = self.heatmap(case.slide_id, name)
-        lo, hi = _value_range(heat, None, None)
+        lo, hi = value_range(heat, None, None)
         (ox, oy), (cx, cy) = heat.origin_level0, heat.cell_size_level0
         h, w = heat.shape
         return {
@@ -266,7 +264,7 @@ class Viewer:
 
         def make() -> bytes:
             heat = self.heatmap(slide_id, name)
-            lo, hi = _value_range(heat, None, None)
+            lo, hi = value_range(heat, None, None)
             return png_bytes(colour_grid(heat.grid, lo, hi))
 
         return self._pngs.get(("slide", *file_key(ov.path)), make)
