@@ -13,6 +13,7 @@ from . import _metrics as metrics
 from ._bags import ZarrBags, prefetch_bags
 from ._embed import embed, read_features
 from ._encoders import (
+    ENCODERS,
     EncoderConfig,
     WeightsError,
     create_encoder,
@@ -40,6 +41,7 @@ from ._fewshot import (
     load_fewshot_head,
 )
 from ._heads import (
+    HEADS,
     HeadConfig,
     MILHead,
     MILOutput,
@@ -88,6 +90,8 @@ from ._train import (
 )
 
 __all__ = [
+    "ENCODERS",
+    "HEADS",
     "BinaryMetrics",
     "CalibratedPredictions",
     "CohortData",

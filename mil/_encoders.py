@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from oncotrace.wsi import Registry
 
 from ._pathomics import FEATURE_NAMES, pathomics_features
 from ._state import state_dict_mismatch
@@ -76,7 +77,8 @@ class Encoder(Protocol):
         ...
 
 
-_REGISTRY: dict[str, tuple[EncoderConfig, Callable[..., Encoder]]] = {}
+ENCODERS: Registry[tuple[EncoderConfig, Callable[..., Encoder]]] = Registry("encoder")
+"""Every encoder by name: ``(config, factory)``; :func:`register_encoder` adds to it."""
 
 
 def register_encoder(
@@ -85,22 +87,21 @@ def register_encoder(
     """Decorator registering a factory ``f(config, **kw) -> Encoder`` under ``config.name``."""
 
     def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
-        if config.name in _REGISTRY:
+        if config.name in ENCODERS:
             raise ValueError(f"encoder {config.name!r} is registered twice")
-        _REGISTRY[config.name] = (config, factory)
+        ENCODERS.add(config.name, (config, factory))
         return factory
 
     return deco
 
 
 def list_encoders(*, include_giant: bool = True) -> list[str]:
-    return sorted(n for n, (c, _) in _REGISTRY.items() if include_giant or not c.giant)
+    return [n for n in ENCODERS.names() if include_giant or not ENCODERS.get(n)[0].giant]
 
 
 def encoder_config(name: str) -> EncoderConfig:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
-    return _REGISTRY[name][0]
+    """The configuration of a registered encoder; an unknown name lists the choices."""
+    return ENCODERS.get(name)[0]
 
 
 def create_encoder(
@@ -124,7 +125,7 @@ def create_encoder(
         CPU; features are always returned as float32.
     """
     cfg = encoder_config(name)
-    factory = _REGISTRY[name][1]
+    factory = ENCODERS.get(name)[1]
     return factory(cfg, weights=weights, device=device, precision=precision, threads=threads)
 
 

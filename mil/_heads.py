@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from oncotrace import __version__
+from oncotrace.wsi import Registry
 from torch import Tensor, nn
 
 from ._state import state_dict_mismatch
@@ -300,7 +301,8 @@ class MILPool(nn.Module):
         return None
 
 
-_HEADS: dict[str, type[MILPool]] = {}
+HEADS: Registry[type[MILPool]] = Registry("MIL head")
+"""Every MIL pooling by name; :func:`register_head` adds to it."""
 
 
 def register_head(name: str) -> Callable[[type[MILPool]], type[MILPool]]:
@@ -315,17 +317,14 @@ def register_head(name: str) -> Callable[[type[MILPool]], type[MILPool]]:
     def decorator(cls: type[MILPool]) -> type[MILPool]:
         if not (isinstance(cls, type) and issubclass(cls, MILPool)):
             raise TypeError(f"register_head({name!r}) decorates MILPool subclasses, got {cls!r}.")
-        if name in _HEADS and _HEADS[name] is not cls:
-            raise ValueError(f"a MIL head named {name!r} is already registered ({_HEADS[name]}).")
-        _HEADS[name] = cls
-        return cls
+        return HEADS.add(name, cls)
 
     return decorator
 
 
 def list_heads() -> list[str]:
     """Names accepted by :func:`create_head`, sorted."""
-    return sorted(_HEADS)
+    return HEADS.names()
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
@@ -586,10 +585,8 @@ class MILHead(nn.Module):
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
-        if config.name not in _HEADS:
-            raise ValueError(f"unknown MIL head {config.name!r}; choose one of {list_heads()}.")
+        pool_cls = HEADS.get(config.name)
         self.config = config
-        pool_cls = _HEADS[config.name]
         dims = config.modality_dims
         hidden = config.hidden
         # Instance features are standardised first (hand-crafted features span 1e-3..1e3);
@@ -958,8 +955,7 @@ def create_head(
     -------
     MILHead
     """
-    if name not in _HEADS:
-        raise ValueError(f"unknown MIL head {name!r}; choose one of {list_heads()}.")
+    HEADS.entry(name)  # an unknown name lists the choices
     options = {f.name for f in fields(HeadConfig)} - {"name", "in_dims", "tasks", "covariates"}
     unknown = sorted(set(kw) - options)
     if unknown:

@@ -25,6 +25,7 @@ from ._heatmap import (
     write_overlay_png,
 )
 from ._immune import (
+    CELL_DETECTORS,
     CellTable,
     DensityMaps,
     ImmuneConfig,
@@ -88,6 +89,7 @@ from ._visium import (
 )
 
 __all__ = [
+    "CELL_DETECTORS",
     "DEFAULT_IMMUNE_GENES",
     "SLIDE_PX",
     "SLIDE_UM",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from oncotrace.wsi import Registry
 from scipy import ndimage as ndi
 
 from ._heatmap import Heatmap, _atomic
@@ -491,40 +492,43 @@ TileDetector = Callable[
     [NDArray[np.uint8], float, Stain, NDArray[np.float32], ImmuneConfig], TileCells
 ]
 
-_DETECTORS: dict[str, Callable[..., TileDetector]] = {}
+CELL_DETECTORS: Registry[Callable[..., TileDetector]] = Registry("cell detector")
+"""Every cell detector by name; :func:`register_cell_detector` adds to it."""
 
 
 def register_cell_detector(
     name: str,
+    *,
+    requires: tuple[str, ...] = (),
+    install: str | None = None,
 ) -> Callable[[Callable[..., TileDetector]], Callable[..., TileDetector]]:
     """Register a detector factory under ``name``.
 
     A factory takes ``weights_path`` (``None`` for weight-free detectors) and returns a tile
     detector ``(rgb, mpp, stain, stain_matrix, config) -> TileCells``, where ``rgb`` is an
-    (h, w, 3) uint8 tile at ``mpp`` µm/px and positions are in tile pixels.
+    (h, w, 3) uint8 tile at ``mpp`` µm/px and positions are in tile pixels. A detector built on
+    an optional package names it in ``requires`` (module names) and ``install`` (the command):
+    it is listed, and asking for it before the install says what to run.
     """
 
     def wrap(factory: Callable[..., TileDetector]) -> Callable[..., TileDetector]:
-        if name in _DETECTORS:
+        if name in CELL_DETECTORS:
             raise ValueError(f"a cell detector named {name!r} is already registered.")
-        _DETECTORS[name] = factory
-        return factory
+        return CELL_DETECTORS.add(name, factory, requires=requires, install=install)
 
     return wrap
 
 
 def list_cell_detectors() -> list[str]:
     """Names of the registered cell detectors."""
-    return sorted(_DETECTORS)
+    return CELL_DETECTORS.names()
 
 
 def create_cell_detector(
     name: str = "classical", *, weights_path: str | Path | None = None
 ) -> TileDetector:
     """Build a registered tile detector by name."""
-    if name not in _DETECTORS:
-        raise ValueError(f"unknown cell detector {name!r}; choose one of {list_cell_detectors()}.")
-    return _DETECTORS[name](weights_path=weights_path)
+    return CELL_DETECTORS.get(name)(weights_path=weights_path)
 
 
 def _region_table(
@@ -678,22 +682,6 @@ def _classical(weights_path: str | Path | None = None) -> TileDetector:
             " drop it or pick a deep detector."
         )
     return classical_tile_cells
-
-
-@register_cell_detector("stardist")
-def _stardist(weights_path: str | Path | None = None) -> TileDetector:
-    try:
-        import stardist  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            "the 'stardist' cell detector needs the stardist package (pip install stardist "
-            "tensorflow) and a local model folder passed as weights_path (e.g. an exported "
-            "2D_versatile_he); nothing is downloaded."
-        ) from exc
-    raise NotImplementedError(
-        "the stardist plugin is a registry stub: register a factory with "
-        "@register_cell_detector that loads the model from weights_path and returns TileCells."
-    )
 
 
 # --------------------------------------------------------------------------------------------

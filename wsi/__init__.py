@@ -17,6 +17,7 @@ from ._errors import (
     SlideError,
     UnsupportedSlideError,
 )
+from ._registry import Registry, RegistryEntry
 from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, Mpp, Slide, open_slide
 from ._smear import smear_mask
 from ._store import (
@@ -46,6 +47,8 @@ __all__ = [
     "Mpp",
     "MppError",
     "NoTissueError",
+    "Registry",
+    "RegistryEntry",
     "ResolutionError",
     "Slide",
     "SlideError",

@@ -4,6 +4,7 @@ load from files the tests write, and a wrong checkpoint is a clear error, never 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,17 +162,16 @@ TINY_DEPTH, TINY_DIM = 2, 64
 
 
 @pytest.fixture
-def tiny_phikon(monkeypatch: pytest.MonkeyPatch) -> mil.EncoderConfig:
+def tiny_phikon() -> Iterator[mil.EncoderConfig]:
     """Phikon-v2's recipe and loading path at 2 layers x 64 wide, registered for one test."""
     import dataclasses
-
-    from oncotrace.mil import _encoders
 
     cfg = mil.encoder_config("phikon-v2")
     kw = {**cfg.timm_kwargs, "embed_dim": TINY_DIM, "depth": TINY_DEPTH, "num_heads": 4}
     tiny = dataclasses.replace(cfg, name=TINY, dim=TINY_DIM, timm_kwargs=kw)
-    monkeypatch.setitem(_encoders._REGISTRY, TINY, (tiny, _encoders._REGISTRY["phikon-v2"][1]))
-    return tiny
+    mil.register_encoder(tiny)(mil.ENCODERS.get("phikon-v2")[1])
+    yield tiny
+    mil.ENCODERS.remove(TINY)
 
 
 def _random_reference(cfg: mil.EncoderConfig, seed: int = 5) -> torch.nn.Module:

@@ -446,13 +446,31 @@ def test_til_grid_with_holes_and_offset(tmp_path: Path) -> None:
 
 
 def test_detector_registry() -> None:
-    assert {"classical", "stardist"} <= set(list_cell_detectors())
-    with pytest.raises(ValueError, match="unknown cell detector"):
+    assert "classical" in list_cell_detectors()
+    with pytest.raises(ValueError, match=r"unknown cell detector 'hovernet-typo'.*classical"):
         create_cell_detector("hovernet-typo")
     with pytest.raises(ValueError, match="uses no weights"):
         create_cell_detector("classical", weights_path="model.pt")
-    import importlib.util
 
-    if importlib.util.find_spec("stardist") is None:  # the stub names how to install it
-        with pytest.raises(ImportError, match="pip install stardist"):
-            create_cell_detector("stardist", weights_path="model_dir")
+
+def test_detector_needing_an_extra_is_listed_and_names_its_install() -> None:
+    from oncotrace.spatial import CELL_DETECTORS, register_cell_detector
+
+    built = []
+
+    @register_cell_detector(
+        "deep-demo", requires=("no_such_module_4711",), install="pip install no-such-module"
+    )
+    def _deep(weights_path: object = None) -> object:
+        built.append(weights_path)
+        return lambda *a: None
+
+    try:
+        assert "deep-demo" in list_cell_detectors()
+        assert "deep-demo" not in CELL_DETECTORS.names(available_only=True)
+        with pytest.raises(ImportError, match=r"no_such_module_4711.*Fix: pip install no-such"):
+            create_cell_detector("deep-demo", weights_path="w")
+        assert built == []  # the factory never ran
+    finally:
+        CELL_DETECTORS.remove("deep-demo")
+    assert "deep-demo" not in list_cell_detectors()
