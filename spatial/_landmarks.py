@@ -438,8 +438,8 @@ def _resolve(
     slide_size_px: tuple[int, int] | None,
     us_size_px: tuple[int, int] | None,
 ) -> Landmarks:
-    mpp = _positive_pair_or_none(slide_mpp, "slide_mpp (--mpp)")
-    spacing = _positive_pair_or_none(us_spacing_mm, "us_spacing_mm (--spacing-mm)")
+    mpp = _positive_pair_or_none(slide_mpp, "slide_mpp=")
+    spacing = _positive_pair_or_none(us_spacing_mm, "us_spacing_mm=")
     ids: list[str] = []
     path_um: list[NDArray[np.float64]] = []
     us_mm: list[NDArray[np.float64]] = []
@@ -460,7 +460,7 @@ def _resolve(
                 where=raw.where,
                 side="pathology",
                 unit="um",
-                flag="--mpp",
+                flag="slide_mpp=",
             )
         )
         us_mm.append(
@@ -472,7 +472,7 @@ def _resolve(
                 where=raw.where,
                 side="ultrasound",
                 unit="mm",
-                flag="--spacing-mm",
+                flag="us_spacing_mm=",
             )
         )
     if not ids:
@@ -491,7 +491,7 @@ def _resolve(
         landmarks.ids,
         src=src,
         side="slide",
-        flag="--mpp",
+        flag="slide_mpp=",
     )
     _check_inside(
         landmarks.ultrasound_mm,
@@ -500,7 +500,7 @@ def _resolve(
         landmarks.ids,
         src=src,
         side="ultrasound",
-        flag="--spacing-mm",
+        flag="us_spacing_mm=",
     )
     return landmarks
 
@@ -723,18 +723,18 @@ def _scale_error(geom: dict[str, Any], expected: tuple[float, float], src: str) 
     if hi_s > expected[1] and lo_s < expected[0]:
         hint = (
             "the axes disagree: check that the slide and ultrasound x/y are not swapped and that "
-            "--mpp / --spacing-mm are given per axis correctly"
+            "slide_mpp= / us_spacing_mm= are given per axis correctly"
         )
     elif hi_s > expected[1]:
         hint = (
             f"ultrasound distances come out {geom['scale_mm_per_mm']:.3g}x the slide's: check "
-            "--spacing-mm (mm per ultrasound pixel), that ultrasound_mm is not in µm or pixels, "
-            "and that pathology_um is not in pixels (--mpp too small)"
+            "us_spacing_mm= (mm per ultrasound pixel), that ultrasound_mm is not in µm or pixels, "
+            "and that pathology_um is not in pixels (slide_mpp= too small)"
         )
     else:
         hint = (
             f"ultrasound distances come out {geom['scale_mm_per_mm']:.3g}x the slide's: check "
-            "--mpp (µm per level-0 pixel), that pathology_um is not in nm or pixels of a "
+            "slide_mpp= (µm per level-0 pixel), that pathology_um is not in nm or pixels of a "
             "downsampled level, and that ultrasound_mm is not in cm or metres"
         )
     return (
@@ -821,7 +821,7 @@ def fit_landmarks(
         raise LandmarkError(
             f"{src}: the landmarks fit only as a mirror image (determinant {geom['det']:.3g}): "
             "the slide or the ultrasound image is flipped, or x and y are swapped on one side. "
-            "Check the points, or pass allow_reflection=True (--allow-reflection) if the "
+            "Check the points, or pass allow_reflection=True if the "
             "section was mounted face down."
         )
     if not all(lo <= s <= hi for s in geom["scale_axes_mm_per_mm"]):

@@ -138,7 +138,7 @@ def _check_spacing(value: float | Sequence[float], what: str) -> tuple[float, fl
         raise UltrasoundError(
             f"{what}: pixel spacing {arr[0]:g} x {arr[1]:g} mm/px is outside the plausible "
             f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm/px for ultrasound; check the unit (cm vs "
-            "mm vs µm) and pass --spacing-mm in millimetres per pixel."
+            "mm vs µm) and pass spacing_mm= in millimetres per pixel."
         )
     return float(arr[0]), float(arr[1])
 
@@ -147,13 +147,13 @@ def _choose_frame(path: Path, n_frames: int, frame: int | None) -> int:
     if frame is None:
         if n_frames > 1:
             raise UltrasoundError(
-                f"{path} is a cine loop of {n_frames} frames; choose one with --frame N "
+                f"{path} is a cine loop of {n_frames} frames; choose one with frame=N "
                 f"(0 <= N <= {n_frames - 1}); no frame is picked for you."
             )
         return 0
     if not 0 <= frame < n_frames:
         raise UltrasoundError(
-            f"{path} has {n_frames} frame(s); --frame {frame} is out of range "
+            f"{path} has {n_frames} frame(s); frame={frame} is out of range "
             f"(0 <= N <= {n_frames - 1})."
         )
     return int(frame)
@@ -194,7 +194,7 @@ def read_ultrasound(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ultrasound file {p} does not exist.")
-    override = None if spacing_mm is None else _check_spacing(spacing_mm, f"{p}: --spacing-mm")
+    override = None if spacing_mm is None else _check_spacing(spacing_mm, f"{p}: spacing_mm=")
 
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -226,11 +226,11 @@ def _read_image(
         ) from err
     if region is not None:
         raise UltrasoundError(
-            f"{path} is a plain image with no ultrasound regions; drop --region {region}."
+            f"{path} is a plain image with no ultrasound regions; drop region={region}."
         )
     if override is None:
         raise UltrasoundError(
-            f"{path} is a plain image without physical calibration; pass --spacing-mm "
+            f"{path} is a plain image without physical calibration; pass spacing_mm= "
             "(millimetres per pixel, one value or x,y), e.g. read off the depth scale."
         )
     return Ultrasound(
@@ -306,7 +306,7 @@ def _read_dicom(
         if not 0 <= region < len(regions):
             listed = "\n".join(_region_line(r) for r in regions) or "  (none)"
             raise UltrasoundError(
-                f"{path} has {len(regions)} ultrasound region(s); --region {region} is out of "
+                f"{path} has {len(regions)} ultrasound region(s); region={region} is out of "
                 f"range:\n{listed}"
             )
         chosen = regions[region]
@@ -314,7 +314,7 @@ def _read_dicom(
             usable = [r["index"] for r in regions if r["spacing_mm_xy"] is not None]
             raise UltrasoundError(
                 f"{path}: region {region} has no spatial calibration:\n{_region_line(chosen)}\n"
-                f"choose a region with cm units (usable: {usable or 'none'}) or pass --spacing-mm."
+                f"choose a region with cm units (usable: {usable or 'none'}) or pass spacing_mm=."
             )
     elif len(regions) > 1 and override is None:
         # Never a silent guess: even one spatial region beside a Doppler strip is named by the
@@ -324,7 +324,7 @@ def _read_dicom(
         raise UltrasoundError(
             f"{path} has {len(regions)} ultrasound regions with different calibrations:\n"
             + "\n".join(_region_line(r) for r in regions)
-            + f"\npass --region N to choose the one your landmarks and tissue lie in{hint}."
+            + f"\npass region=N to choose the one your landmarks and tissue lie in{hint}."
         )
     elif len(regions) == 1:
         chosen = regions[0]
@@ -344,7 +344,7 @@ def _read_dicom(
     else:
         raise UltrasoundError(
             f"{path} has no physical calibration (no SequenceOfUltrasoundRegions with cm units, "
-            "no PixelSpacing); pass --spacing-mm (millimetres per pixel, one value or x,y), "
+            "no PixelSpacing); pass spacing_mm= (millimetres per pixel, one value or x,y), "
             "e.g. read off the image's depth scale."
         )
 
@@ -360,7 +360,7 @@ def _read_dicom(
                 f"{path}: region {chosen['index']} (x {chosen['x0']}-{chosen['x1']}, y "
                 f"{chosen['y0']}-{chosen['y1']}) extends past the {w} x {h} image; if the image "
                 "was resized after acquisition its spacing is not the region's "
-                f"{spacing[0]:.4g} mm/px; check a known distance or pass --spacing-mm.",
+                f"{spacing[0]:.4g} mm/px; check a known distance or pass spacing_mm=.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -500,7 +500,7 @@ def immune_gene_score(
             raise VisiumError(
                 f"none of the genes {list(requested)} is in {visium.counts_source}"
                 f" ({visium.gene_names.size} features, e.g. {sample}). Pass genes present in the"
-                " matrix (CLI --genes), or fallback='total-counts' (CLI --fallback total-counts) to compare with log1p(total"
+                " matrix (genes=...), or fallback=total-counts to compare with log1p(total"
                 " counts) instead."
             )
         score = np.where(visium.has_counts, np.log1p(total), np.nan)
@@ -751,7 +751,7 @@ def st_validate(
         rho, p_naive = math.nan, math.nan
         warnings.append(
             f"the {' and the '.join(constant)} are constant over the {n_used} spots used:"
-            " no correlation can be measured (no positive cells detected? check --stain)."
+            " no correlation can be measured (no positive cells detected? check stain=)."
         )
     else:
         rho, p_naive = spearmanr(cells_map[used], genes_map[used])

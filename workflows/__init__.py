@@ -9,4 +9,6 @@ if __name__ != "oncotrace.workflows":
     )
 
 
-__all__: list[str] = []
+from ._flags import FLAGS, cli_message, flag_for
+
+__all__ = ["FLAGS", "cli_message", "flag_for"]

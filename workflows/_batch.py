@@ -12,6 +12,8 @@ from pathlib import Path
 from oncotrace import __version__
 from oncotrace.wsi import SlideError, TilingConfig, slide_id_for, tile_slide
 
+from ._flags import cli_message
+
 #: File types picked up when a folder is given (DICOM-WSI folders are picked up as folders).
 SLIDE_SUFFIXES = frozenset(
     {
@@ -155,14 +157,16 @@ def tile_batch(
                     on_total=on_total,
                 )
             except SlideError as exc:
-                report.errors.append(_error_row(path, _stage_of(exc), type(exc).__name__, str(exc)))
+                report.errors.append(
+                    _error_row(path, _stage_of(exc), type(exc).__name__, cli_message(exc))
+                )
             except (OSError, MemoryError, RuntimeError, ValueError) as exc:
                 report.errors.append(
                     _error_row(
                         path,
                         "tile",
                         type(exc).__name__,
-                        f"{path}: {exc}. Fix: see the message;"
+                        f"{path}: {cli_message(exc)}. Fix: see the message;"
                         " rerun the same command to retry this slide.",
                     )
                 )

@@ -15,6 +15,8 @@ from typing import Annotated, Any, cast
 import typer
 from rich.console import Console
 
+from ._flags import cli_message
+
 #: Above this level-0 µm/px nuclei (5–10 µm) span too few pixels to be counted.
 COARSE_MPP = 2.0
 
@@ -23,7 +25,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 
 
 def _fail(exc: BaseException) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo(f"error: {cli_message(exc)}", err=True)
     return typer.Exit(2)
 
 

@@ -18,6 +18,7 @@ from oncotrace.workflows import (
     _viewer_setup_cli,
 )
 from oncotrace.workflows._batch import BatchReport, find_slides, tile_batch
+from oncotrace.workflows._flags import cli_message
 from oncotrace.wsi import TilingConfig
 from rich.console import Console
 from rich.progress import (
@@ -211,7 +212,7 @@ def embed(
                 mil.embed(store, enc, batch_size=batch_size, progress=advance)
             except (ValueError, KeyError, OSError) as exc:
                 failed += 1
-                console.print(f"[red]{store}: {exc}[/red]")
+                console.print(f"[red]{store}: {cli_message(exc)}[/red]")
     if failed:
         raise typer.Exit(1)
 

@@ -103,7 +103,10 @@ class Slide:
         """Level-0 µm/px ``(x, y)``; raises :class:`MppError` if the slide has none."""
         if self.mpp is None:
             raise MppError(
-                self.path, "the slide has no physical pixel size.", "pass mpp= (CLI: --mpp)."
+                self.path,
+                "the slide has no physical pixel size.",
+                "pass mpp=0.25 (40× scan) or mpp=0.5 (20×).",
+                param="mpp",
             )
         return self.mpp.x, self.mpp.y
 
@@ -399,7 +402,8 @@ def _resolve_mpp(
         raise MppError(
             path,
             "the file records no physical pixel size (µm/px).",
-            "pass it explicitly: --mpp 0.25 (40× scan) or --mpp 0.5 (20×); ask the scanner operator if unsure.",
+            "pass it explicitly: mpp=0.25 (40× scan) or mpp=0.5 (20×); ask the scanner operator if unsure.",
+            param="mpp",
         )
     mx, my = found
     if not all(math.isfinite(v) and lo <= v <= hi for v in (mx, my)):
@@ -409,10 +413,14 @@ def _resolve_mpp(
             path,
             f"the file's resolution ({be.file_mpp_detail}) reads as {mx:.6g}×{my:.6g} µm/px,"
             f" outside the plausible {lo}–{hi} µm/px, so its metadata is wrong.",
-            "pass the real value explicitly: --mpp 0.25 (40×) or --mpp 0.5 (20×).",
+            "pass the real value explicitly: mpp=0.25 (40×) or mpp=0.5 (20×).",
+            param="mpp",
         )
     if not math.isclose(mx, my, rel_tol=0.05):
         raise CorruptSlideError(
-            path, f"pixels are not square ({mx:.4g}×{my:.4g} µm/px).", "pass --mpp to override."
+            path,
+            f"pixels are not square ({mx:.4g}×{my:.4g} µm/px).",
+            "pass mpp=<µm/px> to override.",
+            param="mpp",
         )
     return Mpp(mx, my, "file", be.file_mpp_detail or "file")

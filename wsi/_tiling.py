@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._errors import ResolutionError
+from ._errors import ParameterError, ResolutionError
 from ._slide import Slide, resize_rgb
 from ._tissue import TissueMask
 
@@ -60,17 +60,21 @@ def tile_geometry(
         When even level 0 is coarser than the target (beyond a 10 % tolerance).
     """
     if tile_px <= 0 or target_mpp <= 0:
-        raise ValueError(f"tile_px and target_mpp must be positive, got {tile_px}, {target_mpp}")
+        bad = "tile_px" if tile_px <= 0 else "target_mpp"
+        raise ParameterError(
+            f"tile_px= and target_mpp= must be positive, got {tile_px}, {target_mpp}", param=bad
+        )
     stride = tile_px if stride_px is None else int(stride_px)
     if not stride > 0:
-        raise ValueError(f"stride_px must be positive, got {stride_px}")
+        raise ParameterError(f"stride_px= must be positive, got {stride_px}", param="stride_px")
     mx, my = slide.mpp_xy
     mpp0 = 0.5 * (mx + my)
     if mpp0 > target_mpp * UPSAMPLE_TOLERANCE:
         raise ResolutionError(
             slide.path,
             f"its finest level is {mpp0:.4g} µm/px, coarser than the requested {target_mpp:g} µm/px.",
-            f"tile at a coarser target: --mpp-target {math.ceil(mpp0 * 100) / 100:g} or more.",
+            f"tile at a coarser target: target_mpp={math.ceil(mpp0 * 100) / 100:g} or more.",
+            param="target_mpp",
         )
     size0 = (tile_px * target_mpp / mx, tile_px * target_mpp / my)
     stride0 = (stride * target_mpp / mx, stride * target_mpp / my)

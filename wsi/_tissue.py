@@ -81,12 +81,13 @@ def detect_tissue(
 
         mask, qc = smear_mask(overview, mpp)
     if not mask.any() and not allow_empty:
-        hint = " For cytology smears use mode 'smear' (--mode smear)." if mode == "tissue" else ""
+        hint = " For cytology smears use mode=smear." if mode == "tissue" else ""
         raise NoTissueError(
             slide.path,
             f"no {'tissue' if mode == 'tissue' else 'cell-dense region'} was found"
             f" (overview {overview.shape[1]}×{overview.shape[0]} px at {mpp:.3g} µm/px).",
             "check that the slide is not blank or out of focus." + hint,
+            param="mode" if mode == "tissue" else None,
         )
     return TissueMask(
         mask=mask, downsample=downsample, mpp=mpp, mode=mode, thumbnail=overview, qc=qc

@@ -176,8 +176,8 @@ BAD_FILES: dict[str, tuple[list[dict[str, Any]], dict[str, Any], str]] = {
         {},
         "outside",
     ),
-    "missing mpp": (basic_points(), {"slide_mpp": None}, "--mpp"),
-    "missing spacing": (basic_points(), {"us_spacing_mm": None}, "--spacing-mm"),
+    "missing mpp": (basic_points(), {"slide_mpp": None}, "slide_mpp="),
+    "missing spacing": (basic_points(), {"us_spacing_mm": None}, "us_spacing_mm="),
 }
 
 
@@ -389,7 +389,7 @@ def _rejection_case(name: str) -> tuple[Any, dict[str, Any], str]:
         p = p * 4
         q = apply(truth, p / 4)
         p = p / 16  # i.e. px / 4 read as µm -> 16x too small
-        match = "--mpp"
+        match = "slide_mpp="
     elif name == "smoothing with affine":
         kwargs = {"model": "affine", "smoothing": 1.0}
         match = "smoothing"

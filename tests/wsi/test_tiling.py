@@ -110,7 +110,7 @@ def test_coarser_slide_than_target_is_a_resolution_error(tmp_path: Path) -> None
     )
     with (
         wsi.open_slide(planted.path) as slide,
-        pytest.raises(wsi.ResolutionError, match="--mpp-target"),
+        pytest.raises(wsi.ResolutionError, match="target_mpp="),
     ):
         wsi.tile_geometry(slide, target_mpp=0.5)
 
