@@ -124,7 +124,7 @@ def run_tiler(
         str(tile_px),
         "--mode",
         "tissue",
-        "--workers",
+        "--threads",
         str(workers),
         "--strict",
     ]

@@ -14,7 +14,9 @@ from ._bags import ZarrBags, prefetch_bags
 from ._embed import embed, read_features
 from ._encoders import (
     ENCODERS,
+    Device,
     EncoderConfig,
+    Precision,
     WeightsError,
     create_encoder,
     encoder_config,
@@ -96,6 +98,7 @@ __all__ = [
     "CalibratedPredictions",
     "CohortData",
     "ConformalResult",
+    "Device",
     "EncoderConfig",
     "Estimate",
     "Evaluation",
@@ -111,6 +114,7 @@ __all__ = [
     "McNemarResult",
     "MetricCI",
     "MulticlassMetrics",
+    "Precision",
     "PrototypeHead",
     "RepeatSpread",
     "TaskEvaluation",

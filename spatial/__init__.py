@@ -28,7 +28,9 @@ from ._immune import (
     CELL_DETECTORS,
     CellTable,
     DensityMaps,
+    GeometryKind,
     ImmuneConfig,
+    Stain,
     create_cell_detector,
     density_map,
     detect_immune_cells,
@@ -46,7 +48,11 @@ from ._landmarks import (
     landmarks_from_arrays,
     load_landmarks,
 )
+from ._landmarks import (
+    Model as RegistrationModel,
+)
 from ._spatialstats import (
+    NullName,
     association_test,
     bivariate_association,
     block_permutation_null,
@@ -78,6 +84,7 @@ from ._ultrasound import (
 from ._usphantom import UltrasoundPhantom, render_ultrasound_phantom
 from ._visium import (
     DEFAULT_IMMUNE_GENES,
+    Fallback,
     Visium,
     VisiumError,
     count_cells_per_spot,
@@ -86,6 +93,9 @@ from ._visium import (
     st_validate,
     visium_image_scale,
     write_st_report,
+)
+from ._visium import (
+    ImageName as VisiumImage,
 )
 
 __all__ = [
@@ -99,15 +109,20 @@ __all__ = [
     "CellTable",
     "Colormap",
     "DensityMaps",
+    "Fallback",
+    "GeometryKind",
     "Heatmap",
     "ImmuneCluster",
     "ImmuneConfig",
     "LandmarkError",
     "Landmarks",
     "MappedHeatmap",
+    "NullName",
     "PlantedCells",
     "Registration",
+    "RegistrationModel",
     "Sequence",
+    "Stain",
     "ThinPlateSpline",
     "Transform",
     "Ultrasound",
@@ -115,6 +130,7 @@ __all__ = [
     "UltrasoundPhantom",
     "Visium",
     "VisiumError",
+    "VisiumImage",
     "association_test",
     "attention_heatmap",
     "bivariate_association",

@@ -8,6 +8,19 @@ and carries it as ``exc.param``. Everything the CLI shows or writes (console, ``
 from __future__ import annotations
 
 import re
+from typing import Literal
+
+# Choices typer validates. The stages define the same Literals; importing mil or spatial for them
+# would load torch / scipy.stats (~1 s) for every command, so tests/workflows/test_flags.py keeps
+# each one equal to the library's.
+Device = Literal["auto", "cpu", "cuda"]  # mil.Device
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # mil.Precision
+Stain = Literal["he", "ihc-dab"]  # spatial.Stain
+GeometryKind = Literal["polygon", "point"]  # spatial.GeometryKind
+RegistrationModel = Literal["auto", "affine", "tps"]  # spatial.RegistrationModel
+VisiumImage = Literal["fullres", "hires", "lowres"]  # spatial.VisiumImage
+NullName = Literal["toroidal", "block"]  # spatial.NullName
+Fallback = Literal["total-counts"]  # spatial.Fallback
 
 #: library parameter -> the flag that sets it (the same flag in every command that has it)
 FLAGS: dict[str, str] = {

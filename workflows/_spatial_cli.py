@@ -10,12 +10,20 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from ._flags import cli_message
+from ._flags import (
+    Fallback,
+    GeometryKind,
+    NullName,
+    RegistrationModel,
+    Stain,
+    VisiumImage,
+    cli_message,
+)
 
 #: Above this level-0 µm/px nuclei (5–10 µm) span too few pixels to be counted.
 COARSE_MPP = 2.0
@@ -86,7 +94,7 @@ def register(app: typer.Typer, console: Console) -> None:
         slide: Annotated[Path, typer.Argument(help="Slide file, DICOM-WSI folder or image.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
         stain: Annotated[
-            str, typer.Option("--stain", help="he (lymphocytes) or ihc-dab (DAB+ cells).")
+            Stain, typer.Option("--stain", help="he (lymphocytes) or ihc-dab (DAB+ cells).")
         ] = "he",
         mpp: Annotated[
             float | None, typer.Option("--mpp", help="Override the slide's level-0 µm/px.")
@@ -107,31 +115,27 @@ def register(app: typer.Typer, console: Console) -> None:
             bool,
             typer.Option("--tissue/--no-tissue", help="Analyse only detected tissue."),
         ] = True,
-        workers: Annotated[int, typer.Option("--workers", help="Threads over tiles.")] = 2,
+        threads: Annotated[int, typer.Option("--threads", help="Threads over tiles.")] = 2,
         geometry: Annotated[
-            str, typer.Option("--geometry", help="GeoJSON cells as polygon or point.")
+            GeometryKind, typer.Option("--geometry", help="GeoJSON cells as polygon or point.")
         ] = "polygon",
     ) -> None:
         """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs."""
         from oncotrace.spatial import density_map, detect_immune_cells, write_immune_outputs
 
-        if stain not in ("he", "ihc-dab"):
-            raise typer.BadParameter("--stain must be 'he' or 'ihc-dab'")
-        if geometry not in ("polygon", "point"):
-            raise typer.BadParameter("--geometry must be 'polygon' or 'point'")
         box = _parse_region(region)
         t0 = time.perf_counter()
         try:
             cells = detect_immune_cells(
                 slide,
-                stain=cast(Any, stain),
+                stain=stain,
                 mpp=mpp,
                 region=box,
                 tissue=tissue,
-                workers=workers,
+                workers=threads,
             )
             density = density_map(cells, bin_um=bin_um, min_positive=min_positive)
-            paths = write_immune_outputs(out, cells, density, geometry=cast(Any, geometry))
+            paths = write_immune_outputs(out, cells, density, geometry=geometry)
         except _USER_ERRORS as exc:
             raise _fail(exc) from exc
         summary = json.loads(paths["summary.json"].read_text())
@@ -176,7 +180,8 @@ def register(app: typer.Typer, console: Console) -> None:
             typer.Option("--heatmap-mpp", help="Level-0 µm/px for a TIL grid heatmap."),
         ] = None,
         model: Annotated[
-            str, typer.Option("--model", help="auto (by leave-one-out TRE), affine or tps.")
+            RegistrationModel,
+            typer.Option("--model", help="auto (by leave-one-out TRE), affine or tps."),
         ] = "auto",
         allow_reflection: Annotated[
             bool,
@@ -190,8 +195,6 @@ def register(app: typer.Typer, console: Console) -> None:
         """Register the slide to the ultrasound by landmarks and resample a heatmap onto it."""
         from oncotrace.spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
 
-        if model not in ("auto", "affine", "tps"):
-            raise typer.BadParameter("--model must be auto, affine or tps")
         spacing = _spacing(spacing_mm)
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
@@ -209,7 +212,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 bin_um = float(min(heat.cell_size_um))
                 reg = fit_landmarks(
                     marks,
-                    model=cast(Any, model),
+                    model=model,
                     allow_reflection=allow_reflection,
                     bin_um=bin_um,
                 )
@@ -247,12 +250,12 @@ def register(app: typer.Typer, console: Console) -> None:
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
         image: Annotated[
-            str,
+            VisiumImage,
             typer.Option(
                 "--image", help="Which Space Ranger image --slide is: fullres, hires, lowres."
             ),
         ] = "fullres",
-        stain: Annotated[str, typer.Option("--stain", help="he or ihc-dab.")] = "he",
+        stain: Annotated[Stain, typer.Option("--stain", help="he or ihc-dab.")] = "he",
         mpp: Annotated[
             float | None,
             typer.Option(
@@ -268,14 +271,15 @@ def register(app: typer.Typer, console: Console) -> None:
             typer.Option("--genes", help="Comma-separated immune genes (symbols or Ensembl ids)."),
         ] = None,
         fallback: Annotated[
-            str | None,
+            Fallback | None,
             typer.Option(
                 "--fallback",
                 help="total-counts: score spots by log1p(total counts) when no immune gene is present.",
             ),
         ] = None,
         null: Annotated[
-            str, typer.Option("--null", help="Spatial null: toroidal shifts or block permutation.")
+            NullName,
+            typer.Option("--null", help="Spatial null: toroidal shifts or block permutation."),
         ] = "toroidal",
         n_null: Annotated[int, typer.Option("--n-null", help="Null draws.")] = 999,
         seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -294,14 +298,6 @@ def register(app: typer.Typer, console: Console) -> None:
         )
         from oncotrace.wsi import MppError
 
-        if image not in ("fullres", "hires", "lowres"):
-            raise typer.BadParameter("--image must be fullres, hires or lowres")
-        if null not in ("toroidal", "block"):
-            raise typer.BadParameter("--null must be toroidal or block")
-        if fallback not in (None, "total-counts"):
-            raise typer.BadParameter("--fallback takes total-counts")
-        if stain not in ("he", "ihc-dab"):
-            raise typer.BadParameter("--stain must be 'he' or 'ihc-dab'")
         gene_list = (
             tuple(g.strip() for g in genes.split(",") if g.strip())
             if genes
@@ -310,22 +306,22 @@ def register(app: typer.Typer, console: Console) -> None:
         t0 = time.perf_counter()
         try:
             vis = read_visium(visium)
-            scale = visium_image_scale(vis, cast(Any, image))
+            scale = visium_image_scale(vis, image)
             # fail on the genes before spending minutes on detection
-            immune_gene_score(vis, gene_list, fallback=cast(Any, fallback))
+            immune_gene_score(vis, gene_list, fallback=fallback)
             coarse: list[str] = []
             if cells_csv is not None:
                 cells = CellTable.from_csv(cells_csv)
             else:
                 try:
-                    cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=mpp)
+                    cells = detect_immune_cells(slide, stain=stain, mpp=mpp)
                 except MppError:
                     if mpp is not None:
                         raise
                     # the 55 µm spots fix the image's scale when the file carries none (PNGs);
                     # open_slide raises this before any detection work
                     spot_mpp = vis.mpp_fullres * scale
-                    cells = detect_immune_cells(slide, stain=cast(Any, stain), mpp=spot_mpp)
+                    cells = detect_immune_cells(slide, stain=stain, mpp=spot_mpp)
             if max(cells.mpp) > COARSE_MPP:
                 coarse.append(
                     f"the slide is {max(cells.mpp):.2f} µm/px: nuclei are not resolved above "
@@ -340,9 +336,9 @@ def register(app: typer.Typer, console: Console) -> None:
                 slide_to_fullres=scale,
                 slide_size_level0=cells.level0_size,
                 genes=gene_list,
-                fallback=cast(Any, fallback),
+                fallback=fallback,
                 n_null=n_null,
-                null=cast(Any, null),
+                null=null,
                 seed=seed,
             )
             report["warnings"] = coarse + list(report.get("warnings") or [])

@@ -18,8 +18,8 @@ from oncotrace.workflows import (
     _viewer_setup_cli,
 )
 from oncotrace.workflows._batch import BatchReport, find_slides, tile_batch
-from oncotrace.workflows._flags import cli_message
-from oncotrace.wsi import TilingConfig
+from oncotrace.workflows._flags import Device, Precision, cli_message
+from oncotrace.wsi import Mode, TilingConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -41,7 +41,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def _default_workers() -> int:
+def _default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -59,7 +59,7 @@ def tile(
         int | None, typer.Option("--stride-px", help="Grid step in pixels (< tile-px overlaps).")
     ] = None,
     mode: Annotated[
-        str, typer.Option("--mode", help="tissue (sections) or smear (cytology).")
+        Mode, typer.Option("--mode", help="tissue (sections) or smear (cytology).")
     ] = "tissue",
     min_tissue: Annotated[
         float | None,
@@ -79,7 +79,9 @@ def tile(
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Reader threads.")] = _default_workers(),
+    threads: Annotated[
+        int, typer.Option("--threads", help="Reader threads (one process).")
+    ] = _default_threads(),
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit non-zero if any slide failed.")
     ] = False,
@@ -87,14 +89,12 @@ def tile(
     """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
     from oncotrace.wsi import TilingConfig
 
-    if mode not in ("tissue", "smear"):
-        raise typer.BadParameter("--mode must be 'tissue' or 'smear'")
     config = TilingConfig(
         target_mpp=mpp_target,
         tile_px=tile_px,
         stride_px=stride_px,
         min_tissue=min_tissue,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         min_focus=min_focus,
         focus=focus,
     )
@@ -102,7 +102,7 @@ def tile(
     if not paths:
         console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")
         raise typer.Exit(2)
-    report = _run_with_progress(paths, out, config, mpp, workers)
+    report = _run_with_progress(paths, out, config, mpp, threads)
     _print_summary(report, out)
     if report.n_failed and strict:
         raise typer.Exit(1)
@@ -182,9 +182,10 @@ def embed(
         typer.Option("--weights", help="Local checkpoint file or folder (default: the hub)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option("--device", help="cuda when present (auto).")] = "auto",
     precision: Annotated[
-        str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")
+        Precision,
+        typer.Option("--precision", help="bf16/fp16 on GPU, bf16 autocast on CPU (auto)."),
     ] = "auto",
 ) -> None:
     """Embed the tiles of each store with an encoder: features/<encoder> (N, D)."""
@@ -193,7 +194,7 @@ def embed(
     paths: list[Path] = []
     for p in stores:
         paths += sorted(p.glob("*.zarr")) if p.is_dir() and not (p / "zarr.json").exists() else [p]
-    enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)  # type: ignore[arg-type]
+    enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
     failed = 0
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -368,8 +369,11 @@ def demo(
     ),
     cases: Annotated[int, typer.Option("--cases", help="Patients in the phantom cohort.")] = 24,
     workers: Annotated[
-        int, typer.Option("--workers", help="Dask workers for scoring (and reader threads).")
-    ] = _default_workers(),
+        int, typer.Option("--workers", help="Dask worker processes for scoring.")
+    ] = 2,
+    threads: Annotated[
+        int, typer.Option("--threads", help="Threads for tiling, embedding and cell detection.")
+    ] = _default_threads(),
 ) -> None:
     """Phantom cohort → train on two thirds of the patients → score the rest on a Dask
     LocalCluster → evaluation report and heatmaps. No downloads; a few minutes on 2 cores."""
@@ -414,11 +418,11 @@ def demo(
         f" ({len(set(rows[i]['patient_id'] for i in train_idx))} patients) at 0.5 µm/px, 224 px…"
     )
     stores = out / "train" / "stores"
-    report = _run_with_progress(train_paths, stores, TilingConfig(), None, workers)
+    report = _run_with_progress(train_paths, stores, TilingConfig(), None, threads)
     if report.n_failed:
         _print_summary(report, stores)
         raise typer.Exit(1)
-    encoder = mil.create_encoder("pathomics", threads=workers)
+    encoder = mil.create_encoder("pathomics", threads=threads)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
@@ -450,7 +454,7 @@ def demo(
             f"{auc['high']:.3f}, patient-grouped bootstrap)"
         )
     test_paths = [by_id[rows[i]["slide_id"]] for i in sorted(test_idx)]
-    n_workers = max(1, min(workers, 2))
+    n_workers = max(1, workers)
     console.print(
         f"[bold]4/6[/bold] scoring {len(test_paths)} held-out slides on a Dask LocalCluster"
         f" ({n_workers} workers): tile → embed → predict → heatmaps…"
@@ -495,7 +499,7 @@ def demo(
     ) as progress:
         bar = progress.add_task("slides", total=len(jobs))
         spatial_summary = spatial_demo(
-            results, lambda sid: progress.advance(bar), workers=max(1, min(workers, 2))
+            results, lambda sid: progress.advance(bar), workers=max(1, min(threads, 2))
         )
     (results / "spatial_demo.json").write_text(json.dumps(spatial_summary, indent=1) + "\n")
     tre = [v["holdout_tre_mm"] for v in spatial_summary.values() if v["holdout_tre_mm"] is not None]

@@ -39,12 +39,13 @@ from ._tiling import (
     tile_geometry,
     tissue_fraction,
 )
-from ._tissue import TissueMask, detect_tissue, ink_mask, tissue_mask
+from ._tissue import Mode, TissueMask, detect_tissue, ink_mask, tissue_mask
 
 __all__ = [
     "EXPORTED_PROPERTIES",
     "PLAUSIBLE_MPP",
     "CorruptSlideError",
+    "Mode",
     "Mpp",
     "MppError",
     "NoTissueError",

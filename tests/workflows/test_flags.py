@@ -51,3 +51,35 @@ def test_errors_keep_their_parameter_across_processes() -> None:
     assert type(back) is wsi.MppError and back.param == "mpp" and str(back) == str(e)
     p = pickle.loads(pickle.dumps(wsi.ParameterError("tile_px= must be > 0", param="tile_px")))
     assert p.param == "tile_px" and str(p) == "tile_px= must be > 0"
+
+
+@pytest.mark.parametrize(
+    ("cli_name", "library"),
+    [
+        ("Device", "mil.Device"),
+        ("Precision", "mil.Precision"),
+        ("Stain", "spatial.Stain"),
+        ("GeometryKind", "spatial.GeometryKind"),
+        ("RegistrationModel", "spatial.RegistrationModel"),
+        ("VisiumImage", "spatial.VisiumImage"),
+        ("NullName", "spatial.NullName"),
+        ("Fallback", "spatial.Fallback"),
+    ],
+)
+def test_cli_choices_are_the_libraries_choices(cli_name: str, library: str) -> None:
+    from typing import get_args
+
+    from oncotrace import mil, spatial
+    from oncotrace.workflows import _flags
+
+    stage, name = library.split(".")
+    lib = getattr({"mil": mil, "spatial": spatial}[stage], name)
+    assert get_args(getattr(_flags, cli_name)) == get_args(lib)
+
+
+def test_typer_refuses_a_choice_outside_the_literal() -> None:
+    from oncotrace.workflows.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["tile", "x.svs", "--out", "o", "--mode", "smudge"])
+    assert result.exit_code == 2 and "smudge" in result.output and "tissue" in result.output

@@ -78,7 +78,7 @@ def test_folder_with_bad_inputs_finishes_good_slides_and_lists_each_failure(tmp_
     expect = _bad_corpus(slides)
     out = tmp_path / "stores"
     runner = CliRunner()
-    result = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--workers", "2"])
+    result = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--threads", "2"])
     assert result.exit_code == 0, result.output
     # every good slide is tiled, with the expected planted tile count
     for planted, n in zip(good, [9, 4], strict=True):

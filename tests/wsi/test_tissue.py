@@ -88,7 +88,11 @@ def test_blank_slide_is_a_no_tissue_error(tmp_path: Path) -> None:
     with wsi.open_slide(path) as slide:
         with pytest.raises(wsi.NoTissueError) as err:
             wsi.detect_tissue(slide)
-        assert str(path) in str(err.value) and "mode=smear" in str(err.value) and err.value.param == "mode"
+        assert (
+            str(path) in str(err.value)
+            and "mode=smear" in str(err.value)
+            and err.value.param == "mode"
+        )
         empty = wsi.detect_tissue(slide, allow_empty=True)
     assert not empty.mask.any() and empty.qc["tissue_fraction"] == 0.0
 
