@@ -10,25 +10,24 @@ from typing import Annotated
 import numpy as np
 import typer
 from oncotrace.workflows import (
+    _embed_cli,
     _evaluate_cli,
     _import_cli,
     _score_cli,
     _spatial_cli,
+    _tile_cli,
     _view_cli,
     _viewer_setup_cli,
 )
-from oncotrace.workflows._batch import BatchReport, find_slides, tile_batch
-from oncotrace.workflows._flags import Device, Precision, cli_message
-from oncotrace.wsi import Mode, TilingConfig
+from oncotrace.workflows._tile_cli import default_threads, print_summary, run_with_progress
+from oncotrace.wsi import TilingConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -39,183 +38,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-
-
-def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-@app.command()
-def tile(
-    slides: Annotated[
-        list[Path], typer.Argument(help="Slide files, DICOM-WSI folders, or folders of slides.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the per-slide Zarr stores.")],
-    mpp_target: Annotated[
-        float, typer.Option("--mpp-target", help="Tile resolution in µm/px.")
-    ] = 0.5,
-    tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 224,
-    stride_px: Annotated[
-        int | None, typer.Option("--stride-px", help="Grid step in pixels (< tile-px overlaps).")
-    ] = None,
-    mode: Annotated[
-        Mode, typer.Option("--mode", help="tissue (sections) or smear (cytology).")
-    ] = "tissue",
-    min_tissue: Annotated[
-        float | None,
-        typer.Option(
-            "--min-tissue",
-            help="Minimum mask coverage of a tile [default: 0.25 tissue, 0.05 smear].",
-        ),
-    ] = None,
-    min_focus: Annotated[
-        float | None,
-        typer.Option("--min-focus", help="Drop tiles whose Laplacian variance is below this."),
-    ] = None,
-    focus: Annotated[
-        bool,
-        typer.Option("--focus", help="Store a per-tile blur score (variance of the Laplacian)."),
-    ] = False,
-    mpp: Annotated[
-        float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
-    ] = None,
-    threads: Annotated[
-        int, typer.Option("--threads", help="Reader threads (one process).")
-    ] = _default_threads(),
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Exit non-zero if any slide failed.")
-    ] = False,
-) -> None:
-    """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
-    from oncotrace.wsi import TilingConfig
-
-    config = TilingConfig(
-        target_mpp=mpp_target,
-        tile_px=tile_px,
-        stride_px=stride_px,
-        min_tissue=min_tissue,
-        mode=mode,
-        min_focus=min_focus,
-        focus=focus,
-    )
-    paths = find_slides(slides)
-    if not paths:
-        console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")
-        raise typer.Exit(2)
-    report = _run_with_progress(paths, out, config, mpp, threads)
-    _print_summary(report, out)
-    if report.n_failed and strict:
-        raise typer.Exit(1)
-
-
-def _run_with_progress(
-    paths: list[Path], out: Path, config: TilingConfig, mpp: float | None, workers: int
-) -> BatchReport:
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("slides", total=len(paths))
-        tiles = progress.add_task("tiles", total=None)
-
-        def on_start(sid: str) -> None:
-            progress.reset(tiles, total=None, description=f"tiles {sid}")
-
-        def on_total(n: int) -> None:
-            progress.update(tiles, total=n)
-
-        def on_progress(n: int) -> None:
-            progress.advance(tiles, n)
-
-        def on_done(sid: str, ok: bool) -> None:
-            progress.advance(overall)
-
-        return tile_batch(
-            paths,
-            out,
-            config,
-            mpp=mpp,
-            workers=workers,
-            on_start=on_start,
-            on_total=on_total,
-            on_progress=on_progress,
-            on_done=on_done,
-        )
-
-
-def _print_summary(report: BatchReport, out: Path) -> None:
-    table = Table(title=f"Tiling → {out}")
-    for col in ("slide", "status", "tiles", "seconds"):
-        table.add_column(col)
-    for row in report.done:
-        table.add_row(
-            str(row["slide_id"]), "[green]tiled", str(row["n_tiles"]), str(row["seconds"])
-        )
-    for row in report.skipped:
-        table.add_row(str(row["slide_id"]), "[cyan]up to date", str(row["n_tiles"]), "")
-    for err in report.errors:
-        table.add_row(Path(err["slide"]).name, f"[red]{err['error_type']} ({err['stage']})", "", "")
-    console.print(table)
-    if report.errors:
-        console.print(
-            f"[yellow]{report.n_failed} slide(s) failed; see {out / 'errors.csv'}.[/yellow]"
-        )
-        for err in report.errors:
-            console.print(f"  [red]•[/red] {err['message']}")
-
-
-@app.command()
-def embed(
-    stores: Annotated[
-        list[Path], typer.Argument(help="Tile stores (<slide>.zarr) or folders of them.")
-    ],
-    encoder: Annotated[
-        str, typer.Option("--encoder", help="A name from `oncotrace encoders`.")
-    ] = "pathomics",
-    weights: Annotated[
-        str | None,
-        typer.Option("--weights", help="Local checkpoint file or folder (default: the hub)."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    device: Annotated[Device, typer.Option("--device", help="cuda when present (auto).")] = "auto",
-    precision: Annotated[
-        Precision,
-        typer.Option("--precision", help="bf16/fp16 on GPU, bf16 autocast on CPU (auto)."),
-    ] = "auto",
-) -> None:
-    """Embed the tiles of each store with an encoder: features/<encoder> (N, D)."""
-    from oncotrace import mil
-
-    paths: list[Path] = []
-    for p in stores:
-        paths += sorted(p.glob("*.zarr")) if p.is_dir() and not (p / "zarr.json").exists() else [p]
-    enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
-    failed = 0
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        for store in paths:
-            task = progress.add_task(store.name, total=None)
-
-            def advance(n: int, t: TaskID = task) -> None:
-                progress.advance(t, n)
-
-            try:
-                mil.embed(store, enc, batch_size=batch_size, progress=advance)
-            except (ValueError, KeyError, OSError) as exc:
-                failed += 1
-                console.print(f"[red]{store}: {cli_message(exc)}[/red]")
-    if failed:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -328,41 +150,6 @@ def train(
 
 
 @app.command()
-def encoders() -> None:
-    """List the registered patch encoders with their dims, resolution and licence."""
-    from oncotrace import mil
-
-    table = Table(title="encoders")
-    for col in ("name", "dim", "µm/px", "weights (hub)", "licence"):
-        table.add_column(col)
-    for name in mil.list_encoders():
-        c = mil.encoder_config(name)
-        table.add_row(name, str(c.dim), f"{c.native_mpp:g}", c.hub_id or "none needed", c.licence)
-    console.print(table)
-
-
-@app.command()
-def info(
-    slide: Annotated[Path, typer.Argument(help="A slide file or DICOM-WSI folder.")],
-    mpp: Annotated[float | None, typer.Option("--mpp", help="Override the level-0 µm/px.")] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="auto, cucim, openslide, tifffile, pillow.")
-    ] = "auto",
-) -> None:
-    """Print the allow-listed description of a slide (never labels, macros or raw metadata)."""
-    from oncotrace.wsi import SlideError, open_slide
-
-    try:
-        with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:  # type: ignore[arg-type]
-            props = s.exported_properties()
-            props["dimensions"] = list(s.dimensions)
-    except SlideError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    typer.echo(json.dumps(props, indent=2))
-
-
-@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path(
         "oncotrace-demo"
@@ -373,7 +160,7 @@ def demo(
     ] = 2,
     threads: Annotated[
         int, typer.Option("--threads", help="Threads for tiling, embedding and cell detection.")
-    ] = _default_threads(),
+    ] = default_threads(),
 ) -> None:
     """Phantom cohort → train on two thirds of the patients → score the rest on a Dask
     LocalCluster → evaluation report and heatmaps. No downloads; a few minutes on 2 cores."""
@@ -418,9 +205,9 @@ def demo(
         f" ({len(set(rows[i]['patient_id'] for i in train_idx))} patients) at 0.5 µm/px, 224 px…"
     )
     stores = out / "train" / "stores"
-    report = _run_with_progress(train_paths, stores, TilingConfig(), None, threads)
+    report = run_with_progress(console, train_paths, stores, TilingConfig(), None, threads)
     if report.n_failed:
-        _print_summary(report, stores)
+        print_summary(console, report, stores)
         raise typer.Exit(1)
     encoder = mil.create_encoder("pathomics", threads=threads)
     with Progress(
@@ -532,6 +319,8 @@ def demo(
 
 
 # Commands that live in their own modules register themselves on the app.
+_tile_cli.register(app, console)
+_embed_cli.register(app, console)
 _evaluate_cli.register(app, console)
 _import_cli.register(app, console)
 _score_cli.register(app, console)

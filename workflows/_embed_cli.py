@@ -1,0 +1,91 @@
+"""``oncotrace embed`` and ``oncotrace encoders``: tile stores → features with a registered encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from ._flags import Device, Precision, cli_message
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Add ``embed`` and ``encoders`` to ``app``."""
+
+    @app.command()
+    def embed(
+        stores: Annotated[
+            list[Path], typer.Argument(help="Tile stores (<slide>.zarr) or folders of them.")
+        ],
+        encoder: Annotated[
+            str, typer.Option("--encoder", help="A name from `oncotrace encoders`.")
+        ] = "pathomics",
+        weights: Annotated[
+            str | None,
+            typer.Option("--weights", help="Local checkpoint file or folder (default: the hub)."),
+        ] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+        device: Annotated[
+            Device, typer.Option("--device", help="cuda when present (auto).")
+        ] = "auto",
+        precision: Annotated[
+            Precision,
+            typer.Option("--precision", help="bf16/fp16 on GPU, bf16 autocast on CPU (auto)."),
+        ] = "auto",
+    ) -> None:
+        """Embed the tiles of each store with an encoder: features/<encoder> (N, D)."""
+        from oncotrace import mil
+
+        paths: list[Path] = []
+        for p in stores:
+            paths += (
+                sorted(p.glob("*.zarr")) if p.is_dir() and not (p / "zarr.json").exists() else [p]
+            )
+        enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
+        failed = 0
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            for store in paths:
+                task = progress.add_task(store.name, total=None)
+
+                def advance(n: int, t: TaskID = task) -> None:
+                    progress.advance(t, n)
+
+                try:
+                    mil.embed(store, enc, batch_size=batch_size, progress=advance)
+                except (ValueError, KeyError, OSError) as exc:
+                    failed += 1
+                    console.print(f"[red]{store}: {cli_message(exc)}[/red]")
+        if failed:
+            raise typer.Exit(1)
+
+    @app.command()
+    def encoders() -> None:
+        """List the registered patch encoders with their dims, resolution and licence."""
+        from oncotrace import mil
+
+        table = Table(title="encoders")
+        for col in ("name", "dim", "µm/px", "weights (hub)", "licence"):
+            table.add_column(col)
+        for name in mil.list_encoders():
+            c = mil.encoder_config(name)
+            table.add_row(
+                name, str(c.dim), f"{c.native_mpp:g}", c.hub_id or "none needed", c.licence
+            )
+        console.print(table)

@@ -1,0 +1,184 @@
+"""``oncotrace tile`` and ``oncotrace info``: slides → per-slide tile stores; a slide's description."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from oncotrace.wsi import Mode, TilingConfig
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ._batch import BatchReport, find_slides, tile_batch
+
+
+def default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def run_with_progress(
+    console: Console,
+    paths: list[Path],
+    out: Path,
+    config: TilingConfig,
+    mpp: float | None,
+    workers: int,
+) -> BatchReport:
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("slides", total=len(paths))
+        tiles = progress.add_task("tiles", total=None)
+
+        def on_start(sid: str) -> None:
+            progress.reset(tiles, total=None, description=f"tiles {sid}")
+
+        def on_total(n: int) -> None:
+            progress.update(tiles, total=n)
+
+        def on_progress(n: int) -> None:
+            progress.advance(tiles, n)
+
+        def on_done(sid: str, ok: bool) -> None:
+            progress.advance(overall)
+
+        return tile_batch(
+            paths,
+            out,
+            config,
+            mpp=mpp,
+            workers=workers,
+            on_start=on_start,
+            on_total=on_total,
+            on_progress=on_progress,
+            on_done=on_done,
+        )
+
+
+def print_summary(console: Console, report: BatchReport, out: Path) -> None:
+    table = Table(title=f"Tiling → {out}")
+    for col in ("slide", "status", "tiles", "seconds"):
+        table.add_column(col)
+    for row in report.done:
+        table.add_row(
+            str(row["slide_id"]), "[green]tiled", str(row["n_tiles"]), str(row["seconds"])
+        )
+    for row in report.skipped:
+        table.add_row(str(row["slide_id"]), "[cyan]up to date", str(row["n_tiles"]), "")
+    for err in report.errors:
+        table.add_row(Path(err["slide"]).name, f"[red]{err['error_type']} ({err['stage']})", "", "")
+    console.print(table)
+    if report.errors:
+        console.print(
+            f"[yellow]{report.n_failed} slide(s) failed; see {out / 'errors.csv'}.[/yellow]"
+        )
+        for err in report.errors:
+            console.print(f"  [red]•[/red] {err['message']}")
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Add ``tile`` and ``info`` to ``app``."""
+
+    @app.command()
+    def tile(
+        slides: Annotated[
+            list[Path], typer.Argument(help="Slide files, DICOM-WSI folders, or folders of slides.")
+        ],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Folder for the per-slide Zarr stores.")
+        ],
+        mpp_target: Annotated[
+            float, typer.Option("--mpp-target", help="Tile resolution in µm/px.")
+        ] = 0.5,
+        tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 224,
+        stride_px: Annotated[
+            int | None,
+            typer.Option("--stride-px", help="Grid step in pixels (< tile-px overlaps)."),
+        ] = None,
+        mode: Annotated[
+            Mode, typer.Option("--mode", help="tissue (sections) or smear (cytology).")
+        ] = "tissue",
+        min_tissue: Annotated[
+            float | None,
+            typer.Option(
+                "--min-tissue",
+                help="Minimum mask coverage of a tile [default: 0.25 tissue, 0.05 smear].",
+            ),
+        ] = None,
+        min_focus: Annotated[
+            float | None,
+            typer.Option("--min-focus", help="Drop tiles whose Laplacian variance is below this."),
+        ] = None,
+        focus: Annotated[
+            bool,
+            typer.Option(
+                "--focus", help="Store a per-tile blur score (variance of the Laplacian)."
+            ),
+        ] = False,
+        mpp: Annotated[
+            float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
+        ] = None,
+        threads: Annotated[
+            int, typer.Option("--threads", help="Reader threads (one process).")
+        ] = default_threads(),
+        strict: Annotated[
+            bool, typer.Option("--strict", help="Exit non-zero if any slide failed.")
+        ] = False,
+    ) -> None:
+        """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
+        config = TilingConfig(
+            target_mpp=mpp_target,
+            tile_px=tile_px,
+            stride_px=stride_px,
+            min_tissue=min_tissue,
+            mode=mode,
+            min_focus=min_focus,
+            focus=focus,
+        )
+        paths = find_slides(slides)
+        if not paths:
+            console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")
+            raise typer.Exit(2)
+        report = run_with_progress(console, paths, out, config, mpp, threads)
+        print_summary(console, report, out)
+        if report.n_failed and strict:
+            raise typer.Exit(1)
+
+    @app.command()
+    def info(
+        slide: Annotated[Path, typer.Argument(help="A slide file or DICOM-WSI folder.")],
+        mpp: Annotated[
+            float | None, typer.Option("--mpp", help="Override the level-0 µm/px.")
+        ] = None,
+        backend: Annotated[
+            str, typer.Option("--backend", help="auto, cucim, openslide, tifffile, pillow.")
+        ] = "auto",
+    ) -> None:
+        """Print the allow-listed description of a slide (never labels, macros or raw metadata)."""
+        from oncotrace.wsi import SlideError, open_slide
+
+        try:
+            with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:  # type: ignore[arg-type]
+                props = s.exported_properties()
+                props["dimensions"] = list(s.dimensions)
+        except SlideError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        typer.echo(json.dumps(props, indent=2))
