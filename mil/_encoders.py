@@ -174,6 +174,15 @@ def _swiglu() -> dict[str, Any]:
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
 
 
+#: ViT-L/16 at 224 px with layer scale (UNI, Phikon-v2); any init value creates the layer-scale
+#: parameters, which the checkpoint replaces
+_VIT_L16_LAYERSCALE: dict[str, Any] = {
+    "img_size": 224,
+    "patch_size": 16,
+    "init_values": 1e-5,
+    "num_classes": 0,
+}
+
 TIMM_ENCODERS: tuple[EncoderConfig, ...] = (
     EncoderConfig(
         name="resnet50-trunc",
@@ -188,13 +197,7 @@ TIMM_ENCODERS: tuple[EncoderConfig, ...] = (
         name="uni",
         dim=1024,
         arch="vit_large_patch16_224",
-        timm_kwargs={
-            "img_size": 224,
-            "patch_size": 16,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "dynamic_img_size": True,
-        },
+        timm_kwargs={**_VIT_L16_LAYERSCALE, "dynamic_img_size": True},
         output="cls",
         hub_id="MahmoodLab/UNI",
         licence="CC-BY-NC-ND-4.0 (gated; academic research only)",
@@ -203,14 +206,7 @@ TIMM_ENCODERS: tuple[EncoderConfig, ...] = (
         name="phikon-v2",
         dim=1024,
         arch="vit_large_patch16_224",
-        timm_kwargs={
-            "img_size": 224,
-            "patch_size": 16,
-            # any value creates the layer-scale parameters; the checkpoint's lambda1 replace it
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "dynamic_img_size": False,
-        },
+        timm_kwargs={**_VIT_L16_LAYERSCALE, "dynamic_img_size": False},
         output="cls",
         hub_id="owkin/phikon-v2",
         licence="Owkin non-commercial licence (LICENSE.pdf on the hub page; not gated)",

@@ -325,6 +325,17 @@ def _even_ceiling(v: int) -> int:
     return v + (v % 2)
 
 
+def _null_lattice(
+    array_row: ArrayLike, array_col: ArrayLike, valid: ArrayLike | None, n_null: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.bool_]]:
+    """Checked lattice indices and valid mask shared by the spatial nulls."""
+    row, col = _lattice(array_row, array_col)
+    ok = _valid_mask(valid, row.size)
+    if n_null < 1:
+        raise ValueError(f"n_null must be >= 1, got {n_null}.")
+    return row, col, ok
+
+
 def toroidal_null(
     array_row: ArrayLike,
     array_col: ArrayLike,
@@ -360,11 +371,8 @@ def toroidal_null(
     src : (n_null, n) int64 ndarray
         ``src[k, i]``: the spot whose value lands on spot ``i`` in draw ``k``; -1 for none.
     """
-    row, col = _lattice(array_row, array_col)
+    row, col, ok = _null_lattice(array_row, array_col, valid, n_null)
     n = row.size
-    ok = _valid_mask(valid, n)
-    if n_null < 1:
-        raise ValueError(f"n_null must be >= 1, got {n_null}.")
     if not 0.0 <= min_overlap <= 1.0:
         raise ValueError(f"min_overlap must be a fraction in [0, 1], got {min_overlap}.")
     if n == 0 or not ok.any():
@@ -417,29 +425,11 @@ def block_permutation_null(
     inner layout, so autocorrelation shorter than a block survives. ``block_rows`` must be even
     so hex parity is kept, and should exceed the correlation length of the maps.
 
-    Parameters
-    ----------
-    array_row, array_col : (n,) int ndarray
-        Visium lattice indices of the spots.
-    n_null : int
-        Number of draws.
-    block_rows : int
-        Block height in lattice rows (even).
-    valid : (n,) bool ndarray, optional
-        Spots that carry a value.
-    seed : int or numpy Generator
-        Randomness.
-
-    Returns
-    -------
-    src : (n_null, n) int64 ndarray
-        ``src[k, i]``: the spot whose value lands on spot ``i`` in draw ``k``; -1 for none.
+    Parameters and result as :func:`toroidal_null`, with ``block_rows`` (int, even) the block
+    height in lattice rows instead of ``min_overlap``.
     """
-    row, col = _lattice(array_row, array_col)
+    row, col, ok = _null_lattice(array_row, array_col, valid, n_null)
     n = row.size
-    ok = _valid_mask(valid, n)
-    if n_null < 1:
-        raise ValueError(f"n_null must be >= 1, got {n_null}.")
     if block_rows < 2 or block_rows % 2:
         raise ValueError(f"block_rows must be an even number >= 2, got {block_rows}.")
     b_r, b_c = block_rows, 2 * block_rows
