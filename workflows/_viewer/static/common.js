@@ -99,6 +99,39 @@ export function topKList(task) {
 }
 
 /**
+ * Build the overlay panel both viewer pages share inside section#overlay-panel: a heading
+ * (data-title), the overlay choices, the opacity slider (data-opacity, in %) and the colour-bar
+ * figure that showColorbar() fills. Call it before looking up any of those elements.
+ */
+export function overlayPanel() {
+  const section = document.getElementById("overlay-panel");
+  const opacity = section.dataset.opacity || "50";
+  const tid = (id) => ({ id, "data-testid": id });
+  section.replaceChildren(
+    el("h2", { text: section.dataset.title || "Overlay" }),
+    el("div", { ...tid("overlay-choices"), class: "choices", role: "radiogroup" }),
+    el(
+      "label",
+      { class: "opacity" },
+      "Opacity",
+      el("input", { ...tid("opacity"), type: "range", min: "0", max: "100", step: "1", value: opacity }),
+      el("output", { id: "opacity-value", for: "opacity" }, `${opacity} %`),
+    ),
+    el(
+      "figure",
+      { ...tid("colorbar-box"), class: "colorbar", hidden: true },
+      el("figcaption", tid("colorbar-label")),
+      el(
+        "div",
+        { class: "cb-body" },
+        el("img", { ...tid("colorbar"), alt: "colour bar" }),
+        el("div", { class: "range" }, el("span", tid("colorbar-max")), el("span", tid("colorbar-min"))),
+      ),
+    ),
+  );
+}
+
+/**
  * Overlay radio buttons plus "none"; calls onChange(name) when the user picks one.
  * Each input has data-testid="overlay-<name>".
  */

@@ -8,10 +8,13 @@ import {
   idFromPath,
   niceLength,
   overlayChoices,
+  overlayPanel,
   showColorbar,
   showError,
   topKList,
 } from "/static/common.js";
+
+overlayPanel(); // before anything looks up the panel's elements
 
 const SCALEBAR_TARGET_PX = 120; // the bar is the largest 1-2-5 length not wider than this
 const CRISP_TARGET_PX = 2048; // heatmaps are upscaled (nearest) to about this many pixels a side

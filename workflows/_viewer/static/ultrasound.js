@@ -1,6 +1,8 @@
 // Ultrasound view: the frame, the heatmap mapped onto its pixel grid, the landmarks (fit vs
 // hold-out) and the registration's TRE report.
-import { el, fmtNumber, getJSON, idFromPath, overlayChoices, showColorbar, showError } from "/static/common.js";
+import { el, fmtNumber, getJSON, idFromPath, overlayChoices, overlayPanel, showColorbar, showError } from "/static/common.js";
+
+overlayPanel(); // before anything looks up the panel's elements
 
 const SVG = "http://www.w3.org/2000/svg";
 const slideId = idFromPath("/ultrasound/");
