@@ -37,6 +37,8 @@ from ._immune import (
     list_cell_detectors,
     load_til_grid,
     register_cell_detector,
+    stain_matrix,
+    stain_od,
     summary_dict,
     write_immune_outputs,
 )
@@ -53,6 +55,7 @@ from ._landmarks import (
 )
 from ._spatialstats import (
     NullName,
+    apply_null,
     association_test,
     bivariate_association,
     block_permutation_null,
@@ -60,6 +63,7 @@ from ._spatialstats import (
     knn_weights,
     moran_test,
     morans_i,
+    permutation_pvalue,
     toroidal_null,
 )
 from ._transforms import (
@@ -71,7 +75,11 @@ from ._transforms import (
     Sequence,
     ThinPlateSpline,
     Transform,
+    slide_px_to_um,
+    slide_px_to_um_transform,
     transform_from_dict,
+    us_px_to_mm,
+    us_px_to_mm_transform,
 )
 from ._ultrasound import (
     MappedHeatmap,
@@ -79,6 +87,7 @@ from ._ultrasound import (
     UltrasoundError,
     landmarks_overlay_png,
     read_ultrasound,
+    sample_heatmap,
     to_ultrasound,
 )
 from ._usphantom import UltrasoundPhantom, render_ultrasound_phantom
@@ -131,6 +140,7 @@ __all__ = [
     "Visium",
     "VisiumError",
     "VisiumImage",
+    "apply_null",
     "association_test",
     "attention_heatmap",
     "bivariate_association",
@@ -152,6 +162,7 @@ __all__ = [
     "morans_i",
     "ngff_transforms",
     "normalise_attention",
+    "permutation_pvalue",
     "read_heatmap",
     "read_ultrasound",
     "read_visium",
@@ -159,11 +170,18 @@ __all__ = [
     "render_cells",
     "render_overlay",
     "render_ultrasound_phantom",
+    "sample_heatmap",
+    "slide_px_to_um",
+    "slide_px_to_um_transform",
     "st_validate",
+    "stain_matrix",
+    "stain_od",
     "summary_dict",
     "to_ultrasound",
     "toroidal_null",
     "transform_from_dict",
+    "us_px_to_mm",
+    "us_px_to_mm_transform",
     "value_range",
     "visium_image_scale",
     "write_geojson",

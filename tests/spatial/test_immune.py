@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from oncotrace.spatial._cellphantom import (
+from oncotrace.spatial import (
     ImmuneCluster,
     PlantedCells,
     render_cells,
     write_phantom_slide,
 )
-from oncotrace.spatial._immune import (
+from oncotrace.spatial import (
     CellTable,
     create_cell_detector,
     density_map,

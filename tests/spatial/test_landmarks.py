@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from oncotrace.spatial._landmarks import (
+from oncotrace.spatial import (
     LandmarkError,
     Registration,
     fit_landmarks,

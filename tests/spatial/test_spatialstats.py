@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from numpy.typing import NDArray
-from oncotrace.spatial._spatialstats import (
+from oncotrace.spatial import (
     apply_null,
     association_test,
     bivariate_association,

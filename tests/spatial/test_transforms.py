@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from oncotrace.spatial._transforms import (
+from oncotrace.spatial import (
     Affine,
     Sequence,
     ThinPlateSpline,

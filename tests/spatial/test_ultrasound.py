@@ -17,10 +17,16 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.spatial._heatmap import Heatmap, read_heatmap, write_ome_zarr
-from oncotrace.spatial._landmarks import Registration, fit_landmarks, landmarks_from_arrays
-from oncotrace.spatial._transforms import Affine
-from oncotrace.spatial._ultrasound import (
+from oncotrace.spatial import (
+    Affine,
+    Heatmap,
+    Registration,
+    fit_landmarks,
+    landmarks_from_arrays,
+    read_heatmap,
+    write_ome_zarr,
+)
+from oncotrace.spatial import (
     Ultrasound,
     UltrasoundError,
     landmarks_overlay_png,

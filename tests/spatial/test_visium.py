@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from oncotrace.spatial._spatialstats import NullName
-from oncotrace.spatial._visium import (
+from oncotrace.spatial import (
+    NullName,
     Visium,
     VisiumError,
     count_cells_per_spot,
