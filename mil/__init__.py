@@ -11,6 +11,7 @@ if __name__ != "oncotrace.mil":
 
 from . import _metrics as metrics
 from ._bags import ZarrBags, prefetch_bags
+from ._card import CovariateSpec, ModelCard, ModelEncoder
 from ._embed import embed, read_features
 from ._encoders import (
     EncoderConfig,
@@ -73,6 +74,7 @@ from ._metrics import (
     multiclass_metrics,
     reliability_curve,
 )
+from ._protocol import TrainConfig, TrainConfigError, TrainResult, train_model
 from ._report import plot_confusion, plot_reliability, plot_roc, render_html
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
 from ._train import (
@@ -84,7 +86,6 @@ from ._train import (
     load_model,
     predict,
     save_model,
-    train_and_evaluate,
 )
 
 __all__ = [
@@ -92,6 +93,7 @@ __all__ = [
     "CalibratedPredictions",
     "CohortData",
     "ConformalResult",
+    "CovariateSpec",
     "EncoderConfig",
     "Estimate",
     "Evaluation",
@@ -106,10 +108,15 @@ __all__ = [
     "MILPool",
     "McNemarResult",
     "MetricCI",
+    "ModelCard",
+    "ModelEncoder",
     "MulticlassMetrics",
     "PrototypeHead",
     "RepeatSpread",
     "TaskEvaluation",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
     "WeightsError",
     "ZarrBags",
     "apply_calibration",
@@ -163,5 +170,5 @@ __all__ = [
     "save_head",
     "save_model",
     "site_holdout",
-    "train_and_evaluate",
+    "train_model",
 ]
