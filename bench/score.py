@@ -56,7 +56,7 @@ def _model() -> Path:
     if not (out / "model.json").is_file():
         head = mil.create_head("abmil-gated", mil.encoder_config("pathomics").dim,
                                {"label": ("benign", "malignant")})  # fmt: skip
-        mil.save_model(out, head, extra={"encoder": {"name": "pathomics", "dim": 89}})
+        mil.save_model(out, head, encoder=mil.ModelEncoder("pathomics", 89))
     return out
 
 

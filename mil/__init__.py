@@ -11,6 +11,7 @@ if __name__ != "oncotrace.mil":
 
 from . import _metrics as metrics
 from ._bags import ZarrBags, prefetch_bags
+from ._card import CovariateSpec, ModelCard, ModelEncoder
 from ._embed import embed, read_features
 from ._encoders import (
     ENCODERS,
@@ -77,6 +78,7 @@ from ._metrics import (
     multiclass_metrics,
     reliability_curve,
 )
+from ._protocol import TrainConfig, TrainConfigError, TrainResult, train_model
 from ._report import plot_confusion, plot_reliability, plot_roc, render_html
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
 from ._train import (
@@ -88,7 +90,6 @@ from ._train import (
     load_model,
     predict,
     save_model,
-    train_and_evaluate,
 )
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "CalibratedPredictions",
     "CohortData",
     "ConformalResult",
+    "CovariateSpec",
     "Device",
     "EncoderConfig",
     "Estimate",
@@ -113,11 +115,16 @@ __all__ = [
     "MILPool",
     "McNemarResult",
     "MetricCI",
+    "ModelCard",
+    "ModelEncoder",
     "MulticlassMetrics",
     "Precision",
     "PrototypeHead",
     "RepeatSpread",
     "TaskEvaluation",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
     "WeightsError",
     "ZarrBags",
     "apply_calibration",
@@ -171,5 +178,5 @@ __all__ = [
     "save_head",
     "save_model",
     "site_holdout",
-    "train_and_evaluate",
+    "train_model",
 ]

@@ -47,7 +47,6 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from oncotrace import __version__
 from oncotrace.wsi import Registry
 from torch import Tensor, nn
 
@@ -67,8 +66,6 @@ __all__ = [
 
 #: Modality key used internally when ``in_dims`` is a single int (one bag type).
 _SINGLE = "bag"
-_FORMAT = "oncotrace.mil.head"
-_FORMAT_VERSION = 1
 _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "model.json"
 
@@ -969,8 +966,24 @@ def create_head(
 # --------------------------------------------------------------------------------------------
 
 
+def write_weights(model: MILHead, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` into ``directory`` (created); the card is the caller's."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, MILHead):
+        raise TypeError(f"expected a MILHead, got {type(model).__name__}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / _WEIGHTS_FILE), metadata={"format": "pt"})
+    return directory
+
+
 def save_head(model: MILHead, directory: str | Path) -> Path:
     """Write ``model.safetensors`` (weights) and ``model.json`` (config) into ``directory``.
+
+    The ``model.json`` is a :class:`mil.ModelCard` holding the head's config only; a trained
+    model with its encoder, covariates and calibration is saved by :func:`mil.save_model`.
 
     Parameters
     ----------
@@ -981,28 +994,15 @@ def save_head(model: MILHead, directory: str | Path) -> Path:
     -------
     Path of the directory.
     """
-    from safetensors.torch import save_file
+    from ._card import ModelCard
 
-    if not isinstance(model, MILHead):
-        raise TypeError(f"save_head expects a MILHead, got {type(model).__name__}.")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / _WEIGHTS_FILE), metadata={"format": "pt"})
-    meta = {
-        "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
-        "oncotrace_version": __version__,
-        "torch_version": torch.__version__,
-        "weights": _WEIGHTS_FILE,
-        "config": model.config.to_dict(),
-    }
-    (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    directory = write_weights(model, directory)
+    ModelCard(head=model.config).with_versions().write(directory)
     return directory
 
 
 def load_head(directory: str | Path, *, device: str | torch.device = "cpu") -> MILHead:
-    """Rebuild a head written by :func:`save_head`; returned in eval mode.
+    """Rebuild a head written by :func:`save_head` or :func:`mil.save_model`, in eval mode.
 
     Raises
     ------
@@ -1014,20 +1014,14 @@ def load_head(directory: str | Path, *, device: str | torch.device = "cpu") -> M
     """
     from safetensors.torch import load_file
 
+    from ._card import ModelCard
+
     directory = Path(directory)
     config_path, weights_path = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; save the head with save_head(model, dir).")
-    meta = json.loads(config_path.read_text())
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise ValueError(f"{config_path}: not an OncoTrace MIL head (format {_FORMAT!r} expected).")
-    if meta.get("format_version", 0) > _FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path}: format_version {meta['format_version']} is newer than this "
-            f"OncoTrace reads ({_FORMAT_VERSION}); upgrade OncoTrace."
-        )
-    model = MILHead(HeadConfig.from_dict(meta["config"]))
+    model = MILHead(ModelCard.read(directory).head)
     found = load_file(str(weights_path), device="cpu")
     problem = state_dict_mismatch(model.state_dict(), found)
     if problem:

@@ -19,6 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ._card import ModelCard
     from ._evaluate import Estimate, TaskEvaluation
 
 
@@ -288,7 +289,7 @@ def render_html(
     figures: Mapping[str, Mapping[str, Path]],
     *,
     cohort: Mapping[str, Any],
-    model: Mapping[str, Any],
+    model: ModelCard,
     readers: Sequence[Mapping[str, Any]] = (),
     warnings: Sequence[str] = (),
     title: str = "OncoTrace evaluation report",
@@ -300,7 +301,7 @@ def render_html(
     evaluations : task -> :class:`mil.TaskEvaluation` (None: not evaluable).
     figures : task -> caption -> PNG path (embedded as base64).
     cohort : plain facts, e.g. ``{"slides": 40, "patients": 30, "sites": ["A", "B"]}``.
-    model : the model's ``model.json`` contents.
+    model : the model's card (:func:`mil.load_model`).
     readers : rows of the reader comparison.
     warnings : caveats shown at the top besides those of each task.
     """
@@ -325,23 +326,21 @@ def render_html(
     parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in cohort.items()]
     parts.append("</table>")
 
-    cfg = model.get("config") or {}
-    enc = model.get("encoder") or {}
-    train = model.get("training") or {}
-    cov = (model.get("covariates") or {}).get("names") or []
+    enc = model.encoder
+    train = model.training
     prov = {
-        "head": cfg.get("name", "?"),
-        "encoder": f"{enc.get('name', '?')} (dimension {enc.get('dim', '?')})",
-        "tasks": "; ".join(f"{t}: {', '.join(c)}" for t, c in (model.get("tasks") or {}).items()),
-        "covariates": ", ".join(cov) or "none",
+        "head": model.head.name,
+        "encoder": "not recorded" if enc is None else f"{enc.name} (dimension {enc.dim})",
+        "tasks": "; ".join(f"{t}: {', '.join(c)}" for t, c in model.tasks.items()),
+        "covariates": ", ".join(model.covariates.names) or "none",
         "trained": train.get("trained_at", "not recorded"),
         "training evaluation": train.get("split", "not recorded"),
-        "calibration fitted on": (model.get("calibration") or {}).get("source") or "none",
-        "OncoTrace version": model.get("oncotrace_version", "?"),
+        "calibration fitted on": (model.calibration or {}).get("source") or "none",
+        "OncoTrace version": model.oncotrace_version or "?",
     }
     parts.append("<h2>Model</h2><table>")
     parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in prov.items()]
-    for task, m in (model.get("metrics") or {}).items():
+    for task, m in model.metrics.items():
         for name in ("auc", "auc_macro", "accuracy"):
             v = ((m or {}).get("metrics") or {}).get(name)
             if isinstance(v, Mapping) and v.get("estimate") is not None:

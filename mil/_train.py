@@ -2,18 +2,18 @@
 
 ``load_cohort`` reads ``labels.csv`` and the embedded tile stores into a :class:`CohortData`;
 ``fit`` trains a head one case at a time; ``predict`` returns class probabilities and attention;
-``cross_validate`` / ``train_and_evaluate`` run patient-grouped evaluations with out-of-fold
-predictions; ``save_model`` / ``load_model`` write and read safetensors + JSON (never pickle).
+``cross_validate`` runs a patient-grouped evaluation with out-of-fold predictions;
+``save_model`` / ``load_model`` write and read ``model.safetensors`` + the model card
+``model.json`` (never pickle).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,10 +21,13 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from oncotrace.wsi import read_store_attrs
 
-from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
+from ._card import ModelCard
+from ._splits import grouped_kfold, inner_validation, site_holdout
 
 if TYPE_CHECKING:
+    from ._card import ModelEncoder
     from ._heads import MILHead
+    from ._protocol import TrainConfig
 
 FloatArray = NDArray[np.float32]
 IntArray = NDArray[np.int64]
@@ -77,15 +80,6 @@ class CohortData:
     @property
     def tasks(self) -> dict[str, tuple[str, ...]]:
         return dict(self.class_names)
-
-    def covariate_spec(self) -> dict[str, Any]:
-        """Names and standardisation of the covariates, as written to ``model.json``."""
-        return {
-            "names": list(self.covariate_names),
-            "mean": [float(x) for x in self.covariate_mean],
-            "std": [float(x) for x in self.covariate_std],
-            "encoding": {"sex": {"M": 0, "F": 1}} if "sex" in self.covariate_names else {},
-        }
 
 
 def _covariate_column(name: str, values: list[str], csv_path: Path) -> NDArray[np.float64]:
@@ -807,49 +801,60 @@ def cross_validate(
     return ev
 
 
-def train_and_evaluate(
-    data: CohortData,
-    *,
-    test_fraction: float = 0.3,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    n_boot: int = 1000,
-    **fit_kw: Any,
-) -> tuple[MILHead, Evaluation]:
-    """One patient-grouped, stratified train/test split (7:3 by default): train, then evaluate.
-
-    Returns
-    -------
-    model : trained on the training side (minus its inner validation patients).
-    evaluation : predictions and metrics on the test side.
-    """
-    first = next(iter(data.class_names))
-    split = grouped_split(data.labels[first], data.patient_ids, test_fraction, seed)
-    ev, model = _run_folds(
-        data, [split], val_fraction=val_fraction, seed=seed, n_boot=n_boot, fit_kw=fit_kw
-    )
-    return model, ev
-
-
 # --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+def card_for(
+    model: MILHead,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    data: CohortData | None = None,
+    encoder: ModelEncoder | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    tiling: Mapping[str, Any] | None = None,
+    train_config: TrainConfig | None = None,
+) -> ModelCard:
+    """The card of ``model``: see :func:`save_model` for the parameters."""
+    from ._card import CovariateSpec, ModelCard, ModelEncoder
+
+    covariates = CovariateSpec()
+    if data is not None:
+        if encoder is not None and encoder != ModelEncoder(data.encoder, data.in_dim):
+            raise ValueError(
+                f"encoder={encoder} contradicts the cohort's features ({data.encoder!r}, dim"
+                f" {data.in_dim}); pass one of them."
+            )
+        encoder = ModelEncoder(data.encoder, data.in_dim)
+        covariates = CovariateSpec(
+            names=data.covariate_names,
+            mean=tuple(data.covariate_mean.tolist()),
+            std=tuple(data.covariate_std.tolist()),
+            encoding={"sex": {"M": 0, "F": 1}} if "sex" in data.covariate_names else {},
+        )
+    return ModelCard(
+        head=model.config,
+        encoder=encoder,
+        covariates=covariates,
+        tiling=tiling,
+        calibration=calibration,
+        training=dict(config or {}),
+        train_config=train_config,
+        metrics=dict(metrics or {}),
+    ).with_versions()
+
+
+def write_model(directory: str | Path, model: MILHead, card: ModelCard) -> Path:
+    """Write ``model.safetensors`` and ``card`` as ``model.json``; returns the directory."""
+    from ._heads import write_weights
+
+    if card.head != model.config:
+        raise ValueError("the card describes another head than the model; build it with card_for.")
+    directory = write_weights(model, directory)
+    card.write(directory)
+    return directory
 
 
 def save_model(
@@ -859,49 +864,47 @@ def save_model(
     metrics: Mapping[str, Any] | None = None,
     *,
     data: CohortData | None = None,
-    extra: Mapping[str, Any] | None = None,
+    encoder: ModelEncoder | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    tiling: Mapping[str, Any] | None = None,
+    train_config: TrainConfig | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` with everything needed to reuse the model.
+    """Write ``model.safetensors`` + ``model.json`` (a :class:`mil.ModelCard`).
 
     Parameters
     ----------
     directory : created if needed.
     model : a trained head.
-    config : training configuration (epochs, lr, split, seed, ...), stored under ``training``.
+    config : provenance of the training (epochs, lr, split, seed, ...), stored under
+        ``training``.
     metrics : dict task -> metrics object or plain values, stored under ``metrics``.
-    data : the cohort trained on; its encoder name and dim, task class names and covariate
-        names with their standardisation are stored so new data can be prepared identically.
-    extra : further JSON-able top-level sections (e.g. ``calibration``: per-task temperature,
-        decision threshold and conformal quantile fitted on validation data). They may not
-        replace the sections written here.
+    data : the cohort trained on; its encoder name and dim and its covariate names with their
+        standardisation are stored so new data can be prepared identically.
+    encoder : the features the model takes, for a model saved without ``data``.
+    calibration : per-task temperature, decision threshold and conformal quantile fitted on
+        validation data (:func:`mil.fit_calibration`).
+    tiling : the ``wsi.TilingConfig`` fields the training stores were cut with.
+    train_config : the options of :func:`mil.train_model`.
 
     Returns
     -------
     Path of the directory.
     """
-    from ._heads import _CONFIG_FILE, save_head
-
-    directory = save_head(model, directory)
-    path = directory / _CONFIG_FILE
-    meta = json.loads(path.read_text())
-    meta["tasks"] = {t: list(c) for t, c in model.config.tasks.items()}
-    if data is not None:
-        meta["encoder"] = {"name": data.encoder, "dim": data.in_dim}
-        meta["covariates"] = data.covariate_spec()
-    meta["training"] = _jsonable(dict(config or {}))
-    meta["metrics"] = _jsonable(dict(metrics or {}))
-    for key, value in (extra or {}).items():
-        if key in meta:
-            raise ValueError(f"extra section {key!r} would overwrite model.json's own {key!r}.")
-        meta[key] = _jsonable(value)
-    path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-    return directory
+    card = card_for(
+        model,
+        config,
+        metrics,
+        data=data,
+        encoder=encoder,
+        calibration=calibration,
+        tiling=tiling,
+        train_config=train_config,
+    )
+    return write_model(directory, model, card)
 
 
-def load_model(directory: str | Path) -> tuple[MILHead, dict[str, Any]]:
-    """Read a model written by :func:`save_model`: ``(head in eval mode, model.json contents)``."""
-    from ._heads import _CONFIG_FILE, load_head
+def load_model(directory: str | Path) -> tuple[MILHead, ModelCard]:
+    """Read a model written by :func:`save_model`: ``(head in eval mode, its card)``."""
+    from ._heads import load_head
 
-    model = load_head(directory)
-    meta = json.loads((Path(directory) / _CONFIG_FILE).read_text())
-    return model, meta
+    return load_head(directory), ModelCard.read(directory)

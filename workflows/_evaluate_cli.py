@@ -13,13 +13,16 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from oncotrace.mil import ModelCard
 
 
 class EvaluationInputError(ValueError):
@@ -109,20 +112,28 @@ def evaluate_command(
     from oncotrace import mil
 
     t0 = time.perf_counter()
-    model, meta = mil.load_model(model_dir)
-    encoder, tasks, cov_spec = _model_inputs(model_dir, model, meta)
+    model, card = mil.load_model(model_dir)
+    encoder = _model_encoder(model_dir, card)
+    tasks = card.tasks
+    cov = card.covariates
     _check_encoder(stores, labels, encoder, model_dir)
     data = mil.load_cohort(
         stores,
         labels,
         encoder,
         list(tasks),
-        list(cov_spec.get("names") or []),
-        covariate_stats=cov_spec if cov_spec.get("names") else None,
+        list(cov.names),
+        covariate_stats={"mean": cov.mean, "std": cov.std} if cov.names else None,
     )
+    if isinstance(model.config.in_dims, int) and data.in_dim != model.config.in_dims:
+        raise EvaluationInputError(
+            f"{stores}: the {encoder!r} features have {data.in_dim} columns but the model"
+            f" {model_dir} takes {model.config.in_dims}. Fix: evaluate on features from the"
+            " same encoder (or import) the model was trained on."
+        )
     y = _model_labels(data, tasks, labels)
     proba, _ = mil.predict(model, data.bags, data.covariates)
-    calibration = meta.get("calibration")
+    calibration = card.calibration
     general: list[str] = []
     if not calibration:
         general.append(
@@ -187,7 +198,7 @@ def evaluate_command(
         evaluations,
         figures,
         cohort=cohort,
-        model=meta,
+        model=card,
         readers=reader_rows,
         warnings=general,
         title=f"OncoTrace evaluation — {model_dir.name}",
@@ -205,33 +216,26 @@ def evaluate_command(
 # --------------------------------------------------------------------------------------------
 
 
-def _model_inputs(
-    model_dir: Path, model: Any, meta: dict[str, Any]
-) -> tuple[str, dict[str, tuple[str, ...]], dict[str, Any]]:
-    from oncotrace.mil import encoder_config
+def _model_encoder(model_dir: Path, card: ModelCard) -> str:
+    """The features the model takes: a registered encoder's or any imported name."""
+    from oncotrace.mil import encoder_config, list_encoders
 
     path = model_dir / "model.json"
-    enc = meta.get("encoder")
-    if not isinstance(enc, dict) or "name" not in enc:
+    if card.encoder is None:
         raise EvaluationInputError(
             f"{path}: no 'encoder' section, so the features to evaluate on are unknown. Fix: "
             "save the model with `oncotrace train` (mil.save_model(..., data=cohort))."
         )
-    in_dim = model.config.in_dims
-    if isinstance(in_dim, int) and enc.get("dim") is not None and int(enc["dim"]) != in_dim:
-        raise EvaluationInputError(
-            f"{path}: the head takes {in_dim}-dim features but the file says encoder "
-            f"{enc['name']!r} has dim {enc['dim']}; the model files are inconsistent. Fix: "
-            "retrain or restore both files from the same `oncotrace train` run."
-        )
-    registry_dim = encoder_config(enc["name"]).dim
-    if isinstance(in_dim, int) and registry_dim != in_dim:
-        raise EvaluationInputError(
-            f"{path}: the model takes {in_dim}-dim features but encoder {enc['name']!r} gives "
-            f"{registry_dim}-dim ones. Fix: evaluate with the model trained on these features."
-        )
-    tasks = {t: tuple(c) for t, c in (meta.get("tasks") or {}).items()}
-    return str(enc["name"]), tasks, dict(meta.get("covariates") or {})
+    name, in_dim = card.encoder.name, card.head.in_dims
+    # a registered name must give its encoder's width; imported features carry their own
+    if name in list_encoders() and isinstance(in_dim, int):
+        registry_dim = encoder_config(name).dim
+        if registry_dim != in_dim:
+            raise EvaluationInputError(
+                f"{path}: the model takes {in_dim}-dim features but encoder {name!r} gives "
+                f"{registry_dim}-dim ones. Fix: evaluate with the model trained on these features."
+            )
+    return name
 
 
 def _check_encoder(stores: Path, labels: Path, encoder: str, model_dir: Path) -> None:

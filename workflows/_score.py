@@ -23,12 +23,15 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from oncotrace import __version__
 from oncotrace.wsi import SlideError, TilingConfig, slide_id_for
 from oncotrace.wsi._inspect import file_fingerprint
+
+if TYPE_CHECKING:
+    from oncotrace.mil import MILHead, ModelCard
 
 RESULT_FORMAT = 1
 TOP_K = 3
@@ -150,21 +153,50 @@ def _check_unique(jobs: Sequence[SlideJob], where: Path | str) -> None:
 # The worker side
 # --------------------------------------------------------------------------------------------
 
-#: model_hash -> (head, model.json); (encoder name, weights, device) -> encoder. Per process.
-_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {}
+#: model_hash -> (head, model card); (encoder name, weights, device) -> encoder. Per process.
+_MODELS: dict[str, tuple[MILHead, ModelCard]] = {}
 _ENCODERS: dict[tuple[str, str | None, str], Any] = {}
 _LOADS = {"model": 0, "encoder": 0}  # how often this process loaded them (run.json, tests)
 
 
-def _load(cfg: ScoreConfig) -> tuple[Any, dict[str, Any], Any]:
+def scoring_encoder(card: ModelCard, model_dir: str | Path) -> str:
+    """The registered encoder that embeds new slides for the model ``card`` describes.
+
+    Raises
+    ------
+    ValueError
+        If the card names no encoder, or features that no registered encoder computes
+        (imported under their own name): ``oncotrace score`` cannot embed slides for it.
+    """
+    from oncotrace import mil
+
+    path = Path(model_dir) / "model.json"
+    if card.encoder is None:
+        raise ValueError(
+            f"{path}: no 'encoder' section, so the features to embed new slides with are"
+            " unknown. Fix: save the model with `oncotrace train`, or mil.save_model(...,"
+            " data=cohort) / mil.save_model(..., encoder=mil.ModelEncoder(name, dim))."
+        )
+    name = card.encoder.name
+    if name not in mil.list_encoders():
+        raise ValueError(
+            f"{path}: the model was trained on features named {name!r}, which no registered"
+            f" encoder computes (imported features?), so `oncotrace score` cannot embed new"
+            f" slides for it. Fix: import those slides' features too and run `oncotrace"
+            f" evaluate`, or train on a registered encoder ({mil.list_encoders()})."
+        )
+    return name
+
+
+def _load(cfg: ScoreConfig) -> tuple[MILHead, ModelCard, Any]:
     from oncotrace import mil
 
     if cfg.model_hash not in _MODELS:
         _MODELS.clear()  # one model per run; do not keep old ones in a long-lived worker
         _MODELS[cfg.model_hash] = mil.load_model(cfg.model_dir)
         _LOADS["model"] += 1
-    model, meta = _MODELS[cfg.model_hash]
-    enc_name = str((meta.get("encoder") or {}).get("name") or "pathomics")
+    model, card = _MODELS[cfg.model_hash]
+    enc_name = scoring_encoder(card, cfg.model_dir)
     key = (enc_name, cfg.weights, cfg.device)
     if key not in _ENCODERS:
         _ENCODERS.clear()
@@ -175,7 +207,7 @@ def _load(cfg: ScoreConfig) -> tuple[Any, dict[str, Any], Any]:
             threads=cfg.threads,
         )
         _LOADS["encoder"] += 1
-    return model, meta, _ENCODERS[key]
+    return model, card, _ENCODERS[key]
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -210,7 +242,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
     stage = "load"
     try:
         fingerprint = source_fingerprint(job.path)
-        model, meta, encoder = _load(cfg)
+        model, card, encoder = _load(cfg)
         stage = "tile"
         t = time.perf_counter()
         from oncotrace.wsi import tile_slide
@@ -234,7 +266,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             time.sleep(cfg.delay_s)
         stage = "predict"
         t = time.perf_counter()
-        prediction, attention, coords = _predict(tiled.store, job, model, meta, encoder)
+        prediction, attention, coords = _predict(tiled.store, job, model, card, encoder)
         timings["predict_s"] = time.perf_counter() - t
         if cfg.heatmaps:
             stage = "heatmap"
@@ -297,7 +329,7 @@ def _stage_name(exc: BaseException, stage: str) -> str:
 
 
 def _predict(
-    store: Path, job: SlideJob, model: Any, meta: Mapping[str, Any], encoder: Any
+    store: Path, job: SlideJob, model: MILHead, card: ModelCard, encoder: Any
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     from oncotrace import mil
 
@@ -312,19 +344,16 @@ def _predict(
             f"{store}: NaN/inf in the features. Fix: embed again (`oncotrace embed --overwrite`)."
         )
     cov = None
-    spec = meta.get("covariates") or {}
-    names = list(spec.get("names") or [])
+    names = list(card.covariates.names)
     if names:
         if job.covariates is None or len(job.covariates) != len(names):
             raise ValueError(
                 f"the model needs covariates {names}; give them as columns of a manifest CSV."
             )
-        mean = np.asarray(spec["mean"], np.float64)
-        std = np.asarray(spec["std"], np.float64)
-        cov = ((np.asarray(job.covariates, np.float64) - mean) / std)[None].astype(np.float32)
+        cov = card.covariates.standardise(job.covariates)
     proba, att = mil.predict(model, [feats], cov)
     tasks = model.config.tasks
-    calibrated = mil.apply_calibration(proba, tasks, meta.get("calibration"))
+    calibrated = mil.apply_calibration(proba, tasks, card.calibration)
     out: dict[str, Any] = {}
     for task, classes in tasks.items():
         c = calibrated[task]

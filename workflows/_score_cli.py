@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,6 +73,7 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = False,
     ) -> None:
         """Tile → embed → predict → heatmaps for every slide; one Dask task per slide, resumable."""
+        from oncotrace import mil
         from oncotrace.workflows._batch import find_slides
         from oncotrace.workflows._score import (
             ScoreConfig,
@@ -81,6 +82,7 @@ def register(app: typer.Typer, console: Console) -> None:
             model_hash,
             read_manifest,
             run_score,
+            scoring_encoder,
             write_outputs,
         )
         from oncotrace.wsi import slide_id_for
@@ -91,8 +93,9 @@ def register(app: typer.Typer, console: Console) -> None:
             raise typer.BadParameter("choose --workers (a LocalCluster) or --scheduler, not both")
         try:
             digest = model_hash(model)
-            meta = json.loads((model / "model.json").read_text())
-            covariates = list((meta.get("covariates") or {}).get("names") or [])
+            card = mil.ModelCard.read(model)
+            scoring_encoder(card, model)
+            covariates = list(card.covariates.names)
             manifests = [p for p in inputs if p.suffix.lower() == ".csv"]
             jobs = [j for m in manifests for j in read_manifest(m, covariates)]
             paths = find_slides([p for p in inputs if p.suffix.lower() != ".csv"])
@@ -110,7 +113,7 @@ def register(app: typer.Typer, console: Console) -> None:
             typer.echo(f"error: no slides found in {', '.join(map(str, inputs))}.", err=True)
             raise typer.Exit(2)
         tiling, differs = resolve_tiling(
-            meta.get("tiling"), {"target_mpp": mpp_target, "tile_px": tile_px, "mode": mode}
+            card.tiling, {"target_mpp": mpp_target, "tile_px": tile_px, "mode": mode}
         )
         for key, (given, trained) in differs.items():
             console.print(
@@ -183,19 +186,25 @@ _DEFAULT_TILING: dict[str, Any] = {"target_mpp": 0.5, "tile_px": 224, "mode": "t
 
 
 def resolve_tiling(
-    trained: Any, given: dict[str, Any]
+    trained: Mapping[str, Any] | None, given: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
     """Scoring tiling: the model's training tiling, with any value the user gave on top.
+
+    Parameters
+    ----------
+    trained : the card's ``tiling`` (``wsi.TilingConfig`` fields), or None when the model
+        does not record it (then ``wsi.TilingConfig``'s defaults).
+    given : key -> value the user set on the command line (None: not set).
 
     Returns the tiling (``wsi.TilingConfig`` fields) and, per key the user set differently
     from the training, ``(given, trained)`` for a warning.
     """
-    base = dict(trained) if isinstance(trained, dict) else dict(_DEFAULT_TILING)
+    base = dict(trained) if trained is not None else dict(_DEFAULT_TILING)
     differs: dict[str, tuple[Any, Any]] = {}
     for key, value in given.items():
         if value is None:
             continue
-        if isinstance(trained, dict) and key in trained and trained[key] != value:
+        if trained is not None and key in trained and trained[key] != value:
             differs[key] = (value, trained[key])
         base[key] = value
     return base, differs

@@ -40,6 +40,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+#: TrainConfig fields whose command-line option has another name
+_TRAIN_FLAGS = {"tasks": "task", "test_sites": "test_site", "test_fraction": "split"}
+
+
 @app.command()
 def train(
     stores: Annotated[
@@ -95,7 +99,7 @@ def train(
     ] = 0.9,
 ) -> None:
     """Train an attention-MIL model with patient-grouped evaluation; never splits a patient."""
-    from oncotrace.workflows._training import train_command
+    from oncotrace import mil
 
     chosen = sum(
         x is not None and x is not False for x in (folds, test_site, split, leave_site_out or None)
@@ -111,17 +115,14 @@ def train(
             raise typer.BadParameter(f"--split must look like 7:3, got {split!r}") from exc
     mode = "site" if leave_site_out else ("holdout" if (split or test_site) else "kfold")
     try:
-        result = train_command(
-            stores,
-            labels,
-            out,
+        config = mil.TrainConfig(
             encoder=encoder,
             head=head,
-            tasks=task or ["label"],
-            covariates=[c for c in covariates.split(",") if c],
+            tasks=tuple(task or ["label"]),
+            covariates=tuple(c for c in covariates.split(",") if c),
             split=mode,  # type: ignore[arg-type]
             folds=folds or 5,
-            test_sites=test_site,
+            test_sites=tuple(test_site or ()),
             test_fraction=test_fraction,
             epochs=epochs,
             lr=lr,
@@ -129,14 +130,19 @@ def train(
             n_boot=n_boot,
             conformal_level=conformal_level,
         )
+    except mil.TrainConfigError as exc:
+        flag = "--" + _TRAIN_FLAGS.get(exc.param, exc.param).replace("_", "-")
+        raise typer.BadParameter(f"{exc} (option {flag})") from exc
+    try:
+        result = mil.train_model(stores, labels, config, out)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         typer.echo(f"error: {msg}", err=True)  # plain: rich would fold long paths
         raise typer.Exit(2) from exc
-    table = Table(title=f"{result['n_cases']} cases, {mode}, {result['seconds']} s → {out}")
+    table = Table(title=f"{result.n_cases} cases, {mode}, {result.seconds} s → {out}")
     for col in ("task", "metric", "estimate", "95 % CI"):
         table.add_column(col)
-    for t, m in result["metrics"].items():
+    for t, m in result.metrics.items():
         if not m:
             table.add_row(t, "(one class on the evaluated side)", "", "")
             continue
@@ -176,7 +182,6 @@ def demo(
         run_score,
         write_outputs,
     )
-    from oncotrace.workflows._training import train_command
 
     if cases < 9:
         raise typer.BadParameter("--cases must be at least 9 (3 per fold and a test third)")
@@ -219,22 +224,11 @@ def demo(
             progress.advance(task)
     console.print("[bold]3/6[/bold] training gated attention-MIL, 3-fold patient-grouped CV…")
     model_dir = out / "model"
-    result = train_command(
-        stores,
-        train_csv,
-        model_dir,
-        encoder="pathomics",
-        head="abmil-gated",
-        tasks=["label"],
-        covariates=[],
-        split="kfold",
-        folds=3,
-        epochs=20,
-        lr=1e-3,
-        seed=0,
-        n_boot=300,
+    config = mil.TrainConfig(
+        encoder="pathomics", head="abmil-gated", folds=3, epochs=20, lr=1e-3, seed=0, n_boot=300
     )
-    auc = (result["metrics"].get("label") or {}).get("metrics", {}).get("auc", {})
+    result = mil.train_model(stores, train_csv, config, model_dir)
+    auc = (result.metrics.get("label") or {}).get("metrics", {}).get("auc", {})
     if auc:
         console.print(
             f"cross-validated AUC {auc['estimate']:.3f} (95 % CI {auc['low']:.3f}–"

@@ -243,9 +243,8 @@ def test_figures_and_escaped_report(tmp_path: Path) -> None:
     }
     for path in figs.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = mil.render_html(
-        ev, {"<b>x</b>": figs}, cohort={"slides": 60}, model={"config": {"name": "<script>"}}
-    )
+    card = mil.ModelCard(head=mil.HeadConfig("<script>", 4, {"t": ("a", "b")}))
+    page = mil.render_html(ev, {"<b>x</b>": figs}, cohort={"slides": 60}, model=card)
     assert "<script>" not in page and "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     parser = _Text()
     parser.feed(page)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from oncotrace.mil._metrics import binary_metrics
-from oncotrace.mil._train import (
+from oncotrace import mil
+from oncotrace.mil import (
     CohortData,
+    binary_metrics,
     cross_validate,
     fit,
     load_cohort,
@@ -176,18 +177,23 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     p1, a1 = predict(model, data.bags, data.covariates)
     save_model(tmp_path / "m", model, {"epochs": 2, "history": hist}, {"auc": 0.5}, data=data)
     assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.json", "model.safetensors"}
-    loaded, meta = load_model(tmp_path / "m")
+    loaded, card = load_model(tmp_path / "m")
     p2, a2 = predict(loaded, data.bags, data.covariates)
     np.testing.assert_array_equal(p1["label"], p2["label"])
     np.testing.assert_array_equal(a1[3]["label"], a2[3]["label"])
     on_disk = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert on_disk == meta
-    assert meta["tasks"] == {"label": ["neg", "pos"]}
-    assert meta["encoder"] == {"name": "toy", "dim": D}
-    assert meta["covariates"]["names"] == ["age", "sex"]
-    assert meta["covariates"]["mean"] == [60.0, 60.0]
-    assert meta["training"]["epochs"] == 2 and meta["metrics"] == {"auc": 0.5}
-    assert meta["config"]["covariates"] == 2
+    assert on_disk == card.to_dict()
+    assert on_disk["tasks"] == {"label": ["neg", "pos"]}
+    assert on_disk["encoder"] == {"name": "toy", "dim": D}
+    assert on_disk["covariates"]["names"] == ["age", "sex"]
+    assert on_disk["covariates"]["mean"] == [60.0, 60.0]
+    assert on_disk["training"]["epochs"] == 2 and on_disk["metrics"] == {"auc": 0.5}
+    assert on_disk["config"]["covariates"] == 2
+    assert on_disk["format_version"] == mil.ModelCard.read(tmp_path / "m").format_version == 2
+    assert card.tasks == {"label": ("neg", "pos")}
+    assert card.encoder == mil.ModelEncoder("toy", D)
+    assert card.covariates.names == ("age", "sex") and card.covariates.mean == (60.0, 60.0)
+    assert card.training["epochs"] == 2 and card.metrics == {"auc": 0.5}
 
 
 # ---------------------------------------------------------------------------- load_cohort

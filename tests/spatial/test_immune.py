@@ -9,22 +9,20 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from oncotrace.spatial import (
+    CellTable,
     ImmuneCluster,
     PlantedCells,
-    render_cells,
-    write_phantom_slide,
-)
-from oncotrace.spatial import (
-    CellTable,
     create_cell_detector,
     density_map,
     detect_immune_cells,
     list_cell_detectors,
     load_til_grid,
+    render_cells,
     stain_matrix,
     stain_od,
     summary_dict,
     write_immune_outputs,
+    write_phantom_slide,
 )
 
 MPP = 0.5

@@ -21,18 +21,16 @@ from oncotrace.spatial import (
     Affine,
     Heatmap,
     Registration,
-    fit_landmarks,
-    landmarks_from_arrays,
-    read_heatmap,
-    write_ome_zarr,
-)
-from oncotrace.spatial import (
     Ultrasound,
     UltrasoundError,
+    fit_landmarks,
+    landmarks_from_arrays,
     landmarks_overlay_png,
+    read_heatmap,
     read_ultrasound,
     sample_heatmap,
     to_ultrasound,
+    write_ome_zarr,
 )
 from PIL import Image
 

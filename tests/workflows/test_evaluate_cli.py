@@ -319,3 +319,86 @@ def test_refuses_bad_readers(trained: dict[str, Path], tmp_path: Path) -> None:
         code, text = _evaluate(trained, stores, labels, tmp_path / "o", "--readers", str(readers))
         assert code == 2 and "readers.csv" in text and expect in text, text
     shutil.rmtree(tmp_path / "a")
+
+
+# --------------------------------------------------------------------------------------------
+# Features imported under a name no registered encoder has
+# --------------------------------------------------------------------------------------------
+
+IMPORTED, IMPORTED_DIM = "lab-features-v3", 24
+
+
+def _h5_cohort(root: Path, n_patients: int, seed: int, prefix: str) -> tuple[Path, Path]:
+    """TRIDENT-layout .h5 files (planted signal in features 0-3 of malignant bags) + labels."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    src = root / "h5"
+    src.mkdir(parents=True)
+    rows = []
+    for p in range(n_patients):
+        label = ("benign", "malignant")[p % 2]
+        m = int(rng.integers(8, 14))
+        feats = rng.normal(size=(m, IMPORTED_DIM)).astype(np.float32)
+        if label == "malignant":
+            feats[rng.choice(m, 3, replace=False), :4] += 3.0
+        sid = f"{prefix}{p:02d}"
+        with h5py.File(src / f"{sid}.h5", "w") as f:
+            f["features"] = feats
+            c = f.create_dataset("coords", data=np.stack([np.arange(m) * 512, np.zeros(m)], 1))
+            c.attrs.update({"patch_size": 256, "patch_size_level0": 512})
+        rows.append({"slide_id": sid, "patient_id": f"{prefix}P{p:02d}", "label": label})
+    _write_csv(root / "labels.csv", rows)
+    return src, root / "labels.csv"
+
+
+def test_model_on_imported_features_of_any_name(tmp_path: Path) -> None:
+    from oncotrace import mil
+    from sklearn.metrics import roc_auc_score
+
+    stores = {}
+    for part, n, seed in (("train", 18, 0), ("test", 12, 1)):
+        src, labels = _h5_cohort(tmp_path / part, n, seed, part[:2].upper())
+        out = tmp_path / part / "stores"
+        code, text = _invoke(
+            "import-features", str(src), "--out", str(out), "--name", IMPORTED, "--mpp", "0.5"
+        )
+        assert code == 0, text
+        stores[part] = (out, labels)
+    model = tmp_path / "model"
+    code, text = _invoke(
+        "train", "--stores", str(stores["train"][0]), "--labels", str(stores["train"][1]),
+        "--out", str(model), "--encoder", IMPORTED, "--folds", "3", "--epochs", "12",
+        "--lr", "2e-3", "--n-boot", "20",
+    )  # fmt: skip
+    assert code == 0, text
+    head, card = mil.load_model(model)
+    assert card.encoder == mil.ModelEncoder(IMPORTED, IMPORTED_DIM)
+
+    report = tmp_path / "report"
+    code, text = _invoke(
+        "evaluate", "--model", str(model), "--stores", str(stores["test"][0]),
+        "--labels", str(stores["test"][1]), "--out", str(report), "--n-boot", "50",
+    )  # fmt: skip
+    assert code == 0, text
+    preds = _read_csv(report / "predictions.csv")
+    assert len(preds) == 12
+    # raw probabilities are the model applied to the .h5 features themselves
+    import h5py
+
+    for r in preds:
+        with h5py.File(tmp_path / "test" / "h5" / f"{r['slide_id']}.h5", "r") as f:
+            feats = np.asarray(f["features"])
+        proba, _ = mil.predict(head, [feats])
+        assert float(r["p_malignant"]) == pytest.approx(proba["label"][0, 1], abs=1e-5)
+    y = np.array([r["true"] == "malignant" for r in preds], dtype=int)
+    p = np.array([float(r["calibrated_p_malignant"]) for r in preds])
+    auc = json.loads((report / "metrics.json").read_text())["tasks"]["label"]["metrics"]["auc"]
+    assert auc["estimate"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    assert auc["estimate"] >= 0.8  # the planted signal transfers
+
+    # Scoring slides needs an encoder that computes these features: a clear refusal.
+    code, text = _invoke(
+        "score", str(tmp_path), "--model", str(model), "--out", str(tmp_path / "s")
+    )
+    assert code == 2 and repr(IMPORTED) in text and "no registered encoder" in text

@@ -312,3 +312,14 @@ def test_scoring_tiles_as_the_model_was_trained_unless_told_otherwise() -> None:
     # a model from before the record: wsi's defaults, and nothing to warn about
     tiling, differs = resolve_tiling(None, {**none, "mode": "smear"})
     assert tiling == {"target_mpp": 0.5, "tile_px": 224, "mode": "smear"} and not differs
+
+
+def test_a_model_without_encoder_is_refused_not_scored_with_a_default(tmp_path: Path) -> None:
+    """No silent fallback to the pathomics encoder: the card must say what the features are."""
+    head = mil.create_head("abmil", mil.encoder_config("pathomics").dim, {"label": ("a", "b")})
+    mil.save_head(head, tmp_path / "bare")  # a card without an encoder section
+    code, output = _score(
+        str(tmp_path), "--model", str(tmp_path / "bare"), "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and "no 'encoder' section" in output and "model.json" in output
+    assert not (tmp_path / "o").exists()

@@ -132,3 +132,47 @@ def test_bad_inputs_give_one_clear_error_each(cohort: Path, tmp_path: Path) -> N
     arr[0, 0] = np.nan
     code, out = run(stores, labels)
     assert code == 2 and f"{sid}.zarr" in out and "NaN" in out
+
+
+def test_library_call_reproduces_the_cli(cohort: Path, tmp_path: Path) -> None:
+    """mil.train_model with the TrainConfig the flags describe writes the same model."""
+    cli_out, lib_out = tmp_path / "cli", tmp_path / "lib"
+    stores, labels = cohort / "stores", cohort / "labels.csv"
+    code, output = _run(
+        "--stores", str(stores), "--labels", str(labels), "--out", str(cli_out),
+        "--folds", "3", "--covariates", "age,sex", "--epochs", "4", "--n-boot", "30",
+        "--seed", "2", "--conformal-level", "0.8",
+    )  # fmt: skip
+    assert code == 0, output
+    config = mil.TrainConfig(
+        covariates=("age", "sex"), folds=3, epochs=4, n_boot=30, seed=2, conformal_level=0.8
+    )
+    result = mil.train_model(stores, labels, config, lib_out)
+    cli = json.loads((cli_out / "model.json").read_text())
+    lib = json.loads((lib_out / "model.json").read_text())
+    assert cli["train_config"] == lib["train_config"] == config.to_dict()
+    for key in ("config", "tasks", "encoder", "covariates", "tiling", "metrics", "calibration"):
+        assert cli[key] == lib[key], key
+    assert {k: v for k, v in cli["training"].items() if k != "trained_at"} == {
+        "split": "kfold", "folds": 3, "test_sites": None, "test_fraction": None, "seed": 2,
+        "labels": str(labels), "head": "abmil-gated", "epochs": 4, "lr": 2e-4,
+    }  # fmt: skip
+    assert cli["calibration"]["level"] == 0.8
+    assert (cli_out / "predictions_heldout.csv").read_text() == (
+        lib_out / "predictions_heldout.csv"
+    ).read_text()
+    assert (cli_out / "model.safetensors").read_bytes() == (
+        lib_out / "model.safetensors"
+    ).read_bytes()
+    # the result carries what the files hold
+    with open(labels, newline="") as fh:
+        n_slides = sum(1 for _ in csv.DictReader(fh))
+    assert result.card == mil.ModelCard.read(lib_out) and result.n_cases == n_slides
+    assert json.loads((lib_out / "metrics.json").read_text()) == result.metrics == lib["metrics"]
+
+
+def test_out_of_range_option_names_the_flag(cohort: Path, tmp_path: Path) -> None:
+    args = ["--stores", str(cohort / "stores"), "--labels", str(cohort / "labels.csv")]
+    code, output = _run(*args, "--out", str(tmp_path / "m"), "--folds", "1")
+    assert code == 2 and "folds=1" in output and "--folds" in output
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,162 @@
+"""The model card: one reader and writer of model.json; older files load; bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from oncotrace import mil
+
+TASKS = {"label": ("neg", "pos")}
+SMALL = {"hidden": 16, "attn_dim": 8, "dropout": 0.0}
+D = 12
+
+
+def _head() -> mil.MILHead:
+    torch.manual_seed(0)
+    return mil.create_head("abmil", D, TASKS, covariates=2, **SMALL).eval()
+
+
+def _legacy_json(head: mil.MILHead) -> dict:
+    """model.json as OncoTrace wrote it before the card (save_head, then save_model's sections)."""
+    return {
+        "format": "oncotrace.mil.head",
+        "format_version": 1,
+        "oncotrace_version": "0.4.0",
+        "torch_version": "2.5.0",
+        "weights": "model.safetensors",
+        "config": head.config.to_dict(),
+        "tasks": {"label": ["neg", "pos"]},
+        "encoder": {"name": "pathomics", "dim": D},
+        "covariates": {
+            "names": ["age", "sex"],
+            "mean": [61.5, 0.25],
+            "std": [9.0, 0.5],
+            "encoding": {"sex": {"M": 0, "F": 1}},
+        },
+        "training": {"split": "kfold", "folds": 3, "seed": 0, "trained_at": "2024-01-01"},
+        "metrics": {"label": {"metrics": {"auc": {"estimate": 0.9, "low": 0.8, "high": 1.0}}}},
+        "calibration": {"version": 1, "source": "validation", "level": 0.9, "tasks": {}},
+        "tiling": {"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"},
+    }
+
+
+def _write_legacy(tmp_path: Path, drop: tuple[str, ...] = ()) -> tuple[Path, mil.MILHead]:
+    head = _head()
+    mil.save_head(head, tmp_path)  # the weights
+    meta = {k: v for k, v in _legacy_json(head).items() if k not in drop}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    return tmp_path, head
+
+
+@pytest.mark.parametrize("drop", [(), ("format_version",)])
+def test_a_model_json_written_before_the_card_loads(tmp_path: Path, drop: tuple[str, ...]) -> None:
+    directory, head = _write_legacy(tmp_path, drop)
+    loaded, card = mil.load_model(directory)
+    assert card.format_version == 1
+    assert card.tasks == {"label": ("neg", "pos")}
+    assert card.encoder == mil.ModelEncoder("pathomics", D)
+    assert card.covariates.names == ("age", "sex")
+    # standardisation as written: (x - mean) / std, by hand
+    np.testing.assert_allclose(
+        card.covariates.standardise([70.0, 1.0]), [[(70 - 61.5) / 9, (1 - 0.25) / 0.5]], rtol=1e-6
+    )
+    assert card.tiling == {"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"}
+    assert card.calibration is not None and card.calibration["source"] == "validation"
+    assert card.training["folds"] == 3 and card.train_config is None
+    assert card.metrics["label"]["metrics"]["auc"]["estimate"] == 0.9
+    assert card.oncotrace_version == "0.4.0"
+    bag = torch.randn(5, D)
+    with torch.no_grad():
+        assert torch.equal(
+            head(bag, torch.ones(2)).logits["label"], loaded(bag, torch.ones(2)).logits["label"]
+        )
+    # Rewritten, the file is the current format with the same sections.
+    card.write(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert again["format_version"] == mil.ModelCard.read(tmp_path / "again").format_version == 2
+    legacy = _legacy_json(head)
+    for key in ("config", "tasks", "encoder", "covariates", "training", "metrics", "tiling"):
+        assert again[key] == legacy[key], key
+
+
+def test_a_head_saved_alone_has_a_card_without_encoder(tmp_path: Path) -> None:
+    head = _head()
+    mil.save_head(head, tmp_path)
+    card = mil.ModelCard.read(tmp_path)
+    assert card.head == head.config and card.encoder is None and card.covariates.names == ()
+    mil.save_model(tmp_path / "m", head, encoder=mil.ModelEncoder("pathomics", D))
+    assert mil.load_model(tmp_path / "m")[1].encoder == mil.ModelEncoder("pathomics", D)
+
+
+def test_round_trip_with_a_train_config(tmp_path: Path) -> None:
+    config = mil.TrainConfig(encoder="uni", tasks=("label",), covariates=("age",), folds=3)
+    card = mil.ModelCard(
+        head=_head().config, encoder=mil.ModelEncoder("uni", D), train_config=config
+    )
+    card.write(tmp_path)
+    on_disk = json.loads((tmp_path / "model.json").read_text())
+    assert on_disk["train_config"]["folds"] == 3 and on_disk["train_config"]["tasks"] == ["label"]
+    back = mil.ModelCard.read(tmp_path)
+    assert back.train_config == config and back == card
+
+
+@pytest.mark.parametrize(
+    ("edit", "expect"),
+    [
+        (lambda m: m.update(colour="red"), r"unknown section\(s\) \['colour'\]"),
+        (lambda m: m.pop("config"), "no 'config' section"),
+        (lambda m: m.update(format_version=99), "format_version 99 is newer.*upgrade"),
+        (lambda m: m.update(format="something-else"), "not an OncoTrace MIL head"),
+        (lambda m: m["encoder"].update(dim=D + 1), f"{D}-dim.*dim {D + 1}.*inconsistent"),
+        (lambda m: m["covariates"].update(mean=[1.0]), "malformed 'encoder' or 'covariates'"),
+        (lambda m: m["tasks"].update(label=["a", "b"]), "disagree with the head config"),
+        (lambda m: m.update(train_config={"folds": 3, "speed": 1}), r"train_config.*\['speed'\]"),
+    ],
+)
+def test_bad_cards_name_the_file_and_the_problem(tmp_path: Path, edit, expect: str) -> None:
+    head = _head()
+    mil.save_head(head, tmp_path)
+    meta = _legacy_json(head)
+    edit(meta)
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=expect) as err:
+        mil.ModelCard.read(tmp_path)
+    assert str(tmp_path / "model.json") in str(err.value)
+
+
+def test_missing_card_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"model\.json"):
+        mil.ModelCard.read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"folds": 1}, "folds"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"conformal_level": 1.0}, "conformal_level"),
+        ({"test_fraction": 1.5, "split": "holdout"}, "test_fraction"),
+        ({"test_sites": ("A",), "split": "kfold"}, "test_sites"),
+        ({"split": "random"}, "split"),
+        ({"tasks": ()}, "tasks"),
+        ({"tasks": "label"}, "tasks"),
+        ({"n_boot": 0}, "n_boot"),
+    ],
+)
+def test_train_config_errors_name_the_parameter(kw: dict, param: str) -> None:
+    with pytest.raises(mil.TrainConfigError, match=f"^{param}=") as err:
+        mil.TrainConfig(**kw)
+    assert err.value.param == param
+    assert "--" not in str(err.value)  # the library knows no command-line flags
+
+
+def test_train_config_round_trip() -> None:
+    config = mil.TrainConfig(split="holdout", test_sites=("B", "C"), epochs=3, seed=4)
+    assert mil.TrainConfig.from_dict(config.to_dict()) == config
+    assert config.test_sites == ("B", "C")
+    assert config.provenance()["test_fraction"] is None  # sites held out, not a fraction
