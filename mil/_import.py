@@ -372,12 +372,11 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _encoder_attrs(name: str, dim: int, path: Path) -> dict[str, Any]:
-    from ._encoders import encoder_config
+    from ._encoders import ENCODERS, encoder_config
 
-    try:
-        cfg = encoder_config(name)
-    except KeyError:
+    if name not in ENCODERS:
         return {"name": name, "dim": dim, "registered": False}
+    cfg = encoder_config(name)
     if cfg.dim != dim:
         raise FeatureImportError(
             f"{path}: features have dim {dim} but the registered encoder {name!r} has dim"

@@ -145,7 +145,7 @@ def load_cohort(
     CohortData
     """
     from ._embed import read_features
-    from ._encoders import encoder_config
+    from ._encoders import ENCODERS, encoder_config
 
     stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
     if not labels_csv.is_file():
@@ -217,10 +217,8 @@ def load_cohort(
             std = np.where(std > 0, std, 1.0)  # a constant covariate stays 0, not NaN
         cov = ((raw - mean) / std).astype(np.float32)
 
-    try:
-        dim: int | None = encoder_config(encoder).dim
-    except KeyError:
-        dim = None  # imported or custom features: the first store sets the dim
+    # imported or custom features (an unregistered name): the first store sets the dim
+    dim = encoder_config(encoder).dim if encoder in ENCODERS else None
     bags: list[FloatArray] = []
     coords: list[IntArray] = []
     tile_sizes: list[int] = []
