@@ -270,14 +270,14 @@ def training_tiling(stores: Path, slide_ids: list[str]) -> dict[str, Any] | None
     Recorded in ``model.json`` so ``oncotrace score`` cuts new slides the same way. None when
     the stores disagree (or predate the record): scoring then uses its command-line values.
     """
-    from oncotrace.wsi import read_store_attrs
+    from oncotrace.wsi import Store
 
     seen: list[dict[str, Any]] = []
     for sid in slide_ids:
-        attrs = read_store_attrs(stores / f"{sid}.zarr") or {}
-        tiling = attrs.get("tiling")
-        if not isinstance(tiling, dict):
+        store = Store.find(stores / f"{sid}.zarr")
+        if store is None or store.attrs.tiling is None:
             return None
+        tiling = store.attrs.tiling.as_attrs()
         if tiling not in seen:
             seen.append(tiling)
     return seen[0] if len(seen) == 1 else None
