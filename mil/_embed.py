@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from oncotrace.wsi import FEATURE_CHUNK_ROWS, FeatureAttrs, Store, StoreError, read_ahead
+from oncotrace.wsi import (
+    FEATURE_CHUNK_ROWS,
+    FeatureAttrs,
+    ReadAhead,
+    Store,
+    StoreError,
+    read_ahead,
+)
 
 from ._encoders import Encoder, create_encoder
 
@@ -89,13 +96,15 @@ def embed(
         return store / "features" / name
     n = patches.shape[0]
 
-    def batches() -> Iterator[tuple[int, np.ndarray]]:
+    def batches() -> Generator[tuple[int, np.ndarray]]:
         for start in range(0, n, batch_size):
             yield start, np.asarray(patches[start : start + batch_size])
 
     # On a GPU the next batches are read while the model runs; on the CPU the encoder
     # already keeps every core busy and a reader thread only competes with it (measured).
-    source = read_ahead(batches(), depth=2, name="embed-prefetch") if _on_gpu(enc) else batches()
+    source: ReadAhead[tuple[int, np.ndarray]] | Generator[tuple[int, np.ndarray]] = (
+        read_ahead(batches(), depth=2, name="embed-prefetch") if _on_gpu(enc) else batches()
+    )
     meta = FeatureAttrs(encoder=enc.config.to_dict(), weights_fingerprint=enc.weights_fingerprint)
     with (
         st.write_features(

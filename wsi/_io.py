@@ -226,7 +226,7 @@ class ReadAhead(Generic[T]):
         kind, payload = self._items.get()
         if kind == _ITEM:
             self._slots.release()
-            return payload  # type: ignore[no-any-return]
+            return payload
         self.close()
         if kind == _ERROR:
             raise payload

@@ -516,7 +516,8 @@ class Store:
                 f"{p}: {exc}. Fix: re-tile the slide with this version, or upgrade OncoTrace."
             ) from exc
         found = None if raw is None else raw.get(_FORMAT_KEY)
-        return cls(p, attrs, mode=mode, format_on_disk=found)
+        on_disk = found if isinstance(found, int) else None
+        return cls(p, attrs, mode=mode, format_on_disk=on_disk)
 
     @classmethod
     def find(cls, path: str | Path, *, mode: Literal["r", "r+"] = "r") -> Store | None:
