@@ -10,7 +10,7 @@ For the same tiles, batch size, precision and thread count, in one process:
 (2) ``mil.embed(store, encoder, batch_size=…, overwrite=True)`` end to end: Zarr reads on the
     prefetch thread, forward, finiteness check, Zarr write, rename.
 
-With ``--what-if``, (2') times the same embed() call run inside ``wsi._store.fast_codecs()``,
+With ``--what-if``, (2') times the same embed() call run inside ``wsi.fast_codecs()``,
 which simulates the proposed fix (patches read through zarrs, not zarr-python's pipeline).
 
 Prints tiles/s for each and the ratio (2)/(1) (target ≥ 0.9), and for weight-free encoders
@@ -88,17 +88,21 @@ def _squares_slide(n_tiles: int) -> Path:
 
 def ensure_store(n_tiles: int, *, regenerate: bool = False) -> tuple[Path, dict[str, Any]]:
     """A finished tile store with exactly ``n_tiles`` 224-px tiles at 0.5 µm/px (cached)."""
-    from oncotrace.wsi import open_slide, read_store_attrs
-    from oncotrace.wsi._store import TilingConfig, write_patches
-    from oncotrace.wsi._tiling import tile_coords
-    from oncotrace.wsi._tissue import detect_tissue
+    from oncotrace.wsi import (
+        Store,
+        TilingConfig,
+        detect_tissue,
+        open_slide,
+        tile_coords,
+        write_patches,
+    )
 
     out_dir = DATA / f"embed-store-{n_tiles}"
     if out_dir.exists() and not regenerate:
         stores = sorted(out_dir.glob("*.zarr"))
         if len(stores) == 1:
-            attrs = read_store_attrs(stores[0])
-            if attrs is not None and int(attrs.get("n_tiles", -1)) == n_tiles:
+            cached = Store.find(stores[0])
+            if cached is not None and cached.attrs.n_tiles == n_tiles:
                 return stores[0], {"slide": "cached store", "reused": True}
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = TilingConfig(target_mpp=TARGET_MPP, tile_px=TILE_PX, mode="tissue")
@@ -129,7 +133,7 @@ def ensure_store(n_tiles: int, *, regenerate: bool = False) -> tuple[Path, dict[
 def load_batches(store: Path, batch_size: int) -> list[np.ndarray]:
     """The store's patches in memory, as the same uint8 batches embed() will see."""
     import zarr
-    from oncotrace.wsi._store import fast_codecs
+    from oncotrace.wsi import fast_codecs
 
     with fast_codecs():
         patches = zarr.open_group(store, mode="r")["patches"]
@@ -212,7 +216,7 @@ def embed_zarrs_reads(enc: Any, store: Path, batch_size: int, n: int) -> dict[st
     ``patches`` array embed() opens is read through the zarrs pipeline too (today it is opened
     before embed() enters ``fast_codecs()`` and is read by zarr-python's own pipeline)."""
     from oncotrace import mil
-    from oncotrace.wsi._store import fast_codecs
+    from oncotrace.wsi import fast_codecs
 
     proxy = TimedEncoder(enc)
 
@@ -253,7 +257,7 @@ def prefetch_read_alone(store: Path, batch_size: int) -> dict[str, Any]:
 
     r = _phase("    reads as embed() does them (zarr-python pipeline)", n, run)
 
-    from oncotrace.wsi._store import fast_codecs
+    from oncotrace.wsi import fast_codecs
 
     with fast_codecs():
         p2 = zarr.open_group(store, mode="r")["patches"]

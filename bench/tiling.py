@@ -166,19 +166,19 @@ def run_tiler(
 
 
 def read_store(store: Path) -> dict[str, Any]:
-    import zarr
+    from oncotrace.wsi import Store
 
-    group = zarr.open_group(store, mode="r")
-    attrs = dict(group.attrs)["oncotrace"]
-    coords = np.asarray(group["coords"][:], dtype=np.int64)
-    patches = group["patches"]
-    sample = np.asarray(patches[: min(4, len(coords))])
+    st = Store.open(store)
+    attrs = st.attrs
+    coords = st.coords()
+    sample = np.asarray(st.patches()[: min(4, len(coords))])
+    assert attrs.read_level is not None and attrs.read_size is not None and attrs.tile_px
     return {
         "coords": coords,
-        "read_level": int(attrs["read_level"]),
-        "read_size": tuple(int(v) for v in attrs["read_size"]),
-        "tile_px": int(attrs["tile_px"]),
-        "backend": attrs.get("backend"),
+        "read_level": int(attrs.read_level),
+        "read_size": tuple(int(v) for v in attrs.read_size),
+        "tile_px": int(attrs.tile_px),
+        "backend": attrs.backend,
         "sample": sample,
         "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
     }

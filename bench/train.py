@@ -82,7 +82,7 @@ def ensure_data(
     """The cohort's stores and labels, generated once (``done.json`` marks a finished set)."""
     import zarr
     from oncotrace.mil._embed import FEATURE_CHUNK
-    from oncotrace.wsi._store import ATTRS_KEY, fast_codecs
+    from oncotrace.wsi import Store, StoreAttrs, fast_codecs
 
     root = data_dir(bags, instances, dim, codec, seed)
     marker = root / "done.json"
@@ -116,7 +116,9 @@ def ensure_data(
             )
             a[...] = make_bag(i, instances, dim, int(labels[i]), seed)
             a.attrs.update({"complete": True, "encoder": {"name": FEATURE_NAME, "dim": dim}})
-            g.attrs[ATTRS_KEY] = {"complete": True, "slide_id": p.stem, "tile_size_level0": 224}
+            Store.open(p, mode="r+", require_complete=False).write_attrs(
+                StoreAttrs(complete=True, slide_id=p.stem, tile_size_level0=(224, 224))
+            )
             paths.append(p)
             if (i + 1) % 20 == 0 or i + 1 == bags:
                 print(f"  generated {i + 1}/{bags} stores", flush=True)
@@ -226,7 +228,7 @@ def _round(v: float | None) -> float | None:
 
 def load_in_memory(paths: Sequence[Path]) -> tuple[list[np.ndarray], float]:
     import zarr
-    from oncotrace.wsi._store import fast_codecs
+    from oncotrace.wsi import fast_codecs
 
     t0 = time.perf_counter()
     out = []

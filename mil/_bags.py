@@ -9,17 +9,12 @@ next bags on a background thread while the caller trains on the current one.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
-import zarr
-from oncotrace.wsi._store import fast_codecs
-
-from ._embed import FEATURES_GROUP
+from oncotrace.wsi import Store, read_ahead
 
 
 class ZarrBags(Sequence[np.ndarray]):
@@ -58,10 +53,9 @@ class ZarrBags(Sequence[np.ndarray]):
         self.feature_name = feature_name
         if not self.paths:
             raise ValueError("ZarrBags needs at least one store.")
-        arrays: list[zarr.Array] = []
-        with fast_codecs():
-            for p in self.paths:
-                arrays.append(_open_features(p, feature_name))
+        arrays = [
+            Store.open(p, require_complete=False).features_array(feature_name) for p in self.paths
+        ]
         self._arrays = arrays
         self.shapes: list[tuple[int, int]] = []
         dim = int(arrays[0].shape[1])
@@ -109,35 +103,6 @@ class ZarrBags(Sequence[np.ndarray]):
         return f"ZarrBags({len(self)} stores, features/{self.feature_name}, dim {self.dim})"
 
 
-def _open_features(store: Path, name: str) -> zarr.Array:
-    where = f"{FEATURES_GROUP}/{name}"
-    try:
-        group = zarr.open_group(store, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise ValueError(
-            f"{store}: not a Zarr store. Fix: tile (`oncotrace tile`) or import"
-            " (`oncotrace import-features`) the slide, or check the path."
-        ) from exc
-    try:
-        arr = group[where]
-    except KeyError:
-        arr = None
-    if not isinstance(arr, zarr.Array):
-        feats = group.get(FEATURES_GROUP)
-        have = sorted(feats.keys()) if isinstance(feats, zarr.Group) else []
-        raise ValueError(
-            f"{store}: no {where} array (features present: {have or 'none'}). Fix: run"
-            f" `oncotrace embed {store} --encoder {name}` or import them with"
-            f" `oncotrace import-features ... --name {name}`."
-        )
-    if arr.ndim != 2:
-        raise ValueError(
-            f"{store}: {where} has shape {arr.shape}; expected (N, D). Fix: re-embed or"
-            " re-import the features."
-        )
-    return arr
-
-
 def prefetch_bags(
     bags: Sequence[Any], order: Iterable[int], depth: int = 2
 ) -> Iterator[tuple[int, Any]]:
@@ -169,41 +134,5 @@ def prefetch_bags(
         for i in idx:
             yield i, bags[i]
         return
-    yield from _read_ahead(bags, idx, depth)
-
-
-_DONE = object()
-
-
-def _read_ahead(bags: Sequence[Any], idx: list[int], depth: int) -> Iterator[tuple[int, Any]]:
-    slots = threading.Semaphore(depth)  # bags read but not yet taken by the caller
-    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for i in idx:
-                slots.acquire()
-                if stop.is_set():
-                    return
-                items.put((i, bags[i]))
-        except BaseException as exc:  # handed to the caller, never swallowed
-            items.put(exc)
-            return
-        items.put(_DONE)
-
-    thread = threading.Thread(target=produce, name="bag-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            slots.release()
-            yield item
-    finally:
-        stop.set()
-        slots.release()  # wake the reader if it waits for a slot; it then sees ``stop``
-        thread.join()
+    with read_ahead(((i, bags[i]) for i in idx), depth, name="bag-prefetch") as items:
+        yield from items

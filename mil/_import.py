@@ -20,28 +20,25 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import zarr
 from oncotrace import __version__
-from oncotrace.wsi import read_store_attrs, store_path
-from oncotrace.wsi._inspect import file_fingerprint
-from oncotrace.wsi._store import (
-    ATTRS_KEY,
+from oncotrace.wsi import (
     STORE_FORMAT,
-    _remove_stale_partials,
-    fast_codecs,
+    FeatureAttrs,
+    Store,
+    StoreAttrs,
+    remove_stale_partials,
+    source_fingerprint,
+    store_path,
 )
 
-from ._embed import FEATURE_CHUNK, FEATURES_GROUP
+from ._embed import FEATURE_CHUNK
 
 H5Format = Literal["trident", "clam", "plain"]
 Action = Literal["created", "added", "replaced", "skipped"]
@@ -386,63 +383,55 @@ def _encoder_attrs(name: str, dim: int, path: Path) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _feature_attrs(h5: H5Features, name: str, fp: str, sha: str, seconds: float) -> dict[str, Any]:
-    n, dim = h5.features.shape
-    return {
-        "complete": True,
-        "encoder": _encoder_attrs(name, dim, h5.path),
-        "weights_fingerprint": None,
-        "dim": int(dim),
-        "n_tiles": int(n),
-        "dtype": "float32",
-        "seconds": round(seconds, 3),
-        "imported": {
+def _feature_attrs(h5: H5Features, name: str, fp: str, sha: str) -> FeatureAttrs:
+    return FeatureAttrs(
+        encoder=_encoder_attrs(name, h5.features.shape[1], h5.path),
+        weights_fingerprint=None,
+        imported={
             "format": h5.format,
             "source_path": str(h5.path.resolve()),
             "source_fingerprint": fp,
             "source_sha256": sha,
             "source_dtype": h5.source_dtype,
         },
-    }
-
-
-def _store_attrs(h5: H5Features, sid: str, fp: str, sha: str) -> dict[str, Any]:
-    tx, ty = h5.tile_size_level0
-    return {
-        "format": STORE_FORMAT,
-        "complete": True,
-        "package_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "slide_id": sid,
-        "source_path": str(h5.path.resolve()),
-        "source_fingerprint": fp,
-        "source_sha256": sha,
-        "backend": "import",
-        "has_patches": False,
-        "level0_size": h5.level0_size,
-        "mpp": [h5.mpp, h5.mpp],
-        "mpp_source": h5.mpp_source,
-        "mode": None,
-        "target_mpp": h5.target_mpp,
-        "tile_px": h5.tile_px,
-        "tile_size_level0": [tx, ty],
-        "tile_size_source": h5.tile_size_source,
-        "n_tiles": len(h5.coords),
-        "import": {"format": h5.format, "h5_attrs": h5.attrs},
-    }
-
-
-def _write_features(group: zarr.Group, array_name: str, feats: np.ndarray) -> zarr.Array:
-    n, dim = feats.shape
-    out = group.create_array(
-        array_name,
-        shape=(n, dim),
-        dtype="float32",
-        chunks=(max(1, min(n, FEATURE_CHUNK)), dim),
-        dimension_names=("tile", "feature"),
     )
-    out[...] = feats  # whole chunks: each written once
-    return out
+
+
+def _store_attrs(h5: H5Features, sid: str, fp: str, sha: str) -> StoreAttrs:
+    tx, ty = h5.tile_size_level0
+    return StoreAttrs(
+        format_version=STORE_FORMAT,
+        complete=True,
+        package_version=__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        slide_id=sid,
+        source_path=str(h5.path.resolve()),
+        source_fingerprint=fp,
+        source_sha256=sha,
+        backend="import",
+        has_patches=False,
+        level0_size=None if h5.level0_size is None else (h5.level0_size[0], h5.level0_size[1]),
+        mpp=(h5.mpp, h5.mpp),
+        mpp_source=h5.mpp_source,
+        mode=None,
+        target_mpp=h5.target_mpp,
+        tile_px=h5.tile_px,
+        tile_size_level0=(tx, ty),
+        tile_size_source=h5.tile_size_source,
+        n_tiles=len(h5.coords),
+        import_info={"format": h5.format, "h5_attrs": h5.attrs},
+    )
+
+
+def _write_features(
+    store: Store, name: str, h5: H5Features, attrs: FeatureAttrs, t0: float
+) -> None:
+    """``features/<name>`` through the store's one feature writer (as :func:`mil.embed`)."""
+    n, dim = h5.features.shape
+    with store.write_features(
+        name, n, dim, attrs=attrs, chunk_rows=FEATURE_CHUNK, started=t0
+    ) as out:
+        out.append(h5.features)
 
 
 def _write_store(
@@ -450,65 +439,22 @@ def _write_store(
 ) -> Path:
     """A new store under a temporary name, renamed over ``<sid>.zarr`` when complete."""
     final = store_path(out_dir, sid)
-    tmp = out_dir / f".{sid}.zarr.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    old = out_dir / f".{sid}.zarr.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with fast_codecs():
-            g = zarr.open_group(tmp, mode="w", zarr_format=3)
-            n = len(h5.coords)
-            g.create_array(
-                "coords", data=h5.coords, chunks=(max(1, n), 2), dimension_names=("tile", "xy")
-            )
-            feats = _write_features(g.require_group(FEATURES_GROUP), name, h5.features)
-        feats.attrs.update(_feature_attrs(h5, name, fp, sha, time.perf_counter() - t0))
-        g.attrs[ATTRS_KEY] = _store_attrs(h5, sid, fp, sha)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with Store.create(final) as store:
+        store.write_coords(h5.coords)
+        _write_features(store, name, h5, _feature_attrs(h5, name, fp, sha), t0)
+        store.write_attrs(_store_attrs(h5, sid, fp, sha))
     return final
 
 
-def _add_features(h5: H5Features, store: Path, name: str, fp: str, sha: str, t0: float) -> None:
+def _add_features(h5: H5Features, store: Store, name: str, fp: str, sha: str, t0: float) -> None:
     """Write ``features/<name>`` into an existing store whose coords equal the file's."""
-    root = store / FEATURES_GROUP
-    tmp_name = f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(root / tmp_name, ignore_errors=True)
-    try:
-        with fast_codecs():
-            feats = zarr.open_group(store, mode="r+").require_group(FEATURES_GROUP)
-            out = _write_features(feats, tmp_name, h5.features)
-        out.attrs.update(_feature_attrs(h5, name, fp, sha, time.perf_counter() - t0))
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-        os.replace(root / tmp_name, root / name)
-    except BaseException:
-        shutil.rmtree(root / tmp_name, ignore_errors=True)
-        raise
+    _write_features(store, name, h5, _feature_attrs(h5, name, fp, sha), t0)
 
 
-def _existing(store: Path, name: str) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """``(attrs of features/<name> or None, coords or None)`` of a finished store."""
-    g = zarr.open_group(store, mode="r")
-    feats = g.get(FEATURES_GROUP)
-    arr = feats.get(name) if isinstance(feats, zarr.Group) else None
-    attrs = dict(arr.attrs) if isinstance(arr, zarr.Array) else None
-    c = g.get("coords")
-    coords = np.asarray(c[...]) if isinstance(c, zarr.Array) else None
-    return attrs, coords
-
-
-def _source_of(attrs: dict[str, Any]) -> str:
-    imp = attrs.get("imported")
-    if isinstance(imp, dict):
-        return f"imported from {imp.get('source_path')}"
-    enc = attrs.get("encoder")
-    return f"embedded by `oncotrace embed` ({enc.get('name') if isinstance(enc, dict) else enc})"
+def _source_of(attrs: FeatureAttrs) -> str:
+    if attrs.imported is not None:
+        return f"imported from {attrs.imported.get('source_path')}"
+    return f"embedded by `oncotrace embed` ({attrs.encoder_name})"
 
 
 def import_features(
@@ -564,47 +510,48 @@ def import_features(
     sid = slide_id or h5_path.stem
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out, sid)
     target = store_path(out, sid)
+    remove_stale_partials(target)
     if not h5_path.is_file():
         raise FeatureImportError(f"{h5_path}: no such file.")
-    fp = file_fingerprint(h5_path)
+    fp = source_fingerprint(h5_path)
     here = str(h5_path.resolve())
 
     def result(action: Action, n: int, dim: int, fmt: str) -> ImportResult:
         return ImportResult(sid, target, n, dim, fmt, action, time.perf_counter() - t0)
 
-    done: dict[str, Any] | None = None
+    done: FeatureAttrs | None = None
     old_coords: np.ndarray | None = None
-    store_attrs: dict[str, Any] | None = None
+    store: Store | None = None
     if target.exists():
-        store_attrs = read_store_attrs(target)
-        if store_attrs is None:
+        store = Store.find(target, mode="r+")
+        if store is None:
             raise FeatureImportError(
                 f"{target} exists but is not a finished OncoTrace store. Fix: remove it, or"
                 " import into another --out folder."
             )
-        done, old_coords = _existing(target, name)
-        imp = (done or {}).get("imported") or {}
+        done = store.feature_attrs(name)
+        old_coords = store.coords() if "coords" in store.group else None
+        imp = (done.imported if done is not None else None) or {}
         if (
             done is not None
-            and done.get("complete")
+            and done.complete
             and imp.get("source_path") == here
             and imp.get("source_fingerprint") == fp
         ):
-            return result("skipped", int(done.get("n_tiles", 0)), int(done.get("dim", 0)), "")
+            return result("skipped", int(done.n_tiles or 0), int(done.dim or 0), "")
 
     h5 = read_h5_features(h5_path, tile_px=tile_px, mpp=mpp)
     n, dim = h5.features.shape
     _encoder_attrs(name, dim, h5_path)  # refuse a dim that contradicts a registered name early
     sha = file_sha256(h5_path)
-    if store_attrs is None:
+    if store is None:
         _write_store(h5, out, sid, name, fp, sha, t0)
         return result("created", n, dim, h5.format)
 
     same_tiles = old_coords is not None and np.array_equal(old_coords, h5.coords)
-    if done is not None and done.get("complete"):
-        imp = done.get("imported") or {}
+    if done is not None and done.complete:
+        imp = done.imported or {}
         if imp.get("source_sha256") == sha and same_tiles:
             return result("skipped", n, dim, h5.format)  # same bytes, moved or touched
         if not overwrite:
@@ -614,9 +561,9 @@ def import_features(
                 " another --name or --out."
             )
     if same_tiles:
-        _add_features(h5, target, name, fp, sha, t0)
+        _add_features(h5, store, name, fp, sha, t0)
         return result("replaced" if done is not None else "added", n, dim, h5.format)
-    imported_store = store_attrs.get("backend") == "import"
+    imported_store = store.attrs.backend == "import"
     n_old = 0 if old_coords is None else len(old_coords)
     if imported_store and overwrite:
         _write_store(h5, out, sid, name, fp, sha, t0)

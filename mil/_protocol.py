@@ -437,13 +437,14 @@ def _store_tiling(stores: Path, slide_ids: Sequence[str]) -> dict[str, Any] | No
     Recorded in the card so ``oncotrace score`` cuts new slides the same way. None when the
     stores disagree or predate the record (imported features have none).
     """
-    from oncotrace.wsi import read_store_attrs
+    from oncotrace.wsi import Store
 
     seen: list[dict[str, Any]] = []
     for sid in slide_ids:
-        tiling = (read_store_attrs(stores / f"{sid}.zarr") or {}).get("tiling")
-        if not isinstance(tiling, dict):
+        store = Store.find(stores / f"{sid}.zarr")
+        if store is None or store.attrs.tiling is None:
             return None
+        tiling = store.attrs.tiling.as_attrs()
         if tiling not in seen:
             seen.append(tiling)
     return seen[0] if len(seen) == 1 else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.wsi import read_store_attrs
+from oncotrace.wsi import Store
 
 from ._card import ModelCard
 from ._splits import grouped_kfold, inner_validation, site_holdout
@@ -248,8 +248,9 @@ def load_cohort(
                 f"{store}: NaN/inf in the features of {int(bad.sum())} tile(s) (e.g. rows "
                 f"{np.flatnonzero(bad)[:5].tolist()}). Fix: re-embed (try fp32 precision)."
             )
-        ts = (read_store_attrs(store) or {}).get("tile_size_level0", 0)
-        tile_sizes.append(round(float(ts[0] if isinstance(ts, Sequence) else ts)))
+        found_store = Store.find(store)
+        ts = None if found_store is None else found_store.attrs.tile_size_level0
+        tile_sizes.append(0 if ts is None else round(float(ts[0])))
         bags.append(feats)
         coords.append(np.asarray(xy, dtype=np.int64))
 

@@ -768,17 +768,18 @@ def _resolve_store(
 
     if not path.is_dir() or path.suffix != ".zarr":
         return path, mpp
-    attrs = wsi.read_store_attrs(path)
-    if attrs is None:
+    store = wsi.Store.find(path)
+    if store is None or store.attrs.source_path is None:
         raise ValueError(f"{path} is not a finished OncoTrace store; pass the slide file itself.")
-    source = Path(attrs["source_path"])
+    attrs = store.attrs
+    source = Path(attrs.source_path)
     if not source.exists():
         raise FileNotFoundError(
             f"{path}: its source slide {source} is gone; cells are detected on the slide's "
             "pixels (the store holds only tiles at the tiling resolution), so pass the slide."
         )
-    if mpp is None and attrs.get("mpp_source") == "override":
-        return source, (float(attrs["mpp"][0]), float(attrs["mpp"][1]))
+    if mpp is None and attrs.mpp_source == "override" and attrs.mpp is not None:
+        return source, (float(attrs.mpp[0]), float(attrs.mpp[1]))
     return source, mpp
 
 

@@ -6,7 +6,6 @@ A file that cannot be imported becomes one row of ``<out>/errors.csv`` (the same
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated
 import typer
 from oncotrace import __version__
 from oncotrace.workflows._batch import BatchReport, write_errors_csv
+from oncotrace.wsi import atomic_write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -122,7 +122,7 @@ def import_batch(
         "errors": report.errors,
         "seconds": report.seconds,
     }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / SUMMARY_FILE, summary, indent=2)
     return report
 
 

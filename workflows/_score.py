@@ -27,8 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from oncotrace import __version__
-from oncotrace.wsi import SlideError, TilingConfig, slide_id_for
-from oncotrace.wsi._inspect import file_fingerprint
+from oncotrace.wsi import (
+    SlideError,
+    Store,
+    TilingConfig,
+    atomic_write_json,
+    slide_id_for,
+    source_fingerprint,
+)
 
 if TYPE_CHECKING:
     from oncotrace.mil import MILHead, ModelCard
@@ -83,15 +89,6 @@ def model_hash(model_dir: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def source_fingerprint(path: str | Path) -> str:
-    """Size+mtime of a slide file, or of every file of a DICOM-WSI folder."""
-    p = Path(path)
-    if p.is_dir():
-        parts = [f"{c.name}:{file_fingerprint(c)}" for c in sorted(p.iterdir()) if c.is_file()]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
-    return file_fingerprint(p)
 
 
 def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
@@ -211,9 +208,7 @@ def _load(cfg: ScoreConfig) -> tuple[MILHead, ModelCard, Any]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)
 
 
 def _worker_name() -> str:
@@ -377,25 +372,26 @@ def _predict(
 def _heatmaps(
     store: Path, here: Path, attention: Mapping[str, np.ndarray], coords: np.ndarray
 ) -> None:
-    import zarr
     from oncotrace import spatial
-    from oncotrace.wsi import read_store_attrs
 
-    attrs = read_store_attrs(store) or {}
-    g = zarr.open_group(store, mode="r")
-    thumb = g["thumbnail"]
-    assert isinstance(thumb, zarr.Array)
-    thumb_ds = float(thumb.attrs["downsample"])  # type: ignore[arg-type]
-    ts = attrs["tile_size_level0"]
-    stride = attrs.get("stride_level0") or ts
+    tiles = Store.open(store)
+    attrs = tiles.attrs
+    thumb, thumb_ds = tiles.thumbnail()
+    ts, size, mpp = attrs.tile_size_level0, attrs.level0_size, attrs.mpp
+    if ts is None or size is None or mpp is None:
+        raise ValueError(
+            f"{store}: its attrs lack the tile size, level-0 size or mpp a heatmap needs."
+            " Fix: tile the slide again with `oncotrace tile`."
+        )
+    stride = attrs.stride_level0 or ts
     scores = {t: spatial.normalise_attention(a, method="rank") for t, a in attention.items()}
     heats = {
         t: spatial.attention_heatmap(
             coords,
             s,
             tile_size_level0=(float(ts[0]), float(ts[1])),
-            level0_size=tuple(attrs["level0_size"]),
-            mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])),
+            level0_size=(int(size[0]), int(size[1])),
+            mpp=(float(mpp[0]), float(mpp[1])),
             stride_level0=(float(stride[0]), float(stride[1])),
         )
         for t, s in scores.items()
@@ -416,7 +412,7 @@ def _heatmaps(
         tile_size_level0=(float(ts[0]), float(ts[1])),
     )
     spatial.write_overlay_png(
-        heat, np.asarray(thumb[:]), thumb_ds, here / "attention.png", title=f"attention: {first}"
+        heat, thumb, thumb_ds, here / "attention.png", title=f"attention: {first}"
     )
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ._backends import BACKENDS, Backend, BackendName, cucim_available
 from ._errors import CorruptSlideError, MppError, SlideError, UnsupportedSlideError
-from ._inspect import FileInfo, file_fingerprint, inspect_file
+from ._inspect import FileInfo, inspect_file
+from ._io import source_fingerprint
 
 BackendChoice = Literal["auto", "cucim", "openslide", "tifffile", "pillow"]
 MppSource = Literal["file", "override"]
@@ -57,12 +58,21 @@ class Slide:
     Coordinates given to and returned by the slide are level-0 pixels ``(x, y)``.
     """
 
-    def __init__(self, path: Path, backend: Backend, mpp: Mpp | None, info: FileInfo) -> None:
+    def __init__(
+        self,
+        path: Path,
+        backend: Backend,
+        mpp: Mpp | None,
+        info: FileInfo,
+        *,
+        fingerprint: str | None = None,
+    ) -> None:
         self.path = path
         self._backend = backend
         self.mpp = mpp
         self.info = info
-        self.fingerprint = file_fingerprint(path)
+        #: :func:`source_fingerprint` of what was opened (every instance of a DICOM-WSI folder)
+        self.fingerprint = fingerprint if fingerprint is not None else source_fingerprint(path)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -322,7 +332,8 @@ def open_slide(
     UnsupportedSlideError, CorruptSlideError, MppError
         Each names the file and what to do.
     """
-    path = _resolve_path(Path(path))
+    given = Path(path)
+    path = _resolve_path(given)
     info = inspect_file(path)
     if backend == "auto":
         order = _candidates(info)
@@ -349,7 +360,7 @@ def open_slide(
         except Exception:
             be.close()
             raise
-        return Slide(path, be, resolved, info)
+        return Slide(path, be, resolved, info, fingerprint=source_fingerprint(given))
     corrupt = [e for _, e in errors if isinstance(e, CorruptSlideError)]
     if corrupt:  # the first reader that recognised the format says best what is wrong
         raise corrupt[0]

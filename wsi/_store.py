@@ -20,12 +20,11 @@ import datetime as _dt
 import gc
 import os
 import shutil
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,9 @@ from oncotrace import __version__
 from zarr.codecs import BloscCodec
 
 from ._errors import NoTissueError
+from ._io import remove_stale_partials
 from ._slide import BackendChoice, Slide, open_slide, resize_rgb
+from ._storage import STORE_FORMAT, Store, StoreAttrs, TilingConfig, fast_codecs
 from ._tiling import (
     MIN_TISSUE,
     TileGeometry,
@@ -45,27 +46,9 @@ from ._tiling import (
     tile_geometry,
     tissue_fraction,
 )
-from ._tissue import Mode, TissueMask, detect_tissue
+from ._tissue import TissueMask, detect_tissue
 
-STORE_FORMAT = 1
 SHARD_TILES = 64
-ATTRS_KEY = "oncotrace"
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """Everything that decides which pixels end up in a store (written into its attrs)."""
-
-    target_mpp: float = 0.5
-    tile_px: int = 224
-    stride_px: int | None = None
-    min_tissue: float | None = None  # None: by mode (0.25 tissue, 0.05 smear)
-    mode: Mode = "tissue"
-    min_focus: float | None = None
-    focus: bool = False
-
-    def as_attrs(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def slide_id_for(path: str | Path) -> str:
@@ -79,46 +62,22 @@ def store_path(out_dir: str | Path, slide_id: str) -> Path:
 
 
 def read_store_attrs(path: str | Path) -> dict[str, Any] | None:
-    """The store's attrs, or ``None`` if ``path`` is not a finished OncoTrace store."""
-    p = Path(path)
-    if not (p / "zarr.json").is_file():
-        return None
-    try:
-        group = zarr.open_group(p, mode="r")
-    except Exception:
-        return None
-    attrs = dict(group.attrs).get(ATTRS_KEY)
-    if not isinstance(attrs, dict) or not attrs.get("complete"):
-        return None
-    return attrs
+    """The store's attrs in their JSON form, or ``None`` if ``path`` is not a finished store.
+
+    For tools that want the raw dict; code reads :attr:`Store.attrs` (typed) instead.
+    """
+    store = Store.find(path)
+    return None if store is None else store.attrs.to_dict()
 
 
 def is_complete(path: str | Path, *, fingerprint: str, config: TilingConfig) -> bool:
-    """True if ``path`` is a finished store of the same source file and tiling config."""
-    attrs = read_store_attrs(path)
+    """True if ``path`` is a finished store of the same source and tiling config."""
+    store = Store.find(path)
     return (
-        attrs is not None
-        and attrs.get("source_fingerprint") == fingerprint
-        and attrs.get("tiling") == config.as_attrs()
+        store is not None
+        and store.attrs.source_fingerprint == fingerprint
+        and store.attrs.tiling == config
     )
-
-
-def _remove_stale_partials(out_dir: Path, slide_id: str) -> None:
-    for tmp in out_dir.glob(f".{slide_id}.zarr.partial-*"):
-        pid_text = tmp.name.rsplit("-", 2)[-2] if tmp.name.count("-") >= 2 else ""
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
-            continue  # another live process is writing it
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -160,41 +119,16 @@ def write_patches(
     sid = slide_id or slide_id_for(slide.path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out, sid)
     final = store_path(out, sid)
-    tmp = out / f".{sid}.zarr.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_partials(final)
     geom = tile_geometry(
         slide, target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, stride_px=cfg.stride_px
     )
-    try:
+    with Store.create(final) as store:
         with fast_codecs(), _gc_frozen():
-            kept = _write_arrays(slide, coords, tmp, geom, cfg, mask, workers, progress)
-        group = zarr.open_group(tmp, mode="r+")
-        group.attrs[ATTRS_KEY] = _attrs(slide, sid, geom, cfg, mask, kept)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            kept = _write_arrays(slide, coords, store, geom, cfg, mask, workers, progress)
+        store.write_attrs(_attrs(slide, sid, geom, cfg, mask, kept))
     return final
-
-
-@contextmanager
-def fast_codecs() -> Iterator[None]:
-    """Use the zarrs (Rust) codec pipeline for arrays opened or created inside the block.
-
-    zarr-python encodes each 1-tile inner chunk of a shard through asyncio tasks, which costs
-    more than decoding the tile did; zarrs does the whole shard natively. Scoped, so importing
-    OncoTrace never changes a user's own zarr configuration.
-    """
-    try:
-        import zarrs  # noqa: F401
-    except ImportError:  # pragma: no cover - zarrs is a dependency; keep working without it
-        yield
-        return
-    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
-        yield
 
 
 @contextmanager
@@ -215,7 +149,7 @@ def _gc_frozen() -> Iterator[None]:
 def _write_arrays(
     slide: Slide,
     coords: np.ndarray,
-    tmp: Path,
+    store: Store,
     geom: TileGeometry,
     cfg: TilingConfig,
     mask: TissueMask | None,
@@ -223,7 +157,7 @@ def _write_arrays(
     progress: Callable[[int], None] | None,
 ) -> int:
     n, tp = len(coords), cfg.tile_px
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    group = store.group
     # LZ4 level 1, no shuffle: tissue tiles compress only ~1.08-1.15x with any lossless codec,
     # so the codec is chosen for speed (0.12 ms/tile, faster than writing raw bytes; level 5
     # costs 0.45 ms for 1.09x); it still squeezes glass and background-heavy edge tiles.
@@ -242,7 +176,7 @@ def _write_arrays(
     focus = np.full(n, np.nan, np.float32)
     plane = np.zeros(n, np.int16)
 
-    def store(start: int, batch: np.ndarray) -> int:
+    def write_batch(start: int, batch: np.ndarray) -> int:
         if want_focus and not multi_z:
             for j in range(len(batch)):
                 focus[start + j] = focus_score(batch[j])
@@ -260,7 +194,7 @@ def _write_arrays(
                     progress(done)
 
         for start, batch in _tile_batches(slide, coords, geom, workers, multi_z, focus, plane):
-            pending.append(writer.submit(store, start, batch))
+            pending.append(writer.submit(write_batch, start, batch))
             drain(keep=2)  # bound memory: two shards waiting to be written
         drain(keep=0)
 
@@ -275,9 +209,7 @@ def _write_arrays(
     if not keep.all():
         _compact(group, patches, keep)
     kept = int(keep.sum())
-    group.create_array(
-        "coords", data=coords[keep], chunks=(max(1, kept), 2), dimension_names=("tile", "xy")
-    )
+    store.write_coords(coords[keep])
     group.create_array("tissue_fraction", data=frac[keep], dimension_names=("tile",))
     if want_focus:
         group.create_array("focus", data=focus[keep], dimension_names=("tile",))
@@ -352,35 +284,35 @@ def _compact(group: zarr.Group, patches: zarr.Array, keep: np.ndarray) -> None:
 
 def _attrs(
     slide: Slide, sid: str, geom: TileGeometry, cfg: TilingConfig, mask: TissueMask | None, n: int
-) -> dict[str, Any]:
+) -> StoreAttrs:
     mx, my = slide.mpp_xy
     assert slide.mpp is not None  # mpp_xy raised otherwise
-    return {
-        "format": STORE_FORMAT,
-        "complete": True,
-        "package_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "slide_id": sid,
-        "source_path": str(slide.path.resolve()),
-        "source_fingerprint": slide.fingerprint,
-        "backend": slide.backend,
-        "level0_size": list(slide.dimensions),
-        "mpp": [mx, my],
-        "mpp_source": slide.mpp.source,
-        "mpp_detail": slide.mpp.detail,
-        "mode": cfg.mode,
-        "tiling": cfg.as_attrs(),
-        "target_mpp": cfg.target_mpp,
-        "tile_px": cfg.tile_px,
-        "tile_size_level0": [geom.size_level0[0], geom.size_level0[1]],
-        "stride_level0": [geom.stride_level0[0], geom.stride_level0[1]],
-        "read_level": geom.read_level,
-        "read_size": list(geom.read_size),
-        "n_tiles": n,
-        "tissue_qc": dict(mask.qc) if mask is not None else {},
-        "mask_mpp": mask.mpp if mask is not None else None,
-        "slide_properties": slide.exported_properties(),
-    }
+    return StoreAttrs(
+        format_version=STORE_FORMAT,
+        complete=True,
+        package_version=__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        slide_id=sid,
+        source_path=str(slide.path.resolve()),
+        source_fingerprint=slide.fingerprint,
+        backend=slide.backend,
+        level0_size=(slide.dimensions[0], slide.dimensions[1]),
+        mpp=(mx, my),
+        mpp_source=slide.mpp.source,
+        mpp_detail=slide.mpp.detail,
+        mode=cfg.mode,
+        tiling=cfg,
+        target_mpp=cfg.target_mpp,
+        tile_px=cfg.tile_px,
+        tile_size_level0=(geom.size_level0[0], geom.size_level0[1]),
+        stride_level0=(geom.stride_level0[0], geom.stride_level0[1]),
+        read_level=geom.read_level,
+        read_size=(geom.read_size[0], geom.read_size[1]),
+        n_tiles=n,
+        tissue_qc=dict(mask.qc) if mask is not None else {},
+        mask_mpp=mask.mpp if mask is not None else None,
+        slide_properties=slide.exported_properties(),
+    )
 
 
 @dataclass(frozen=True)
@@ -417,11 +349,14 @@ def tile_slide(
     sid = slide_id or slide_id_for(path)
     target = store_path(out_dir, sid)
     with open_slide(path, backend=backend, mpp=mpp) as slide:
-        if is_complete(target, fingerprint=slide.fingerprint, config=cfg):
-            attrs = read_store_attrs(target) or {}
-            return TileResult(
-                sid, target, int(attrs.get("n_tiles", 0)), True, time.perf_counter() - t0
-            )
+        done = Store.find(target)
+        if (
+            done is not None
+            and done.attrs.source_fingerprint == slide.fingerprint
+            and done.attrs.tiling == cfg
+        ):
+            n_done = done.attrs.n_tiles or 0
+            return TileResult(sid, target, n_done, True, time.perf_counter() - t0)
         mask = detect_tissue(slide, mode=cfg.mode)
         coords = tile_coords(
             slide,
@@ -450,7 +385,7 @@ def tile_slide(
             workers=workers,
             progress=progress,
         )
-    attrs = read_store_attrs(store) or {}
+    n_written = Store.open(store).attrs.n_tiles
     return TileResult(
-        sid, store, int(attrs.get("n_tiles", len(coords))), False, time.perf_counter() - t0
+        sid, store, len(coords) if n_written is None else n_written, False, time.perf_counter() - t0
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -86,3 +88,31 @@ def test_features_written_in_whole_chunks_match_tile_by_tile(
     assert g["features/pathomics"].chunks == (7, feats.shape[1])
     want = pathomics_features(np.asarray(g["patches"][:]), 0.5)
     np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6)
+
+
+class _GpuEncoderThatFails:
+    """The pathomics encoder posing as a GPU one (so embed reads ahead), failing on batch 2."""
+
+    def __init__(self) -> None:
+        self.inner = mil.create_encoder("pathomics")
+        self.config = self.inner.config
+        self.weights_fingerprint = self.inner.weights_fingerprint
+        self.device = SimpleNamespace(type="cuda")
+        self.calls = 0
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("CUDA out of memory")
+        return self.inner(tiles)
+
+
+def test_a_failing_encoder_leaves_no_reader_thread_and_no_features(store: Path) -> None:
+    enc = _GpuEncoderThatFails()
+    assert zarr.open_group(store, mode="r")["patches"].shape[0] > 6  # more batches than buffered
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mil.embed(store, enc, batch_size=1)  # type: ignore[arg-type]
+    alive = [t for t in threading.enumerate() if t.name == "embed-prefetch" and t.is_alive()]
+    assert alive == []  # the read-ahead thread was stopped and joined, not left blocked
+    assert wsi.Store.open(store).feature_names() == []
+    assert not list((store / "features").glob(".*"))  # no partial array either

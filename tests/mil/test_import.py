@@ -366,3 +366,33 @@ def test_embed_refuses_an_imported_store_with_a_clear_error(tmp_path: Path) -> N
     store = import_features(h5, tmp_path / "stores", "uni").store
     with pytest.raises(ValueError, match=r"S1\.zarr: its features were imported.*Fix:"):
         embed(store, "pathomics")
+
+
+def test_imported_and_embedded_features_are_written_the_same_way(tmp_path: Path) -> None:
+    from oncotrace import mil
+    from oncotrace.wsi.synthetic import make_tissue_squares
+
+    planted = make_tissue_squares(
+        tmp_path / "t.tiff", size=(2048, 1536), mpp=0.25, squares=[(0, 0, 1792, 1344)]
+    )
+    tiled = wsi.tile_slide(planted.path, tmp_path / "tiled").store
+    mil.embed(tiled, "pathomics")
+    src, _, _ = trident_file(tmp_path / "s.h5", n=9, dim=16)
+    imported = import_features(src, tmp_path / "imported", "enc16").store
+    emb = zarr.open_array(tiled / "features" / "pathomics", mode="r")
+    imp = zarr.open_array(imported / "features" / "enc16", mode="r")
+    assert imp.compressors == emb.compressors == ()  # uncompressed, both (bench/train.py)
+    assert imp.filters == emb.filters == ()
+    assert imp.metadata.to_dict()["codecs"] == emb.metadata.to_dict()["codecs"]
+    assert imp.dtype == emb.dtype == np.float32
+    assert imp.chunks == (9, 16) and emb.chunks == emb.shape  # one chunk of min(N, 4096) rows
+    assert imp.metadata.dimension_names == emb.metadata.dimension_names == ("tile", "feature")
+
+
+def test_a_rewritten_import_keeps_its_attrs_keys(tmp_path: Path) -> None:
+    src, _, _ = trident_file(tmp_path / "s.h5", n=4)
+    store = import_features(src, tmp_path / "stores", "uni").store
+    raw = zarr.open_group(store, mode="r").attrs["oncotrace"]
+    assert wsi.Store.open(store).attrs.to_dict() == raw
+    assert {"source_sha256", "has_patches", "tile_size_source", "import"} <= set(raw)
+    assert "tiling" not in raw and raw["has_patches"] is False

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +165,229 @@ def test_sharpest_focal_plane_is_chosen_per_tile(tmp_path: Path) -> None:
     chosen = g["focal_plane"][:]
     expect = np.where(g["coords"][:, 0] < 896, 0, 2)
     np.testing.assert_array_equal(chosen, expect)
+
+
+# --------------------------------------------------------------------------------------------
+# wsi.Store: typed attrs, old formats, atomic commit, fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _raw_attrs(store: Path) -> dict:
+    """The attrs as the JSON file on disk holds them (independent of the Store code)."""
+    return json.loads((store / "zarr.json").read_text())["attributes"]["oncotrace"]
+
+
+def _set_raw_attrs(store: Path, attrs: dict) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["oncotrace"] = attrs
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_store_attrs_round_trip_every_field() -> None:
+    attrs = wsi.StoreAttrs(
+        complete=True,
+        package_version="9.9",
+        created="2024-01-02T03:04:05+00:00",
+        slide_id="s1",
+        source_path="/data/s1.svs",
+        source_fingerprint="size=1;mtime_ns=2",
+        backend="openslide",
+        level0_size=(3072, 2048),
+        mpp=(0.25, 0.26),
+        mpp_source="file",
+        mode="tissue",
+        target_mpp=0.5,
+        tile_px=224,
+        tile_size_level0=(448.0, 430.0),
+        n_tiles=17,
+        tiling=wsi.TilingConfig(target_mpp=0.5, stride_px=112, min_focus=3.0),
+        mpp_detail="aperio.MPP",
+        stride_level0=(224.0, 215.0),
+        read_level=1,
+        read_size=(224, 215),
+        tissue_qc={"tissue_fraction": 0.4},
+        mask_mpp=8.0,
+        slide_properties={"vendor": "aperio"},
+        source_sha256="ab" * 32,
+        has_patches=False,
+        tile_size_source="file",
+        import_info={"format": "trident", "h5_attrs": {"patch_size": 256}},
+        extra={"written_by_a_later_version": [1, 2]},
+    )
+    d = attrs.to_dict()
+    assert d["format"] == wsi.STORE_FORMAT and d["import"]["format"] == "trident"
+    assert d["written_by_a_later_version"] == [1, 2]  # unknown keys survive a rewrite
+    assert d["tiling"]["stride_px"] == 112 and d["level0_size"] == [3072, 2048]
+    back = wsi.StoreAttrs.from_dict(json.loads(json.dumps(d)))  # through real JSON
+    assert back == attrs
+
+
+def test_a_tiled_store_reads_back_with_exactly_its_keys(planted, tmp_path: Path) -> None:
+    res = wsi.tile_slide(planted.path, tmp_path / "o")
+    raw = _raw_attrs(res.store)
+    st = wsi.Store.open(res.store)
+    assert st.attrs.to_dict() == raw  # nothing added, lost or changed on the way
+    assert st.attrs.level0_size == (3072, 2048) and st.attrs.mpp == (0.25, 0.25)
+    assert st.attrs.tiling == wsi.TilingConfig() and st.attrs.n_tiles == raw["n_tiles"]
+    assert st.attrs.has_patches and st.feature_names() == []
+    np.testing.assert_array_equal(st.coords(), zarr.open_group(res.store)["coords"][:])
+
+
+def test_a_store_without_format_version_opens_and_is_reused(planted, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    first = wsi.tile_slide(planted.path, out)
+    old = _raw_attrs(first.store)
+    del old["format"]  # as a store written before the key (or by another tool) looks
+    _set_raw_attrs(first.store, old)
+    st = wsi.Store.open(first.store)
+    assert st.format_on_disk is None and st.attrs.format_version == wsi.STORE_FORMAT
+    assert st.attrs.slide_id == "slide" and st.attrs.n_tiles == first.n_tiles
+    again = wsi.tile_slide(planted.path, out)
+    assert again.skipped  # migrated in memory: same source and tiling, so reused
+    assert "format" not in _raw_attrs(first.store)  # and nothing rewritten on disk
+
+
+def test_a_store_of_a_newer_format_is_refused_with_the_fix(planted, tmp_path: Path) -> None:
+    res = wsi.tile_slide(planted.path, tmp_path / "o")
+    _set_raw_attrs(res.store, {**_raw_attrs(res.store), "format": wsi.STORE_FORMAT + 1})
+    with pytest.raises(wsi.StoreError, match=r"slide\.zarr.*newer.*upgrade OncoTrace"):
+        wsi.Store.open(res.store)
+
+
+def test_a_failure_inside_create_leaves_no_finished_looking_store(tmp_path: Path) -> None:
+    final = tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="reader died"), wsi.Store.create(final) as st:
+        st.write_coords(np.zeros((3, 2), np.int64))
+        st.write_attrs(wsi.StoreAttrs(complete=True, slide_id="s", n_tiles=3))
+        raise RuntimeError("reader died")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(wsi.StoreError, match="without complete attrs"), wsi.Store.create(final):
+        pass  # a writer that never marks the store complete commits nothing either
+    assert list(tmp_path.iterdir()) == []
+
+    with wsi.Store.create(final) as st:  # a finished store ...
+        st.write_coords(np.ones((2, 2), np.int64))
+        st.write_attrs(wsi.StoreAttrs(complete=True, slide_id="old", n_tiles=2))
+    assert st.path == final and wsi.Store.open(final).attrs.slide_id == "old"
+    with pytest.raises(OSError, match="disk full"), wsi.Store.create(final) as st:
+        st.write_attrs(wsi.StoreAttrs(complete=True, slide_id="new"))
+        raise OSError("disk full")
+    # ... survives a failed rewrite untouched, and no partial folder is left beside it
+    assert _raw_attrs(final)["slide_id"] == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_features_round_trip_and_a_failed_write_keeps_the_old_ones(tmp_path: Path) -> None:
+    final = tmp_path / "s.zarr"
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(10, 4)).astype(np.float32)
+    with wsi.Store.create(final) as st:
+        st.write_coords(np.arange(20, dtype=np.int64).reshape(10, 2))
+        meta = wsi.FeatureAttrs(encoder={"name": "enc", "dim": 4}, weights_fingerprint="w1")
+        with st.write_features("enc", 10, 4, attrs=meta, chunk_rows=3) as w:
+            for start in range(0, 10, 4):  # blocks of 4 straddle chunks of 3
+                w.append(feats[start : start + 4])
+        st.write_attrs(wsi.StoreAttrs(complete=True, n_tiles=10))
+    st = wsi.Store.open(final, mode="r+")
+    np.testing.assert_array_equal(st.read_features("enc"), feats)
+    arr = zarr.open_array(final / "features" / "enc", mode="r")
+    assert arr.chunks == (3, 4) and arr.attrs["complete"] and arr.attrs["n_tiles"] == 10
+    assert st.feature_names() == ["enc"] and st.feature_attrs("enc").weights_fingerprint == "w1"
+    with (
+        pytest.raises(ValueError, match="got 5 of 10 rows"),
+        st.write_features("enc", 10, 4, attrs=meta) as w,
+    ):
+        w.append(np.zeros((5, 4), np.float32))
+    np.testing.assert_array_equal(st.read_features("enc"), feats)  # the old ones are intact
+    assert st.feature_names() == ["enc"] and not list((final / "features").glob(".*"))
+    with pytest.raises(wsi.StoreError, match=r"no features/other.*present: \['enc'\]"):
+        st.features_array("other")
+
+
+def test_source_fingerprint_covers_every_file_of_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"first instance")
+    (folder / "b.dcm").write_bytes(b"second instance")
+    before = wsi.source_fingerprint(folder)
+    first_before = wsi.source_fingerprint(folder / "a.dcm")
+    (folder / "b.dcm").write_bytes(b"second instance, rescanned")
+    assert wsi.source_fingerprint(folder / "a.dcm") == first_before  # the first file is as it was
+    assert wsi.source_fingerprint(folder) != before
+    st = os.stat(folder / "a.dcm")
+    assert wsi.source_fingerprint(folder / "a.dcm") == (
+        f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
+    )
+
+
+def test_a_changed_dicom_instance_is_tiled_again(tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom-wsi"
+    if not data.is_dir():
+        pytest.skip("shared data not present")
+    folder = tmp_path / "marrow"
+    folder.mkdir()
+    # the slide's instance sorts first; a second series' instance sits beside it (OpenSlide
+    # reads the folder's files, so any of them may change what it sees)
+    shutil.copy(data / "bone-marrow" / "bone-marrow-jpeg.dcm", folder / "a-marrow.dcm")
+    shutil.copy(
+        data / "camelyon-lymph-node" / "multiframe_camelyon_challenge_image.dcm",
+        folder / "b-other.dcm",
+    )
+    cfg = wsi.TilingConfig(target_mpp=20, tile_px=32, min_tissue=0.5)
+    out = tmp_path / "o"
+    first = wsi.tile_slide(folder, out, cfg)
+    assert not first.skipped and wsi.Store.open(first.store).attrs.backend == "openslide"
+    assert wsi.tile_slide(folder, out, cfg).skipped  # unchanged: reused
+    later = os.stat(folder / "b-other.dcm").st_mtime_ns + 5_000_000_000
+    os.utime(folder / "b-other.dcm", ns=(later, later))  # touch the second instance only
+    again = wsi.tile_slide(folder, out, cfg)
+    assert not again.skipped
+    assert wsi.Store.open(again.store).attrs.source_fingerprint == wsi.source_fingerprint(folder)
+
+
+def test_atomic_json_writer_leaves_the_old_file_when_the_value_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    wsi.atomic_write_json(path, {"a": 1})
+    with pytest.raises(ValueError):
+        wsi.atomic_write_json(path, {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == [
+        "r.json"
+    ]
+
+
+def _threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+
+def test_read_ahead_stops_its_reader_when_the_consumer_raises() -> None:
+    produced: list[int] = []
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    with (
+        pytest.raises(RuntimeError, match="consumer"),
+        wsi.read_ahead(endless(), depth=2, name="t-read-ahead") as items,
+    ):
+        for i in items:
+            if i == 3:
+                raise RuntimeError("consumer failed")
+    assert _threads("t-read-ahead") == []  # joined, not blocked on a full buffer forever
+    assert len(produced) <= 3 + 1 + 2 + 1  # taken + current + buffered + one being read
+
+
+def test_read_ahead_yields_in_order_and_raises_the_sources_error_in_place() -> None:
+    def source() -> Iterator[int]:
+        yield from range(5)
+        raise OSError("bad shard")
+
+    got = []
+    with pytest.raises(OSError, match="bad shard"):
+        for i in wsi.read_ahead(source(), depth=1, name="t-read-ahead-2"):
+            got.append(i)
+    assert got == [0, 1, 2, 3, 4] and _threads("t-read-ahead-2") == []
+    assert list(wsi.read_ahead(iter(range(7)), depth=3)) == list(range(7))
