@@ -772,7 +772,7 @@ def _resolve_store(
     if store is None or store.attrs.source_path is None:
         raise ValueError(f"{path} is not a finished OncoTrace store; pass the slide file itself.")
     attrs = store.attrs
-    source = Path(attrs.source_path)
+    source = Path(str(attrs.source_path))
     if not source.exists():
         raise FileNotFoundError(
             f"{path}: its source slide {source} is gone; cells are detected on the slide's "

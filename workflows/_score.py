@@ -36,6 +36,8 @@ from oncotrace.wsi import (
     source_fingerprint,
 )
 
+from ._flags import Device
+
 if TYPE_CHECKING:
     from oncotrace.mil import MILHead, ModelCard
 
@@ -68,7 +70,7 @@ class ScoreConfig:
     out_dir: str
     tiling: dict[str, Any]
     weights: str | None = None
-    device: str = "auto"
+    device: Device = "auto"
     mpp: float | None = None
     threads: int = 1
     heatmaps: bool = True
@@ -200,7 +202,7 @@ def _load(cfg: ScoreConfig) -> tuple[MILHead, ModelCard, Any]:
         _ENCODERS[key] = mil.create_encoder(
             enc_name,
             weights=cfg.weights,
-            device=cfg.device,  # type: ignore[arg-type]
+            device=cfg.device,
             threads=cfg.threads,
         )
         _LOADS["encoder"] += 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from oncotrace.wsi import Mode
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -17,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from ._flags import Device
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -46,9 +49,9 @@ def register(app: typer.Typer, console: Console) -> None:
                 "--threads", help="Reader/torch threads per worker [default: cores/workers]."
             ),
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+        device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
         mode: Annotated[
-            str | None,
+            Mode | None,
             typer.Option("--mode", help="tissue or smear [default: as the model was trained]."),
         ] = None,
         mpp_target: Annotated[
@@ -87,8 +90,6 @@ def register(app: typer.Typer, console: Console) -> None:
         )
         from oncotrace.wsi import slide_id_for
 
-        if mode is not None and mode not in ("tissue", "smear"):
-            raise typer.BadParameter("--mode must be 'tissue' or 'smear'")
         if workers is not None and scheduler is not None:
             raise typer.BadParameter("choose --workers (a LocalCluster) or --scheduler, not both")
         try:

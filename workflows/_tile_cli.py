@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from oncotrace.wsi import Mode, TilingConfig
+from oncotrace.wsi import BackendChoice, Mode, TilingConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -168,14 +168,15 @@ def register(app: typer.Typer, console: Console) -> None:
             float | None, typer.Option("--mpp", help="Override the level-0 µm/px.")
         ] = None,
         backend: Annotated[
-            str, typer.Option("--backend", help="auto, cucim, openslide, tifffile, pillow.")
+            BackendChoice,
+            typer.Option("--backend", help="auto, cucim, openslide, tifffile, pillow."),
         ] = "auto",
     ) -> None:
         """Print the allow-listed description of a slide (never labels, macros or raw metadata)."""
         from oncotrace.wsi import SlideError, open_slide
 
         try:
-            with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:  # type: ignore[arg-type]
+            with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:
                 props = s.exported_properties()
                 props["dimensions"] = list(s.dimensions)
         except SlideError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -113,14 +113,16 @@ def train(
             test_fraction = b / (a + b)
         except ValueError as exc:
             raise typer.BadParameter(f"--split must look like 7:3, got {split!r}") from exc
-    mode = "site" if leave_site_out else ("holdout" if (split or test_site) else "kfold")
+    mode: Literal["kfold", "site", "holdout"] = (
+        "site" if leave_site_out else ("holdout" if (split or test_site) else "kfold")
+    )
     try:
         config = mil.TrainConfig(
             encoder=encoder,
             head=head,
             tasks=tuple(task or ["label"]),
             covariates=tuple(c for c in covariates.split(",") if c),
-            split=mode,  # type: ignore[arg-type]
+            split=mode,
             folds=folds or 5,
             test_sites=tuple(test_site or ()),
             test_fraction=test_fraction,

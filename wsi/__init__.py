@@ -28,7 +28,7 @@ from ._io import (
     source_fingerprint,
 )
 from ._registry import Registry, RegistryEntry
-from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, Mpp, Slide, open_slide
+from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, BackendChoice, Mpp, Slide, open_slide
 from ._smear import smear_mask
 from ._storage import (
     FEATURE_CHUNK_ROWS,
@@ -65,6 +65,7 @@ __all__ = [
     "FEATURE_CHUNK_ROWS",
     "PLAUSIBLE_MPP",
     "STORE_FORMAT",
+    "BackendChoice",
     "CorruptSlideError",
     "FeatureAttrs",
     "FeatureWriter",
