@@ -10,8 +10,9 @@ Layout of ``<out>/<slide_id>.zarr``::
     mask            (h, w) bool          tissue / cell mask on the overview grid
     thumbnail       (h, w, 3) uint8      the overview the mask was computed on
 
-A store is written under ``.<slide_id>.zarr.partial-<pid>`` and renamed when complete, so
-anything named ``<slide_id>.zarr`` is finished.
+A store is written through :meth:`Store.create` under ``.<slide_id>.zarr.partial-<pid>-<rand>``
+and renamed when complete, so anything named ``<slide_id>.zarr`` is finished. Its attrs are a
+:class:`StoreAttrs` (``_storage.py`` owns their on-disk form).
 """
 
 from __future__ import annotations
