@@ -372,7 +372,8 @@ def tile_slide(
                 slide.path,
                 f"tissue was found but no {cfg.tile_px}-px tile at {cfg.target_mpp} µm/px is"
                 f" covered ≥ {cfg.min_tissue or MIN_TISSUE[cfg.mode]:.0%} by it.",
-                "lower --min-tissue or --tile-px, or check the mask in the thumbnail.",
+                "lower min_tissue= or tile_px=, or check the mask in the thumbnail.",
+                param="min_tissue",
             )
         if on_total:
             on_total(len(coords))
