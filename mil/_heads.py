@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -334,6 +334,30 @@ def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(scores, dim=-1) * m
 
 
+def present_modalities(case: object, modalities: Iterable[str], what: str) -> dict[str, Any]:
+    """The modalities a multi-modal case holds (``None`` entries dropped), after checking it.
+
+    ``case`` must be a mapping modality -> (N, D) array or tensor, name only ``modalities`` and
+    hold at least one of them; ``what`` names it in the error (``"case 3"``).
+    """
+    names = sorted(modalities)
+    if not isinstance(case, Mapping):
+        raise TypeError(
+            f"{what} is a {type(case).__name__}; this head is multi-modal ({names}): pass a "
+            "dict modality -> (N, D) array per case."
+        )
+    unknown = sorted(set(case) - set(names))
+    if unknown:
+        raise ValueError(f"{what}: unknown modalities {unknown}; the head was built for {names}.")
+    given = {m: x for m, x in case.items() if x is not None}
+    if not given:
+        raise ValueError(
+            f"{what}: no modality given; pass at least one of {names} (omit or set None only"
+            " the missing ones)."
+        )
+    return given
+
+
 class _AttentionScores(nn.Module):
     """(B, N, H) -> (B, P, N) attention scores, plain or gated."""
 
@@ -627,22 +651,7 @@ class MILHead(nn.Module):
         cfg = self.config
         dims = cfg.modality_dims
         if cfg.multimodal:
-            if not isinstance(bags, Mapping):
-                raise TypeError(
-                    f"this head is multi-modal (in_dims={dict(dims)}); pass a dict modality -> "
-                    f"(N, D) tensor, got {type(bags).__name__}."
-                )
-            unknown = sorted(set(bags) - set(dims))
-            if unknown:
-                raise ValueError(
-                    f"unknown modalities {unknown}; this head was built for {sorted(dims)}."
-                )
-            given = {m: x for m, x in bags.items() if x is not None}
-            if not given:
-                raise ValueError(
-                    f"no modality given; pass at least one of {sorted(dims)} "
-                    "(omit or set None only the missing ones)."
-                )
+            given = present_modalities(bags, dims, "the bags")
             masks: Mapping[str, Tensor] = {}
             if mask is not None:
                 if not isinstance(mask, Mapping):

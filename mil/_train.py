@@ -332,27 +332,14 @@ def _check_shape(shape: tuple[int, ...], dim: int, where: str) -> None:
 
 def _check_bags(bags: Sequence[Bag], in_dim: dict[str, int] | int, what: str) -> None:
     """Shapes of every bag, without reading lazy bags (``bags.shapes``)."""
+    from ._heads import present_modalities
+
     shapes = getattr(bags, "shapes", None)
     for i in range(len(bags)):
         if isinstance(in_dim, dict):
             if shapes is not None:
                 raise TypeError(f"{what}: lazy bag sequences are single-modality.")
-            bag = bags[i]
-            if not isinstance(bag, Mapping):
-                raise TypeError(
-                    f"{what} {i} is a {type(bag).__name__}; this head is multi-modal "
-                    f"({sorted(in_dim)}): pass a dict modality -> (N, D) array per case."
-                )
-            unknown = sorted(set(bag) - set(in_dim))
-            if unknown:
-                raise ValueError(
-                    f"{what} {i} has unknown modalities {unknown}; in_dim names {sorted(in_dim)}."
-                )
-            given = {m: x for m, x in bag.items() if x is not None}
-            if not given:
-                raise ValueError(
-                    f"{what} {i} has no modality; give at least one of {sorted(in_dim)}."
-                )
+            given = present_modalities(bags[i], in_dim, f"{what} {i}")
             for m, x in given.items():
                 _check_shape(np.shape(x), in_dim[m], f"{what} {i} modality {m!r}")
         else:
