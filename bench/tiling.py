@@ -99,7 +99,7 @@ def oncotrace_cli() -> list[str] | None:
     return [
         sys.executable,
         "-c",
-        "import sys; from workflows.cli import main; sys.argv[0] = 'oncotrace'; main()",
+        "import sys; from oncotrace.workflows.cli import main; sys.argv[0] = 'oncotrace'; main()",
     ]
 
 
