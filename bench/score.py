@@ -68,6 +68,7 @@ def _run(slides: list[Path], workers: int, threads: int, tag: str) -> dict[str, 
         run_score,
         write_outputs,
     )
+    from oncotrace.wsi import TilingConfig
 
     model = _model()
     out = DATA / f"results-{tag}"
@@ -76,7 +77,7 @@ def _run(slides: list[Path], workers: int, threads: int, tag: str) -> dict[str, 
         model_dir=str(model),
         model_hash=model_hash(model),
         out_dir=str(out),
-        tiling={"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"},
+        tiling=TilingConfig(),
         threads=threads,
     )
     jobs = [SlideJob(p.stem, str(p)) for p in slides]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from oncotrace.wsi import TilingConfig
 
 from ._heads import HeadConfig
 from ._protocol import TrainConfig
@@ -165,8 +166,8 @@ class ModelCard:
     head : the head's configuration (name, input dims, tasks and class names, sizes).
     encoder : the features the head was trained on; None for a head saved without a cohort.
     covariates : clinical covariates and their standardisation (empty: none).
-    tiling : the ``wsi.TilingConfig`` fields every training store was cut with, or None when
-        unknown (stores disagreed or predate the record).
+    tiling : the ``wsi.TilingConfig`` every training store was cut with, or None when unknown
+        (stores disagreed or predate the record).
     calibration : per-task temperature, threshold and conformal quantile, as returned by
         :func:`mil.fit_calibration`; None when not fitted.
     training : provenance of the training run (split, folds, seed, ``trained_at``, labels file,
@@ -182,7 +183,7 @@ class ModelCard:
     head: HeadConfig
     encoder: ModelEncoder | None = None
     covariates: CovariateSpec = field(default_factory=CovariateSpec)
-    tiling: Mapping[str, Any] | None = None
+    tiling: TilingConfig | None = None
     calibration: Mapping[str, Any] | None = None
     training: Mapping[str, Any] = field(default_factory=dict)
     train_config: TrainConfig | None = None
@@ -192,8 +193,8 @@ class ModelCard:
     format_version: int = CARD_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.tiling is not None:
-            object.__setattr__(self, "tiling", _frozen(_jsonable(self.tiling)))
+        if self.tiling is not None and not isinstance(self.tiling, TilingConfig):
+            raise TypeError(f"tiling must be a wsi.TilingConfig, not {type(self.tiling).__name__}")
         if self.calibration is not None:
             object.__setattr__(self, "calibration", _frozen(_jsonable(self.calibration)))
         object.__setattr__(self, "training", _frozen(_jsonable(self.training)))
@@ -229,10 +230,10 @@ class ModelCard:
         }
         if self.encoder is not None:
             out["encoder"] = self.encoder.to_dict()
-        for key in ("tiling", "calibration"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = _jsonable(value)
+        if self.tiling is not None:
+            out["tiling"] = self.tiling.to_dict()
+        if self.calibration is not None:
+            out["calibration"] = _jsonable(self.calibration)
         if self.train_config is not None:
             out["train_config"] = self.train_config.to_dict()
         return out
@@ -308,11 +309,12 @@ class ModelCard:
                 " Fix: retrain, or restore both files from the same `oncotrace train` run."
             )
         tc = data.get("train_config")
+        tiling = data.get("tiling")
         return cls(
             head=head,
             encoder=encoder,
             covariates=covariates,
-            tiling=data.get("tiling"),
+            tiling=None if tiling is None else TilingConfig.from_dict(tiling, source=source),
             calibration=data.get("calibration"),
             training=data.get("training") or {},
             train_config=None if tc is None else TrainConfig.from_dict(tc, source=source),

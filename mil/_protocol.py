@@ -27,6 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
+    from oncotrace.wsi import TilingConfig
+
     from ._card import ModelCard
     from ._heads import MILHead
     from ._train import CohortData, Evaluation
@@ -431,20 +433,20 @@ def _evaluate(
     )
 
 
-def _store_tiling(stores: Path, slide_ids: Sequence[str]) -> dict[str, Any] | None:
-    """The tiling every training store was cut with (``wsi.TilingConfig`` fields), or None.
+def _store_tiling(stores: Path, slide_ids: Sequence[str]) -> TilingConfig | None:
+    """The tiling every training store was cut with, or None.
 
     Recorded in the card so ``oncotrace score`` cuts new slides the same way. None when the
     stores disagree or predate the record (imported features have none).
     """
     from oncotrace.wsi import Store
 
-    seen: list[dict[str, Any]] = []
+    seen: list[TilingConfig] = []
     for sid in slide_ids:
         store = Store.find(stores / f"{sid}.zarr")
         if store is None or store.attrs.tiling is None:
             return None
-        tiling = store.attrs.tiling.as_attrs()
+        tiling = store.attrs.tiling
         if tiling not in seen:
             seen.append(tiling)
     return seen[0] if len(seen) == 1 else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.wsi import Store
+from oncotrace.wsi import Store, TilingConfig
 
 from ._card import ModelCard
 from ._splits import grouped_kfold, inner_validation, site_holdout
@@ -800,7 +800,7 @@ def card_for(
     data: CohortData | None = None,
     encoder: ModelEncoder | None = None,
     calibration: Mapping[str, Any] | None = None,
-    tiling: Mapping[str, Any] | None = None,
+    tiling: TilingConfig | None = None,
     train_config: TrainConfig | None = None,
 ) -> ModelCard:
     """The card of ``model``: see :func:`save_model` for the parameters."""
@@ -852,7 +852,7 @@ def save_model(
     data: CohortData | None = None,
     encoder: ModelEncoder | None = None,
     calibration: Mapping[str, Any] | None = None,
-    tiling: Mapping[str, Any] | None = None,
+    tiling: TilingConfig | None = None,
     train_config: TrainConfig | None = None,
 ) -> Path:
     """Write ``model.safetensors`` + ``model.json`` (a :class:`mil.ModelCard`).
@@ -869,7 +869,7 @@ def save_model(
     encoder : the features the model takes, for a model saved without ``data``.
     calibration : per-task temperature, decision threshold and conformal quantile fitted on
         validation data (:func:`mil.fit_calibration`).
-    tiling : the ``wsi.TilingConfig`` fields the training stores were cut with.
+    tiling : the ``wsi.TilingConfig`` the training stores were cut with.
     train_config : the options of :func:`mil.train_model`.
 
     Returns

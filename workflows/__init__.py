@@ -1,4 +1,4 @@
-"""workflows — CLI, batch runs over folders of slides, demo."""
+"""workflows — CLI, batch scoring of slides on Dask (:func:`score_slides`), demo."""
 
 if __name__ != "oncotrace.workflows":
     # The source folder was imported under its bare name (e.g. from the repository root, which
@@ -10,5 +10,37 @@ if __name__ != "oncotrace.workflows":
 
 
 from ._flags import FLAGS, cli_message, flag_for
+from ._score import (
+    ScoreConfig,
+    ScoreReport,
+    ScoreRun,
+    SlideJob,
+    collect_jobs,
+    model_hash,
+    read_manifest,
+    resolve_tiling,
+    run_score,
+    score_slide,
+    score_slides,
+    scoring_encoder,
+    write_outputs,
+)
 
-__all__ = ["FLAGS", "cli_message", "flag_for"]
+__all__ = [
+    "FLAGS",
+    "ScoreConfig",
+    "ScoreReport",
+    "ScoreRun",
+    "SlideJob",
+    "cli_message",
+    "collect_jobs",
+    "flag_for",
+    "model_hash",
+    "read_manifest",
+    "resolve_tiling",
+    "run_score",
+    "score_slide",
+    "score_slides",
+    "scoring_encoder",
+    "write_outputs",
+]

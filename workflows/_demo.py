@@ -117,7 +117,7 @@ def register(app: typer.Typer, console: Console) -> None:
             model_dir=str(model_dir.resolve()),
             model_hash=model_hash(model_dir),
             out_dir=str(results.resolve()),
-            tiling={"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"},
+            tiling=TilingConfig(),  # the training stores' tiling (stage 2)
             threads=max(1, (os.cpu_count() or 2) // n_workers),
         )
         jobs = [SlideJob(p.stem, str(p)) for p in test_paths]

@@ -45,6 +45,7 @@ FLAGS: dict[str, str] = {
     "tile_px": "--tile-px",
     "us_spacing_mm": "--spacing-mm",
     "weights": "--weights",
+    "workers": "--workers",
 }
 
 # `name=value` -> `--flag value`; `name=True` -> `--flag`; a bare `name=` -> `--flag`. Only where

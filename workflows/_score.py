@@ -21,7 +21,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,14 +68,36 @@ class ScoreConfig:
     model_dir: str
     model_hash: str
     out_dir: str
-    tiling: dict[str, Any]
+    tiling: TilingConfig
     weights: str | None = None
     device: Device = "auto"
     mpp: float | None = None
     threads: int = 1
     heatmaps: bool = True
-    #: test hook: seconds to sleep before the predict stage (lets fault tests kill mid-slide)
-    delay_s: float = 0.0
+
+
+def resolve_tiling(
+    trained: TilingConfig | None, given: Mapping[str, Any]
+) -> tuple[TilingConfig, dict[str, tuple[Any, Any]]]:
+    """Scoring tiling: the model's training tiling, with any value the user gave on top.
+
+    Parameters
+    ----------
+    trained : the card's tiling, or None when the model does not record it (then
+        ``wsi.TilingConfig``'s defaults).
+    given : ``TilingConfig`` field -> value the user set on the command line (None: not set).
+
+    Returns the tiling and, per field the user set differently from the training,
+    ``(given, trained)`` for a warning.
+    """
+    base = trained if trained is not None else TilingConfig()
+    set_ = {k: v for k, v in given.items() if v is not None}
+    differs = {
+        k: (v, getattr(trained, k))
+        for k, v in set_.items()
+        if trained is not None and getattr(trained, k) != v
+    }
+    return replace(base, **set_), differs
 
 
 def model_hash(model_dir: str | Path) -> str:
@@ -146,6 +168,132 @@ def _check_unique(jobs: Sequence[SlideJob], where: Path | str) -> None:
                 " results are stored by slide id. Fix: rename one, or give slide_id in a manifest."
             )
         seen[j.slide_id] = j.path
+
+
+def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -> list[SlideJob]:
+    """The slides to score: slide files, folders of slides and manifest CSVs, in that order.
+
+    Raises
+    ------
+    ValueError
+        If the model needs ``covariates`` but slides were given without a manifest, if two
+        inputs share a slide id, or if nothing was found.
+    """
+    from ._batch import find_slides
+
+    manifests = [Path(p) for p in inputs if Path(p).suffix.lower() == ".csv"]
+    jobs = [j for m in manifests for j in read_manifest(m, covariates)]
+    paths = find_slides([p for p in inputs if Path(p).suffix.lower() != ".csv"])
+    if paths and covariates:
+        raise ValueError(
+            f"the model needs covariates {list(covariates)}; pass a manifest CSV with those"
+            " columns instead of slide files."
+        )
+    jobs += [SlideJob(slide_id_for(p), str(p)) for p in paths]
+    if not jobs:
+        raise ValueError(
+            f"no slides found in {', '.join(map(str, inputs))}. Fix: pass slide files, folders"
+            " holding them, or a manifest .csv."
+        )
+    _check_unique(jobs, "the inputs")
+    return jobs
+
+
+@dataclass(frozen=True)
+class ScoreRun:
+    """What :func:`score_slides` did: the jobs, the worker config, the report, the tables."""
+
+    jobs: tuple[SlideJob, ...]
+    config: ScoreConfig
+    report: ScoreReport
+    files: dict[str, Path]
+
+
+def score_slides(
+    inputs: Sequence[str | Path],
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads: int | None = None,
+    device: Device = "auto",
+    tiling: Mapping[str, Any] | None = None,
+    mpp: float | None = None,
+    weights: str | None = None,
+    heatmaps: bool = True,
+    on_warning: Callable[[str], None] | None = None,
+    on_total: Callable[[int, int], None] | None = None,
+    on_done: Callable[[str, bool], None] | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
+) -> ScoreRun:
+    """What ``oncotrace score`` does: score every slide of ``inputs`` with the model in
+    ``model_dir`` on Dask, resumably, and write ``predictions.csv``, ``errors.csv`` and
+    ``run.json`` into ``out_dir``.
+
+    Parameters
+    ----------
+    inputs : slide files, folders of slides, manifest CSVs (``path[, slide_id]`` and the
+        model's covariate columns).
+    workers : LocalCluster worker processes (default: cores // 2); not with ``scheduler``.
+    scheduler : address of a running Dask scheduler.
+    threads : reader/torch threads per worker (default: cores // workers).
+    tiling : ``wsi.TilingConfig`` fields to change from the model's training tiling (None
+        values are ignored); each change from what the model was trained on is reported
+        through ``on_warning``.
+    mpp : level-0 µm/px for slides whose files lack it.
+    weights : encoder weights file or folder.
+    on_total, on_done, on_dashboard : progress callbacks (see :func:`run_score`).
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        Before anything runs: a model folder or card that cannot score, bad inputs or
+        manifests, ``workers`` with ``scheduler`` (the error carries ``param``).
+    """
+    from oncotrace.mil import ModelCard
+    from oncotrace.wsi import ParameterError
+
+    if workers is not None and scheduler is not None:
+        raise ParameterError(
+            "choose workers= (a LocalCluster) or scheduler=, not both", param="workers"
+        )
+    digest = model_hash(model_dir)
+    card = ModelCard.read(model_dir)
+    scoring_encoder(card, model_dir)
+    jobs = collect_jobs(inputs, card.covariates.names)
+    resolved, differs = resolve_tiling(card.tiling, dict(tiling or {}))
+    for key, (given, trained) in differs.items():
+        if on_warning:
+            on_warning(
+                f"{key}={given} differs from the model's training tiling ({key}={trained});"
+                " its predictions may not transfer."
+            )
+    cores = os.cpu_count() or 2
+    n_workers = workers if workers is not None else max(1, cores // 2)
+    cfg = ScoreConfig(
+        model_dir=str(Path(model_dir).resolve()),
+        model_hash=digest,
+        out_dir=str(Path(out_dir).resolve()),
+        tiling=resolved,
+        weights=weights,
+        device=device,
+        mpp=mpp,
+        threads=threads or max(1, cores // n_workers),
+        heatmaps=heatmaps,
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    report = run_score(
+        jobs,
+        cfg,
+        workers=None if scheduler else n_workers,
+        scheduler=scheduler,
+        on_total=on_total,
+        on_done=on_done,
+        on_dashboard=on_dashboard,
+    )
+    files = write_outputs(jobs, cfg, report, {"inputs": [str(p) for p in inputs]})
+    return ScoreRun(tuple(jobs), cfg, report, files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +395,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         tiled = tile_slide(
             job.path,
             Path(cfg.out_dir) / _STORES,
-            TilingConfig(**cfg.tiling),
+            cfg.tiling,
             mpp=cfg.mpp,
             workers=cfg.threads,
             slide_id=job.slide_id,
@@ -259,8 +407,6 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
 
         mil.embed(tiled.store, encoder)
         timings["embed_s"] = time.perf_counter() - t
-        if cfg.delay_s:
-            time.sleep(cfg.delay_s)
         stage = "predict"
         t = time.perf_counter()
         prediction, attention, coords = _predict(tiled.store, job, model, card, encoder)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from oncotrace.wsi import Mode
@@ -19,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ._flags import Device
+from ._flags import Device, cli_message
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -76,66 +74,8 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = False,
     ) -> None:
         """Tile → embed → predict → heatmaps for every slide; one Dask task per slide, resumable."""
-        from oncotrace import mil
-        from oncotrace.workflows._batch import find_slides
-        from oncotrace.workflows._score import (
-            ScoreConfig,
-            SlideJob,
-            _check_unique,
-            model_hash,
-            read_manifest,
-            run_score,
-            scoring_encoder,
-            write_outputs,
-        )
-        from oncotrace.wsi import slide_id_for
+        from oncotrace.workflows._score import score_slides
 
-        if workers is not None and scheduler is not None:
-            raise typer.BadParameter("choose --workers (a LocalCluster) or --scheduler, not both")
-        try:
-            digest = model_hash(model)
-            card = mil.ModelCard.read(model)
-            scoring_encoder(card, model)
-            covariates = list(card.covariates.names)
-            manifests = [p for p in inputs if p.suffix.lower() == ".csv"]
-            jobs = [j for m in manifests for j in read_manifest(m, covariates)]
-            paths = find_slides([p for p in inputs if p.suffix.lower() != ".csv"])
-            if paths and covariates:
-                raise ValueError(
-                    f"the model needs covariates {covariates}; pass a manifest CSV with those"
-                    " columns instead of slide files."
-                )
-            jobs += [SlideJob(slide_id_for(p), str(p)) for p in paths]
-            _check_unique(jobs, "the inputs")
-        except (ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        if not jobs:
-            typer.echo(f"error: no slides found in {', '.join(map(str, inputs))}.", err=True)
-            raise typer.Exit(2)
-        tiling, differs = resolve_tiling(
-            card.tiling, {"target_mpp": mpp_target, "tile_px": tile_px, "mode": mode}
-        )
-        for key, (given, trained) in differs.items():
-            console.print(
-                f"[yellow]warning:[/yellow] {key} = {given} but the model was trained on tiles"
-                f" with {key} = {trained}; its predictions may not transfer."
-            )
-        cores = os.cpu_count() or 2
-        n_workers = workers if workers is not None else max(1, cores // 2)
-        cfg = ScoreConfig(
-            model_dir=str(model.resolve()),
-            model_hash=digest,
-            out_dir=str(out.resolve()),
-            tiling=tiling,
-            weights=weights,
-            device=device,
-            mpp=mpp,
-            threads=threads or max(1, cores // n_workers),
-            heatmaps=heatmaps,
-            delay_s=float(os.environ.get("ONCOTRACE_TEST_SLIDE_DELAY", "0") or 0),
-        )
-        out.mkdir(parents=True, exist_ok=True)
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -144,33 +84,53 @@ def register(app: typer.Typer, console: Console) -> None:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=console) as progress:
-            bar = progress.add_task("slides", total=len(jobs), failed=0)
-            failed = 0
+        progress = Progress(*columns, console=console)
+        bar = progress.add_task("slides", total=None, failed=0, visible=False)
+        failed = 0
 
-            def on_total(n: int, skipped: int) -> None:
-                progress.update(
-                    bar, completed=skipped, description=f"slides ({skipped} up to date)"
-                )
+        def on_total(n: int, skipped: int) -> None:
+            progress.start()
+            progress.update(
+                bar, total=n, completed=skipped, visible=True,
+                description=f"slides ({skipped} up to date)",
+            )  # fmt: skip
 
-            def on_done(sid: str, ok: bool) -> None:
-                nonlocal failed
-                failed += not ok
-                progress.update(bar, advance=1, failed=failed)
+        def on_done(sid: str, ok: bool) -> None:
+            nonlocal failed
+            failed += not ok
+            progress.update(bar, advance=1, failed=failed)
 
-            def on_dashboard(link: str) -> None:
-                progress.console.print(f"Dask dashboard: {link}")
+        def on_warning(text: str) -> None:
+            console.print(f"[yellow]warning:[/yellow] {cli_message(text)}")
 
-            report = run_score(
-                jobs,
-                cfg,
-                workers=None if scheduler else n_workers,
+        def on_dashboard(link: str) -> None:
+            progress.console.print(f"Dask dashboard: {link}")
+
+        try:
+            run = score_slides(
+                inputs,
+                model,
+                out,
+                workers=workers,
                 scheduler=scheduler,
+                threads=threads,
+                device=device,
+                tiling={"target_mpp": mpp_target, "tile_px": tile_px, "mode": mode},
+                mpp=mpp,
+                weights=weights,
+                heatmaps=heatmaps,
+                on_warning=on_warning,
                 on_total=on_total,
                 on_done=on_done,
                 on_dashboard=on_dashboard,
             )
-        files = write_outputs(jobs, cfg, report, {"inputs": [str(p) for p in inputs]})
+        except (ValueError, FileNotFoundError) as exc:
+            progress.stop()
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(2) from exc
+        finally:
+            progress.stop()
+        report, files = run.report, run.files
         n_err = len(report.errors)
         console.print(
             f"{len(report.done)} scored, {len(report.skipped)} up to date, {n_err} failed in"
@@ -180,32 +140,3 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print(f"[yellow]{n_err} slide(s) failed; see {files['errors']}.[/yellow]")
         if n_err and strict:
             raise typer.Exit(1)
-
-
-#: Tiling for models trained before model.json recorded it (wsi.TilingConfig's defaults).
-_DEFAULT_TILING: dict[str, Any] = {"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"}
-
-
-def resolve_tiling(
-    trained: Mapping[str, Any] | None, given: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
-    """Scoring tiling: the model's training tiling, with any value the user gave on top.
-
-    Parameters
-    ----------
-    trained : the card's ``tiling`` (``wsi.TilingConfig`` fields), or None when the model
-        does not record it (then ``wsi.TilingConfig``'s defaults).
-    given : key -> value the user set on the command line (None: not set).
-
-    Returns the tiling (``wsi.TilingConfig`` fields) and, per key the user set differently
-    from the training, ``(given, trained)`` for a warning.
-    """
-    base = dict(trained) if trained is not None else dict(_DEFAULT_TILING)
-    differs: dict[str, tuple[Any, Any]] = {}
-    for key, value in given.items():
-        if value is None:
-            continue
-        if trained is not None and key in trained and trained[key] != value:
-            differs[key] = (value, trained[key])
-        base[key] = value
-    return base, differs

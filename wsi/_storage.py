@@ -73,8 +73,32 @@ class TilingConfig:
     min_focus: float | None = None
     focus: bool = False
 
-    def as_attrs(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written into store attrs and model cards; inverse of :meth:`from_dict`."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | Path = "tiling") -> TilingConfig:
+        """Read the JSON form; keys left out take the defaults.
+
+        Raises
+        ------
+        ValueError
+            An unknown key or a value of the wrong type (the message names ``source``).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: tiling {d!r} is not a mapping of TilingConfig fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown tiling key(s) {unknown}; TilingConfig has {sorted(known)}."
+                " Fix: remove them, or read the file with the OncoTrace that wrote it."
+            )
+        try:
+            return cls(**dict(d))
+        except TypeError as exc:  # pragma: no cover - unknown keys are caught above
+            raise ValueError(f"{source}: bad tiling {dict(d)!r} ({exc})") from exc
 
 
 def _pair(v: Any) -> tuple[Any, Any] | None:
@@ -215,7 +239,7 @@ class StoreAttrs:
             if name in self._PAIRS:
                 value = _list(value)
             elif name == "tiling":
-                value = value.as_attrs()
+                value = value.to_dict()
             elif isinstance(value, Mapping):
                 value = dict(value)
             out[self._DISK_NAME.get(name, name)] = value
@@ -257,7 +281,7 @@ class StoreAttrs:
                 if name in cls._PAIRS:
                     value = _pair(value)
                 elif name == "tiling" and value is not None:
-                    value = TilingConfig(**value)
+                    value = TilingConfig.from_dict(value, source="attrs")
                 elif name in ("tissue_qc", "slide_properties"):
                     value = dict(value or {})
                 elif name == "import_info" and value is not None:

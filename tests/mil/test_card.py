@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oncotrace import mil
+from oncotrace import mil, wsi
 
 TASKS = {"label": ("neg", "pos")}
 SMALL = {"hidden": 16, "attn_dim": 8, "dropout": 0.0}
@@ -64,7 +64,8 @@ def test_a_model_json_written_before_the_card_loads(tmp_path: Path, drop: tuple[
     np.testing.assert_allclose(
         card.covariates.standardise([70.0, 1.0]), [[(70 - 61.5) / 9, (1 - 0.25) / 0.5]], rtol=1e-6
     )
-    assert card.tiling == {"target_mpp": 0.5, "tile_px": 224, "mode": "tissue"}
+    # the tiling as written, typed; keys the old file left out take TilingConfig's defaults
+    assert card.tiling == wsi.TilingConfig(target_mpp=0.5, tile_px=224, mode="tissue")
     assert card.calibration is not None and card.calibration["source"] == "validation"
     assert card.training["folds"] == 3 and card.train_config is None
     assert card.metrics["label"]["metrics"]["auc"]["estimate"] == 0.9
@@ -79,8 +80,18 @@ def test_a_model_json_written_before_the_card_loads(tmp_path: Path, drop: tuple[
     again = json.loads((tmp_path / "again" / "model.json").read_text())
     assert again["format_version"] == mil.ModelCard.read(tmp_path / "again").format_version == 2
     legacy = _legacy_json(head)
-    for key in ("config", "tasks", "encoder", "covariates", "training", "metrics", "tiling"):
+    for key in ("config", "tasks", "encoder", "covariates", "training", "metrics"):
         assert again[key] == legacy[key], key
+    assert again["tiling"] == {**wsi.TilingConfig().to_dict(), **legacy["tiling"]}
+
+
+def test_a_card_with_an_unknown_tiling_key_names_the_file(tmp_path: Path) -> None:
+    directory, _ = _write_legacy(tmp_path, ())
+    data = json.loads((directory / "model.json").read_text())
+    data["tiling"]["tile_size"] = 256  # not a TilingConfig field
+    (directory / "model.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model\.json.*unknown tiling key.*tile_size"):
+        mil.ModelCard.read(directory)
 
 
 def test_a_head_saved_alone_has_a_card_without_encoder(tmp_path: Path) -> None:

@@ -166,11 +166,17 @@ def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: P
 # --------------------------------------------------------------------------- real scheduler
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
+#: Dask's own config loads tests/workflows/slow_slides.py into every worker: each slide waits
+#: 1.5 s before predicting, so the fault tests catch a run half-done.
+SLOW = {
+    "DASK_DISTRIBUTED__WORKER__PRELOAD": repr([str(Path(__file__).with_name("slow_slides.py"))])
+}
+
+
+def _start_cluster(tmp_path: Path, extra_env: dict[str, str]) -> Iterator[dict[str, object]]:
     """`dask scheduler` and two `dask worker` processes on 127.0.0.1."""
     sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", **extra_env}
     procs = [
         subprocess.Popen(
             [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -200,6 +206,17 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
         p.wait(timeout=30)
 
 
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
+    yield from _start_cluster(tmp_path, {})
+
+
+@pytest.fixture
+def slow_cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """A cluster whose workers take 1.5 s more per slide (see :data:`SLOW`)."""
+    yield from _start_cluster(tmp_path, SLOW)
+
+
 def test_scheduler_run_matches_local_cluster(
     trained: dict[str, Path], cluster: dict[str, object], tmp_path: Path
 ) -> None:
@@ -214,8 +231,9 @@ def test_scheduler_run_matches_local_cluster(
 
 
 def test_a_killed_worker_does_not_lose_slides(
-    trained: dict[str, Path], cluster: dict[str, object], tmp_path: Path
+    trained: dict[str, Path], slow_cluster: dict[str, object], tmp_path: Path
 ) -> None:
+    cluster = slow_cluster
     out = tmp_path / "res"
     cmd = [
         str(BIN / "oncotrace"),
@@ -225,8 +243,7 @@ def test_a_killed_worker_does_not_lose_slides(
         str(trained["model"]),
     ]
     cmd += ["--out", str(out), "--scheduler", str(cluster["address"]), "--no-heatmaps"]
-    env = {**os.environ, "ONCOTRACE_TEST_SLIDE_DELAY": "1.5"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     victim = cluster["workers"][0]  # type: ignore[index]
     deadline = time.time() + 120
     while not list(out.glob("slides/*/result.json")) and time.time() < deadline:
@@ -247,7 +264,7 @@ def test_a_killed_client_resumes_without_redoing_finished_slides(
 
     out = tmp_path / "res"
     cmd = [str(BIN / "oncotrace"), "score", *base, "--out", str(out), "--workers", "1"]
-    env = {**os.environ, "ONCOTRACE_TEST_SLIDE_DELAY": "1.5"}
+    env = {**os.environ, **SLOW}  # the LocalCluster's workers read Dask's config from it
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -301,17 +318,18 @@ def zarr_open(path: Path) -> Any:
 
 
 def test_scoring_tiles_as_the_model_was_trained_unless_told_otherwise() -> None:
-    from oncotrace.workflows._score_cli import resolve_tiling
+    from oncotrace.workflows import resolve_tiling
 
-    trained = {"target_mpp": 1.0, "tile_px": 256, "stride_px": 128, "mode": "smear"}
+    trained = wsi.TilingConfig(target_mpp=1.0, tile_px=256, stride_px=128, mode="smear")
     none = {"target_mpp": None, "tile_px": None, "mode": None}
     tiling, differs = resolve_tiling(trained, none)
     assert tiling == trained and not differs
     tiling, differs = resolve_tiling(trained, {**none, "tile_px": 224})
-    assert tiling == {**trained, "tile_px": 224} and differs == {"tile_px": (224, 256)}
+    assert tiling == wsi.TilingConfig(target_mpp=1.0, tile_px=224, stride_px=128, mode="smear")
+    assert differs == {"tile_px": (224, 256)}
     # a model from before the record: wsi's defaults, and nothing to warn about
     tiling, differs = resolve_tiling(None, {**none, "mode": "smear"})
-    assert tiling == {"target_mpp": 0.5, "tile_px": 224, "mode": "smear"} and not differs
+    assert tiling == wsi.TilingConfig(target_mpp=0.5, tile_px=224, mode="smear") and not differs
 
 
 def test_a_model_without_encoder_is_refused_not_scored_with_a_default(tmp_path: Path) -> None:
