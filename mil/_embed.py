@@ -11,6 +11,7 @@ import numpy as np
 from oncotrace.wsi import (
     FEATURE_CHUNK_ROWS,
     FeatureAttrs,
+    ParameterError,
     ReadAhead,
     Store,
     StoreError,
@@ -82,9 +83,11 @@ def embed(
         raise StoreError(f"{store}: its attrs give no target_mpp. Fix: tile the slide again.")
     tile_mpp = float(st.attrs.target_mpp)
     if abs(tile_mpp - enc.config.native_mpp) / enc.config.native_mpp > 0.25:
-        raise ValueError(
+        raise ParameterError(
             f"{store}: tiles are at {tile_mpp} µm/px but encoder {name!r} expects"
-            f" {enc.config.native_mpp} µm/px. Fix: tile again with --mpp-target {enc.config.native_mpp}."
+            f" {enc.config.native_mpp} µm/px. Fix: tile again with"
+            f" target_mpp={enc.config.native_mpp}.",
+            param="target_mpp",
         )
     done = st.feature_attrs(name)
     if (
@@ -119,8 +122,11 @@ def embed(
                     f"encoder {name!r} returned {f.shape}, expected ({len(tiles)}, {enc.config.dim})"
                 )
             if not np.isfinite(f).all():
-                raise ValueError(
-                    f"{store}: encoder {name!r} produced NaN/inf features for tiles {start}..{start + len(tiles) - 1}. Fix: check the weights and the precision (try --precision fp32)."
+                raise ParameterError(
+                    f"{store}: encoder {name!r} produced NaN/inf features for tiles"
+                    f" {start}..{start + len(tiles) - 1}. Fix: check the weights and the"
+                    " precision (try precision=fp32).",
+                    param="precision",
                 )
             out.append(f)
             if progress:

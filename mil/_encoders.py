@@ -33,7 +33,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsError(ValueError):
-    """Weights are missing, unreadable, or do not match the architecture."""
+    """Weights are missing, unreadable, or do not match the architecture.
+
+    ``param`` is ``"weights"``: the parameter (CLI ``--weights``) to change.
+    """
+
+    param = "weights"
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ def _make_pathomics(
     cfg: EncoderConfig, *, weights: Any = None, threads: int | None = None, **_: Any
 ) -> Encoder:
     if weights not in (None, "random"):
-        raise WeightsError("the pathomics encoder has no weights; drop --weights")
+        raise WeightsError("the pathomics encoder has no weights; drop weights=")
     return PathomicsEncoder(cfg, threads)
 
 
@@ -410,10 +415,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
                 return read_state_dict(path / candidate)
         found = sorted(p.name for p in path.iterdir())[:10]
         raise WeightsError(
-            f"{path}: no weights file found (looked for model.safetensors, pytorch_model.bin, …; found {found}). Fix: point --weights at the checkpoint file."
+            f"{path}: no weights file found (looked for model.safetensors, pytorch_model.bin, …; found {found}). Fix: point weights= at the checkpoint file."
         )
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file does not exist. Fix: check the --weights path.")
+        raise WeightsError(f"{path}: weights file does not exist. Fix: check the weights= path.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -634,7 +639,7 @@ def _dinov2_hf_to_timm(
 def _load_from_hub(cfg: EncoderConfig, model: Any) -> str:
     if not cfg.hub_id:
         raise WeightsError(
-            f"encoder {cfg.name!r} has no published weights. Fix: pass --weights PATH."
+            f"encoder {cfg.name!r} has no published weights. Fix: pass weights=PATH."
         )
     try:
         from huggingface_hub import hf_hub_download
@@ -644,7 +649,7 @@ def _load_from_hub(cfg: EncoderConfig, model: Any) -> str:
         raise WeightsError(
             f"encoder {cfg.name!r}: weights were not given and the hub ({cfg.hub_id}) could not be"
             f" reached ({type(exc).__name__}). Fix: download the checkpoint where you have access"
-            f" and pass --weights PATH (licence: {cfg.licence})."
+            f" and pass weights=PATH (licence: {cfg.licence})."
         ) from exc
     source = f"{cfg.hub_id}/model.safetensors"
     load_weights_strict(model, _adapt_keys(cfg, read_state_dict(path), model, source), source)

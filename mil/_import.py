@@ -43,13 +43,27 @@ from ._embed import FEATURE_CHUNK
 H5Format = Literal["trident", "clam", "plain"]
 Action = Literal["created", "added", "replaced", "skipped"]
 
-#: How many level-0 px a tile may differ between the file and ``--tile-px`` (rounding).
+#: How many level-0 px a tile may differ between the file and ``tile_px`` (rounding).
 _TILE_TOLERANCE_PX = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 class FeatureImportError(ValueError):
-    """A feature file cannot be imported as it is; the message names the file and the fix."""
+    """A feature file cannot be imported as it is; the message names the file and the fix.
+
+    ``param`` is the parameter of :func:`import_features` to change, when one is at fault.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_import_error, (str(self), self.param))
+
+
+def _rebuild_import_error(message: str, param: str | None) -> FeatureImportError:
+    return FeatureImportError(message, param=param)
 
 
 @dataclass(frozen=True)
@@ -286,19 +300,20 @@ def read_h5_features(
     ts_source = "file"
     if tile_px is not None:
         if tile_px <= 0:
-            raise FeatureImportError(f"--tile-px must be positive, got {tile_px}.")
+            raise FeatureImportError(f"tile_px={tile_px} must be positive.", param="tile_px")
         if ts is not None and max(abs(ts[0] - tile_px), abs(ts[1] - tile_px)) > _TILE_TOLERANCE_PX:
             raise FeatureImportError(
                 f"{path}: the file's attrs give tiles of {ts[0]}x{ts[1]} level-0 px but"
-                f" --tile-px is {tile_px}. Fix: drop --tile-px (the file knows), or check that"
-                " you passed the level-0 size (patch size x level downsample)."
+                f" tile_px={tile_px}. Fix: drop tile_px= (the file knows), or check that"
+                " you passed the level-0 size (patch size x level downsample).",
+                param="tile_px",
             )
         if ts is None:
             ts, ts_source = (tile_px, tile_px), "override"
     mpp_source = "override"
     if mpp is not None:
         if not 0.01 <= mpp <= 100:
-            raise FeatureImportError(f"--mpp must be a level-0 µm/px in 0.01..100, got {mpp}.")
+            raise FeatureImportError(f"mpp={mpp} is not a level-0 µm/px in 0.01..100.", param="mpp")
         level0_mpp: float | None = float(mpp)
     elif mag0:
         level0_mpp, mpp_source = 10.0 / mag0, "magnification"
@@ -306,9 +321,9 @@ def read_h5_features(
         level0_mpp = None
     need = []
     if ts is None:
-        need.append("--tile-px (tile side in level-0 pixels)")
+        need.append("tile_px= (tile side in level-0 pixels)")
     if level0_mpp is None:
-        need.append("--mpp (level-0 µm/px)")
+        need.append("mpp= (level-0 µm/px)")
     if need or ts is None or level0_mpp is None:
         what = {
             "plain": "no geometry attrs (a CLAM features file keeps none)",
@@ -317,7 +332,8 @@ def read_h5_features(
         }[fmt]
         raise FeatureImportError(
             f"{path}: the tile geometry is not in the file ({what}). Fix: pass"
-            f" {' and '.join(need)}, as used when the tiles were cut."
+            f" {' and '.join(need)}, as used when the tiles were cut.",
+            param="tile_px" if ts is None else "mpp",
         )
     target_mpp = level0_mpp * ds_x if ds_x else None
     geometry_keys = (
@@ -377,8 +393,9 @@ def _encoder_attrs(name: str, dim: int, path: Path) -> dict[str, Any]:
     if cfg.dim != dim:
         raise FeatureImportError(
             f"{path}: features have dim {dim} but the registered encoder {name!r} has dim"
-            f" {cfg.dim}. Fix: pass the --name of the encoder that made them (see `oncotrace"
-            " encoders`), or a name that is not registered."
+            f" {cfg.dim}. Fix: pass as name= the encoder that made them (mil.list_encoders()),"
+            " or a name that is not registered.",
+            param="name",
         )
     return cfg.to_dict()
 
@@ -504,8 +521,9 @@ def import_features(
     h5_path = Path(h5_path)
     if not _NAME.match(name):
         raise FeatureImportError(
-            f"--name {name!r} is not a usable array name. Fix: letters, digits and . _ + -,"
-            " e.g. uni, uni_v1, conch_v15."
+            f"name={name!r} is not a usable array name. Fix: letters, digits and . _ + -,"
+            " e.g. uni, uni_v1, conch_v15.",
+            param="name",
         )
     sid = slide_id or h5_path.stem
     out = Path(out_dir)
@@ -528,7 +546,8 @@ def import_features(
         if store is None:
             raise FeatureImportError(
                 f"{target} exists but is not a finished OncoTrace store. Fix: remove it, or"
-                " import into another --out folder."
+                " import into another out_dir= folder.",
+                param="out_dir",
             )
         done = store.feature_attrs(name)
         old_coords = store.coords() if "coords" in store.group else None
@@ -557,8 +576,9 @@ def import_features(
         if not overwrite:
             raise FeatureImportError(
                 f"{h5_path}: {target} already holds features/{name} {_source_of(done)}, a"
-                " different source. Fix: pass --overwrite to replace them, or import under"
-                " another --name or --out."
+                " different source. Fix: pass overwrite=True to replace them, or import under"
+                " another name= or out_dir=.",
+                param="overwrite",
             )
     if same_tiles:
         _add_features(h5, store, name, fp, sha, t0)
@@ -569,10 +589,10 @@ def import_features(
         _write_store(h5, out, sid, name, fp, sha, t0)
         return result("replaced", n, dim, h5.format)
     fix = (
-        "pass --overwrite to rebuild the imported store from this file (its other feature sets"
-        " are dropped), or import into another --out folder."
+        "pass overwrite=True to rebuild the imported store from this file (its other feature"
+        " sets are dropped), or import into another out_dir= folder."
         if imported_store
-        else "import into another --out folder; this store holds tiles cut by `oncotrace tile`"
+        else "import into another out_dir= folder; this store holds tiles cut by `oncotrace tile`"
         " and features must be row-aligned with its coords."
     )
     raise FeatureImportError(

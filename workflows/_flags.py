@@ -21,10 +21,23 @@ RegistrationModel = Literal["auto", "affine", "tps"]  # spatial.RegistrationMode
 VisiumImage = Literal["fullres", "hires", "lowres"]  # spatial.VisiumImage
 NullName = Literal["toroidal", "block"]  # spatial.NullName
 Fallback = Literal["total-counts"]  # spatial.Fallback
+#: mil.list_heads(): the registered MIL heads
+HeadName = Literal["abmil", "abmil-gated", "clam-mb", "clam-sb", "max", "mean", "transmil"]
 
 #: library parameter -> the flag that sets it (the same flag in every command that has it)
 FLAGS: dict[str, str] = {
     "allow_reflection": "--allow-reflection",
+    "conformal_level": "--conformal-level",
+    "covariates": "--covariates",
+    "epochs": "--epochs",
+    "head": "--head",
+    "lr": "--lr",
+    "n_boot": "--n-boot",
+    "seed": "--seed",
+    "split": "--split",
+    "tasks": "--task",
+    "test_fraction": "--split",
+    "test_sites": "--test-site",
     "encoder": "--encoder",
     "fallback": "--fallback",
     "folds": "--folds",
@@ -34,6 +47,8 @@ FLAGS: dict[str, str] = {
     "min_tissue": "--min-tissue",
     "mode": "--mode",
     "mpp": "--mpp",
+    "name": "--name",
+    "out_dir": "--out",
     "overwrite": "--overwrite",
     "precision": "--precision",
     "region": "--region",

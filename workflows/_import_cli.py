@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from oncotrace import __version__
 from oncotrace.workflows._batch import BatchReport, write_errors_csv
+from oncotrace.workflows._flags import cli_message
 from oncotrace.wsi import atomic_write_json
 from rich.console import Console
 from rich.table import Table
@@ -84,13 +85,13 @@ def import_batch(
                     path, out_dir, name, tile_px=tile_px, mpp=mpp, overwrite=overwrite
                 )
             except FeatureImportError as exc:
-                report.errors.append(_row(path, type(exc).__name__, str(exc)))
+                report.errors.append(_row(path, type(exc).__name__, cli_message(exc)))
             except (OSError, MemoryError, RuntimeError, ValueError, KeyError) as exc:
                 report.errors.append(
                     _row(
                         path,
                         type(exc).__name__,
-                        f"{path}: {exc}. Fix: see the message; rerun the same command to retry"
+                        f"{path}: {cli_message(exc)}. Fix: see the message; rerun the same command to retry"
                         " this file.",
                     )
                 )

@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-#: TrainConfig fields whose command-line option has another name
-_TRAIN_FLAGS = {"tasks": "task", "test_sites": "test_site", "test_fraction": "split"}
+from ._flags import HeadName, cli_message
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -34,12 +33,9 @@ def register(app: typer.Typer, console: Console) -> None:
             ),
         ],
         encoder: Annotated[str, typer.Option("--encoder")] = "pathomics",
-        head: Annotated[
-            str,
-            typer.Option(
-                "--head", help="abmil, abmil-gated, clam-sb, clam-mb, transmil, mean, max."
-            ),
-        ] = "abmil-gated",
+        head: Annotated[HeadName, typer.Option("--head", help="MIL head (mil.list_heads()).")] = (
+            "abmil-gated"
+        ),
         task: Annotated[
             list[str] | None,
             typer.Option("--task", help="Label column(s) to predict; repeat for multi-task."),
@@ -115,13 +111,12 @@ def register(app: typer.Typer, console: Console) -> None:
                 conformal_level=conformal_level,
             )
         except mil.TrainConfigError as exc:
-            flag = "--" + _TRAIN_FLAGS.get(exc.param, exc.param).replace("_", "-")
-            raise typer.BadParameter(f"{exc} (option {flag})") from exc
+            raise typer.BadParameter(cli_message(exc)) from exc  # it names the flag
         try:
             result = mil.train_model(stores, labels, config, out)
         except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            typer.echo(f"error: {msg}", err=True)  # plain: rich would fold long paths
+            typer.echo(f"error: {cli_message(msg)}", err=True)  # plain: rich folds long paths
             raise typer.Exit(2) from exc
         table = Table(title=f"{result.n_cases} cases, {mode}, {result.seconds} s → {out}")
         for col in ("task", "metric", "estimate", "95 % CI"):

@@ -58,8 +58,9 @@ def test_tiles_at_the_wrong_resolution_are_refused(tmp_path: Path) -> None:
         tmp_path / "s.tiff", size=(2048, 1536), mpp=0.25, squares=[(0, 0, 1792, 1344)]
     )
     store = wsi.tile_slide(planted.path, tmp_path / "o", wsi.TilingConfig(target_mpp=1.0)).store
-    with pytest.raises(ValueError, match=r"--mpp-target 0\.5"):
+    with pytest.raises(wsi.ParameterError, match=r"target_mpp=0\.5") as err:
         mil.embed(store, "pathomics")
+    assert err.value.param == "target_mpp"
 
 
 def test_an_unfinished_store_is_refused(store: Path) -> None:

@@ -94,8 +94,9 @@ def test_no_weights_and_no_hub_is_an_error_not_a_random_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match="--weights"):
+    with pytest.raises(WeightsError, match="weights=PATH") as err:
         mil.create_encoder("resnet50-trunc")
+    assert err.value.param == "weights"
 
 
 def test_bf16_autocast_features_match_fp32() -> None:

@@ -124,9 +124,10 @@ def test_trident_file_becomes_a_store_equal_to_the_input(tmp_path: Path) -> None
 
 def test_clam_patch_attrs_give_the_level0_tile_size_and_need_mpp(tmp_path: Path) -> None:
     src, feats, coords = clam_file(tmp_path / "c.h5")
-    with pytest.raises(FeatureImportError, match=r"c\.h5.*--mpp") as err:
+    with pytest.raises(FeatureImportError, match=r"c\.h5.*mpp=") as err:
         import_features(src, tmp_path / "stores", "uni")
-    assert "--tile-px" not in str(err.value)  # the file knows its tile size
+    assert "tile_px=" not in str(err.value)  # the file knows its tile size
+    assert err.value.param == "mpp"  # the CLI renders its own flag from it
     res = import_features(src, tmp_path / "stores", "uni", mpp=0.25)
     f, c, _, gattrs = _read_store(res.store, "uni")
     np.testing.assert_array_equal(f, feats)
@@ -139,9 +140,9 @@ def test_clam_patch_attrs_give_the_level0_tile_size_and_need_mpp(tmp_path: Path)
 
 def test_clam_features_without_attrs_need_tile_px_and_mpp(tmp_path: Path) -> None:
     src, feats, _ = clam_file(tmp_path / "plain.h5", with_attrs=False)
-    with pytest.raises(FeatureImportError, match=r"plain\.h5.*--tile-px .*and --mpp"):
+    with pytest.raises(FeatureImportError, match=r"plain\.h5.*tile_px= .*and mpp="):
         import_features(src, tmp_path / "stores", "uni")
-    with pytest.raises(FeatureImportError, match=r"--mpp"):
+    with pytest.raises(FeatureImportError, match=r"mpp="):
         import_features(src, tmp_path / "stores", "uni", tile_px=448)
     res = import_features(src, tmp_path / "stores", "uni", tile_px=448, mpp=0.5)
     attrs = wsi.read_store_attrs(res.store)
@@ -235,7 +236,7 @@ def test_bad_files_are_refused_with_the_file_and_a_fix(
 
 def test_tile_px_that_contradicts_the_file_is_refused(tmp_path: Path) -> None:
     src, _, _ = trident_file(tmp_path / "t.h5", n=3)
-    with pytest.raises(FeatureImportError, match=r"512x512 level-0 px but --tile-px is 256"):
+    with pytest.raises(FeatureImportError, match=r"512x512 level-0 px but tile_px=256"):
         read_h5_features(src, tile_px=256)
     assert read_h5_features(src, tile_px=512).tile_size_level0 == (512, 512)
 
@@ -282,7 +283,7 @@ def test_features_from_another_source_are_refused_unless_overwrite(tmp_path: Pat
     attrs = {"patch_size_level0": 512, "level0_magnification": 40, "target_magnification": 20}
     src2 = _h5(other / "s.h5", new_feats, coords, attrs)
     with pytest.raises(
-        FeatureImportError, match=r"already holds features/uni imported from .*--overwrite"
+        FeatureImportError, match=r"already holds features/uni imported from .*overwrite=True"
     ):
         import_features(src2, out, "uni")
     res = import_features(src2, out, "uni", overwrite=True)
@@ -312,7 +313,7 @@ def test_other_tiles_are_refused_and_rebuilt_only_for_imported_stores(tmp_path: 
     (tmp_path / "v2").mkdir()
     src2, feats2, coords2 = trident_file(tmp_path / "v2" / "s.h5", n=8, seed=1)
     with pytest.raises(
-        FeatureImportError, match=r"holds 6 tiles at other coordinates .*--overwrite"
+        FeatureImportError, match=r"holds 6 tiles at other coordinates .*overwrite=True"
     ):
         import_features(src2, out, "enc_b")  # another encoder, but not row-aligned
     res = import_features(src2, out, "enc_b", overwrite=True)

@@ -77,9 +77,33 @@ def test_cli_choices_are_the_libraries_choices(cli_name: str, library: str) -> N
     assert get_args(getattr(_flags, cli_name)) == get_args(lib)
 
 
+def test_the_cli_heads_are_the_registered_heads() -> None:
+    from typing import get_args
+
+    from oncotrace import mil
+    from oncotrace.workflows import _flags  # private: the CLI's Literal is not API
+
+    assert list(get_args(_flags.HeadName)) == mil.list_heads()
+
+
 def test_typer_refuses_a_choice_outside_the_literal() -> None:
     from oncotrace.workflows.cli import app
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["tile", "x.svs", "--out", "o", "--mode", "smudge"])
     assert result.exit_code == 2 and "smudge" in result.output and "tissue" in result.output
+
+
+def test_train_refuses_an_unknown_head_and_renders_config_errors_as_flags(tmp_path) -> None:
+    from oncotrace.workflows.cli import app
+    from typer.testing import CliRunner
+
+    base = ["train", "--stores", str(tmp_path), "--labels", str(tmp_path / "l.csv")]
+    base += ["--out", str(tmp_path / "m")]
+    res = CliRunner().invoke(app, [*base, "--head", "attention"])
+    assert res.exit_code == 2 and "attention" in res.output and "abmil-gated" in res.output
+    res = CliRunner().invoke(app, [*base, "--epochs", "0"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())  # rich wraps the usage box
+    assert "--epochs 0" in text and "epochs=" not in text
+    assert not (tmp_path / "m").exists()
