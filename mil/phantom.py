@@ -251,73 +251,26 @@ def make_cohort(
     -------
     Cohort
     """
-    classes = tuple(classes)
-    sites = tuple(sites)
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be ≥ 2 distinct names, got {classes}.")
-    if n_cases < len(classes):
-        raise ValueError(f"n_cases={n_cases} is fewer than the {len(classes)} classes.")
-    if not sites:
-        raise ValueError("sites must name at least one site, e.g. sites=('A',).")
-    lo_s, hi_s = slides_per_patient
-    if not 1 <= lo_s <= hi_s:
-        raise ValueError(
-            f"slides_per_patient must be (min, max) with 1 ≤ min ≤ max, got {slides_per_patient}."
-        )
-    lo_r, hi_r = region_fraction
-    if not 0.0 < lo_r <= hi_r < 1.0:
-        raise ValueError(
-            f"region_fraction must be (min, max) inside (0, 1), got {region_fraction}."
-        )
-    if mode not in ("tissue", "smear"):
-        raise ValueError(f"mode must be 'tissue' or 'smear', got {mode!r}.")
-    w, h = size_px
-    if min(w, h) < 512:
-        raise ValueError(f"size_px={size_px} is too small; use at least 512 × 512.")
+    classes, sites = tuple(classes), tuple(sites)
+    _check_cohort_args(classes, n_cases, sites, slides_per_patient, region_fraction, mode, size_px)
     morphs = _resolve_morphologies(classes, morphologies)
-
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
 
     design_seed, slides_seed = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(design_seed)
-
-    # Patients: classes dealt round-robin, then shuffled; sites dealt evenly within each class.
-    patient_label = rng.permutation(np.arange(n_cases) % len(classes))
-    patient_site = np.empty(n_cases, np.int64)
-    for c in range(len(classes)):
-        idx = np.flatnonzero(patient_label == c)
-        patient_site[idx] = rng.permutation(np.resize(rng.permutation(len(sites)), idx.size))
-    ages = np.clip(np.rint(rng.normal(63, 11, n_cases)), 25, 95).astype(int)
-    sexes = rng.choice(["F", "M"], n_cases)
-    n_slides = rng.integers(lo_s, hi_s + 1, n_cases)
-
-    rows: list[dict[str, object]] = []
-    for p in range(n_cases):
-        for j in range(int(n_slides[p])):
-            rows.append(
-                {
-                    "slide_id": f"P{p:03d}_S{j + 1}",
-                    "patient_id": f"P{p:03d}",
-                    "site": sites[patient_site[p]],
-                    "label_index": int(patient_label[p]),
-                    "label": classes[patient_label[p]],
-                    "age": int(ages[p]),
-                    "sex": str(sexes[p]),
-                }
-            )
+    rows = _design_patients(rng, n_cases, classes, sites, slides_per_patient)
     labels = np.asarray([r["label_index"] for r in rows], np.int64)
     tf_range = _TISSUE_FRACTION if mode == "tissue" else _SMEAR_FRACTION
     tissue_fracs = _stratified(rng, labels, tf_range)
-    region_fracs = _stratified(rng, labels, (lo_r, hi_r))
+    region_fracs = _stratified(rng, labels, region_fraction)
     slide_seeds = slides_seed.spawn(len(rows))
-
     jobs = [
         _Job(
             out,
             str(row["slide_id"]),
-            (w, h),
+            (size_px[0], size_px[1]),
             mpp,
             morphs[int(row["label_index"])],  # type: ignore[call-overload]
             slide_seeds[i],
@@ -327,17 +280,7 @@ def make_cohort(
         )
         for i, row in enumerate(rows)
     ]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # forkserver: safe when the caller already runs threads (fork is not), cheap to start.
-        ctx = mp.get_context("forkserver")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            list(pool.map(_render_job, jobs))
-    else:
-        for job in jobs:
-            _render_job(job)
+    _render_all(jobs, workers)
 
     with open(out / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(
@@ -345,14 +288,13 @@ def make_cohort(
         )
         writer.writeheader()
         writer.writerows(rows)
-
     meta = {
         "format": COHORT_FORMAT,
         "generator": "oncotrace.mil.phantom.make_cohort",
         "version": __version__,
         "mode": mode,
         "mpp": mpp,
-        "size_px": [w, h],
+        "size_px": list(size_px),
         "classes": list(classes),
         "morphologies": list(morphs),
         "tasks": ["label"],
@@ -381,6 +323,87 @@ def make_cohort(
     }
     (out / "cohort.json").write_text(json.dumps(meta, indent=1))
     return Cohort.load(out)
+
+
+def _check_cohort_args(
+    classes: tuple[str, ...],
+    n_cases: int,
+    sites: tuple[str, ...],
+    slides_per_patient: tuple[int, int],
+    region_fraction: tuple[float, float],
+    mode: str,
+    size_px: tuple[int, int],
+) -> None:
+    """Refuse arguments :func:`make_cohort` cannot honour (ValueError naming the argument)."""
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be ≥ 2 distinct names, got {classes}.")
+    if n_cases < len(classes):
+        raise ValueError(f"n_cases={n_cases} is fewer than the {len(classes)} classes.")
+    if not sites:
+        raise ValueError("sites must name at least one site, e.g. sites=('A',).")
+    lo_s, hi_s = slides_per_patient
+    if not 1 <= lo_s <= hi_s:
+        raise ValueError(
+            f"slides_per_patient must be (min, max) with 1 ≤ min ≤ max, got {slides_per_patient}."
+        )
+    lo_r, hi_r = region_fraction
+    if not 0.0 < lo_r <= hi_r < 1.0:
+        raise ValueError(
+            f"region_fraction must be (min, max) inside (0, 1), got {region_fraction}."
+        )
+    if mode not in ("tissue", "smear"):
+        raise ValueError(f"mode must be 'tissue' or 'smear', got {mode!r}.")
+    if min(size_px) < 512:
+        raise ValueError(f"size_px={size_px} is too small; use at least 512 × 512.")
+
+
+def _design_patients(
+    rng: np.random.Generator,
+    n_cases: int,
+    classes: tuple[str, ...],
+    sites: tuple[str, ...],
+    slides_per_patient: tuple[int, int],
+) -> list[dict[str, object]]:
+    """One row per slide: patients' classes dealt round-robin then shuffled, sites dealt evenly
+    within each class (so site does not predict class), ages, sexes, slides per patient."""
+    patient_label = rng.permutation(np.arange(n_cases) % len(classes))
+    patient_site = np.empty(n_cases, np.int64)
+    for c in range(len(classes)):
+        idx = np.flatnonzero(patient_label == c)
+        patient_site[idx] = rng.permutation(np.resize(rng.permutation(len(sites)), idx.size))
+    ages = np.clip(np.rint(rng.normal(63, 11, n_cases)), 25, 95).astype(int)
+    sexes = rng.choice(["F", "M"], n_cases)
+    n_slides = rng.integers(slides_per_patient[0], slides_per_patient[1] + 1, n_cases)
+    rows: list[dict[str, object]] = []
+    for p in range(n_cases):
+        for j in range(int(n_slides[p])):
+            rows.append(
+                {
+                    "slide_id": f"P{p:03d}_S{j + 1}",
+                    "patient_id": f"P{p:03d}",
+                    "site": sites[patient_site[p]],
+                    "label_index": int(patient_label[p]),
+                    "label": classes[patient_label[p]],
+                    "age": int(ages[p]),
+                    "sex": str(sexes[p]),
+                }
+            )
+    return rows
+
+
+def _render_all(jobs: Sequence[_Job], workers: int) -> None:
+    """Render every slide, in ``workers`` processes when there is more than one."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: safe when the caller already runs threads (fork is not), cheap to start.
+        ctx = mp.get_context("forkserver")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            list(pool.map(_render_job, jobs))
+    else:
+        for job in jobs:
+            _render_job(job)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from oncotrace.wsi import (
     source_fingerprint,
 )
 
-from ._flags import Device
+from ._flags import Device, cli_message
 
 if TYPE_CHECKING:
     from oncotrace.mil import MILHead, ModelCard
@@ -777,7 +777,8 @@ def write_outputs(
         w = csv.writer(f)
         w.writerow(["slide", "stage", "error_type", "message"])
         for e in sorted(errors, key=lambda e: e["slide_id"]):
-            w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], e["message"]])
+            msg = cli_message(e["message"])  # errors.csv is read next to the CLI's flags
+            w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], msg])
     os.replace(tmp, err_path)
     run = {
         "oncotrace": __version__,
