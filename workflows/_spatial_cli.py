@@ -10,7 +10,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,11 +25,17 @@ from ._flags import (
     cli_message,
 )
 
+if TYPE_CHECKING:
+    from oncotrace.spatial import CellTable, MappedHeatmap, Registration, Visium
+
 #: Above this level-0 µm/px nuclei (5–10 µm) span too few pixels to be counted.
 COARSE_MPP = 2.0
 
 #: Errors a user can fix from the message alone.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+#: ``--out``, the output folder every spatial command writes into.
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -88,11 +94,16 @@ def load_heatmap_input(path: Path, *, mpp: float | None) -> tuple[Any, str]:
 
 def register(app: typer.Typer, console: Console) -> None:
     """Add ``immune``, ``map-us`` and ``st-validate`` to ``app``."""
+    _register_immune(app, console)
+    _register_map_us(app, console)
+    _register_st_validate(app, console)
 
+
+def _register_immune(app: typer.Typer, console: Console) -> None:
     @app.command()
     def immune(
         slide: Annotated[Path, typer.Argument(help="Slide file, DICOM-WSI folder or image.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        out: OutOpt,
         stain: Annotated[
             Stain, typer.Option("--stain", help="he (lymphocytes) or ihc-dab (DAB+ cells).")
         ] = "he",
@@ -121,30 +132,61 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = "polygon",
     ) -> None:
         """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs."""
-        from oncotrace.spatial import density_map, detect_immune_cells, write_immune_outputs
-
         box = _parse_region(region)
         t0 = time.perf_counter()
         try:
-            cells = detect_immune_cells(
+            positive_class, summary_path = _run_immune(
                 slide,
+                out,
                 stain=stain,
                 mpp=mpp,
                 region=box,
                 tissue=tissue,
-                workers=threads,
+                threads=threads,
+                bin_um=bin_um,
+                min_positive=min_positive,
+                geometry=geometry,
             )
-            density = density_map(cells, bin_um=bin_um, min_positive=min_positive)
-            paths = write_immune_outputs(out, cells, density, geometry=geometry)
         except _USER_ERRORS as exc:
             raise _fail(exc) from exc
-        summary = json.loads(paths["summary.json"].read_text())
+        summary = json.loads(summary_path.read_text())
         console.print(
-            f"{summary['n_cells']} cells, {summary['n_positive']} {cells.positive_class} "
+            f"{summary['n_cells']} cells, {summary['n_positive']} {positive_class} "
             f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} /mm² of "
             f"{summary['tissue_area_mm2']:.2f} mm² tissue in {time.perf_counter() - t0:.1f} s → {out}"
         )
 
+
+def _run_immune(
+    slide: Path,
+    out: Path,
+    *,
+    stain: Stain,
+    mpp: float | None,
+    region: tuple[int, int, int, int] | None,
+    tissue: bool,
+    threads: int,
+    bin_um: float,
+    min_positive: int,
+    geometry: GeometryKind,
+) -> tuple[str, Path]:
+    """Detect, map and write; returns the positive class's name and the ``summary.json`` path."""
+    from oncotrace.spatial import density_map, detect_immune_cells, write_immune_outputs
+
+    cells = detect_immune_cells(
+        slide,
+        stain=stain,
+        mpp=mpp,
+        region=region,
+        tissue=tissue,
+        workers=threads,
+    )
+    density = density_map(cells, bin_um=bin_um, min_positive=min_positive)
+    paths = write_immune_outputs(out, cells, density, geometry=geometry)
+    return cells.positive_class, paths["summary.json"]
+
+
+def _register_map_us(app: typer.Typer, console: Console) -> None:
     @app.command("map-us")
     def map_us(
         heatmap: Annotated[
@@ -160,7 +202,7 @@ def register(app: typer.Typer, console: Console) -> None:
         landmarks: Annotated[
             Path, typer.Option("--landmarks", help="landmarks.json or .csv (see README).")
         ],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        out: OutOpt,
         frame: Annotated[
             int | None, typer.Option("--frame", help="Frame of a multi-frame (cine) file.")
         ] = None,
@@ -193,50 +235,90 @@ def register(app: typer.Typer, console: Console) -> None:
         alpha: Annotated[float, typer.Option("--alpha", help="Overlay opacity.")] = 0.5,
     ) -> None:
         """Register the slide to the ultrasound by landmarks and resample a heatmap onto it."""
-        from oncotrace.spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
-
         spacing = _spacing(spacing_mm)
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                heat, default_name = load_heatmap_input(heatmap, mpp=heatmap_mpp)
-                us = read_ultrasound(ultrasound, frame=frame, region=region, spacing_mm=spacing)
-                marks = load_landmarks(
+                reg, mapped = _run_map_us(
+                    heatmap,
+                    ultrasound,
                     landmarks,
-                    slide_mpp=heat.mpp,
-                    us_spacing_mm=us.spacing_mm,
-                    slide_size_px=heat.level0_size,
-                    us_size_px=us.size_px,
-                )
-                bin_um = float(min(heat.cell_size_um))
-                reg = fit_landmarks(
-                    marks,
+                    out,
+                    frame=frame,
+                    region=region,
+                    spacing=spacing,
+                    heatmap_mpp=heatmap_mpp,
                     model=model,
                     allow_reflection=allow_reflection,
-                    bin_um=bin_um,
+                    name=name,
+                    alpha=alpha,
                 )
-                mapped = to_ultrasound(heat, reg, us, out, name=name or default_name, alpha=alpha)
             except _USER_ERRORS as exc:
                 raise _fail(exc) from exc
-        rep = reg.report
-        hold = rep.get("holdout_tre_mm") or {}
-        hold_txt = (
-            f", hold-out TRE {hold['mean']:.2f} mm (n={rep['n_holdout']})"
-            if hold.get("mean") is not None
-            else ""
-        )
-        loo = rep["chosen"]["loo_tre_mm"]
-        console.print(
-            f"{reg.model} fit on {rep['n_fit']} landmarks: leave-one-out TRE {loo:.2f} mm"
-            f"{hold_txt}; scale {rep['scale_mm_per_mm']:.2f} mm/mm → {out} "
-            f"({mapped.grid.shape[1]}×{mapped.grid.shape[0]} px, {time.perf_counter() - t0:.1f} s)"
-        )
+        console.print(_map_us_summary(reg, mapped, out, time.perf_counter() - t0))
         for warning in dict.fromkeys(
-            [str(w.message) for w in caught] + list(rep.get("warnings") or [])
+            [str(w.message) for w in caught] + list(reg.report.get("warnings") or [])
         ):
             console.print(f"[yellow]warning:[/yellow] {warning}")
 
+
+def _run_map_us(
+    heatmap: Path,
+    ultrasound: Path,
+    landmarks: Path,
+    out: Path,
+    *,
+    frame: int | None,
+    region: int | None,
+    spacing: float | tuple[float, float] | None,
+    heatmap_mpp: float | None,
+    model: RegistrationModel,
+    allow_reflection: bool,
+    name: str | None,
+    alpha: float,
+) -> tuple[Registration, MappedHeatmap]:
+    """Load the heatmap, ultrasound and landmarks, fit the registration and write the mapping."""
+    from oncotrace.spatial import fit_landmarks, load_landmarks, read_ultrasound, to_ultrasound
+
+    heat, default_name = load_heatmap_input(heatmap, mpp=heatmap_mpp)
+    us = read_ultrasound(ultrasound, frame=frame, region=region, spacing_mm=spacing)
+    marks = load_landmarks(
+        landmarks,
+        slide_mpp=heat.mpp,
+        us_spacing_mm=us.spacing_mm,
+        slide_size_px=heat.level0_size,
+        us_size_px=us.size_px,
+    )
+    bin_um = float(min(heat.cell_size_um))
+    reg = fit_landmarks(
+        marks,
+        model=model,
+        allow_reflection=allow_reflection,
+        bin_um=bin_um,
+    )
+    mapped = to_ultrasound(heat, reg, us, out, name=name or default_name, alpha=alpha)
+    return reg, mapped
+
+
+def _map_us_summary(reg: Registration, mapped: MappedHeatmap, out: Path, seconds: float) -> str:
+    """The one-line result of ``map-us``: the fit, its accuracy and the written grid."""
+    rep = reg.report
+    hold = rep.get("holdout_tre_mm") or {}
+    hold_txt = (
+        f", hold-out TRE {hold['mean']:.2f} mm (n={rep['n_holdout']})"
+        if hold.get("mean") is not None
+        else ""
+    )
+    loo = rep["chosen"]["loo_tre_mm"]
+    return (
+        f"{reg.model} fit on {rep['n_fit']} landmarks: leave-one-out TRE {loo:.2f} mm"
+        f"{hold_txt}; scale {rep['scale_mm_per_mm']:.2f} mm/mm → {out} "
+        f"({mapped.grid.shape[1]}×{mapped.grid.shape[0]} px, {seconds:.1f} s)"
+    )
+
+
+def _register_st_validate(app: typer.Typer, console: Console) -> None:
     @app.command("st-validate")
     def st_validate_cmd(
         slide: Annotated[
@@ -248,7 +330,7 @@ def register(app: typer.Typer, console: Console) -> None:
         visium: Annotated[
             Path, typer.Option("--visium", help="Space Ranger outs/ folder (spatial/ + .h5).")
         ],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        out: OutOpt,
         image: Annotated[
             VisiumImage,
             typer.Option(
@@ -285,77 +367,133 @@ def register(app: typer.Typer, console: Console) -> None:
         seed: Annotated[int, typer.Option("--seed")] = 0,
     ) -> None:
         """Detected immune cells per Visium spot vs an immune gene score, with spatial nulls."""
-        import numpy as np
-        from oncotrace.spatial import (
-            DEFAULT_IMMUNE_GENES,
-            CellTable,
-            detect_immune_cells,
-            immune_gene_score,
-            read_visium,
-            st_validate,
-            visium_image_scale,
-            write_st_report,
-        )
-        from oncotrace.wsi import MppError
-
-        gene_list = (
-            tuple(g.strip() for g in genes.split(",") if g.strip())
-            if genes
-            else DEFAULT_IMMUNE_GENES
-        )
+        gene_list = _gene_list(genes)
         t0 = time.perf_counter()
         try:
-            vis = read_visium(visium)
-            scale = visium_image_scale(vis, image)
-            # fail on the genes before spending minutes on detection
-            immune_gene_score(vis, gene_list, fallback=fallback)
-            coarse: list[str] = []
-            if cells_csv is not None:
-                cells = CellTable.from_csv(cells_csv)
-            else:
-                try:
-                    cells = detect_immune_cells(slide, stain=stain, mpp=mpp)
-                except MppError:
-                    if mpp is not None:
-                        raise
-                    # the 55 µm spots fix the image's scale when the file carries none (PNGs);
-                    # open_slide raises this before any detection work
-                    spot_mpp = vis.mpp_fullres * scale
-                    cells = detect_immune_cells(slide, stain=stain, mpp=spot_mpp)
-            if max(cells.mpp) > COARSE_MPP:
-                coarse.append(
-                    f"the slide is {max(cells.mpp):.2f} µm/px: nuclei are not resolved above "
-                    f"{COARSE_MPP:g} µm/px, so its cell counts are not a measurement; run on the "
-                    "full-resolution image Space Ranger was given (--image fullres)"
-                )
-            xy = np.column_stack([cells.x, cells.y])
-            report = st_validate(
-                xy,
-                cells.positive,
-                vis,
-                slide_to_fullres=scale,
-                slide_size_level0=cells.level0_size,
+            report, paths, n_cells = _run_st_validate(
+                slide,
+                visium,
+                out,
+                image=image,
+                stain=stain,
+                mpp=mpp,
+                cells_csv=cells_csv,
                 genes=gene_list,
                 fallback=fallback,
-                n_null=n_null,
                 null=null,
+                n_null=n_null,
                 seed=seed,
             )
-            report["warnings"] = coarse + list(report.get("warnings") or [])
-            report["slide"] = str(slide)
-            report["image"] = image
-            paths = write_st_report(report, out)
         except _USER_ERRORS as exc:
             raise _fail(exc) from exc
         rho = report.get("spearman", {})
         console.print(
-            f"{report['n_spots']} spots, {len(cells)} cells: Spearman ρ = "
+            f"{report['n_spots']} spots, {n_cells} cells: Spearman ρ = "
             f"{_fmt(rho.get('rho'))} (naive p {_fmt(rho.get('p_naive'))}, {null} p "
             f"{_fmt(rho.get('p_spatial'))}) in {time.perf_counter() - t0:.1f} s → "
             f"{paths['json']}"
         )
         for warning in report.get("warnings") or []:
             console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _gene_list(genes: str | None) -> tuple[str, ...]:
+    """``--genes`` as a tuple of names, or the default immune panel when it is not given."""
+    from oncotrace.spatial import DEFAULT_IMMUNE_GENES
+
+    if genes:
+        return tuple(g.strip() for g in genes.split(",") if g.strip())
+    return DEFAULT_IMMUNE_GENES
+
+
+def _run_st_validate(
+    slide: Path,
+    visium: Path,
+    out: Path,
+    *,
+    image: VisiumImage,
+    stain: Stain,
+    mpp: float | None,
+    cells_csv: Path | None,
+    genes: tuple[str, ...],
+    fallback: Fallback | None,
+    null: NullName,
+    n_null: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Path], int]:
+    """Read, detect (or load) cells, test them against the gene score and write the report.
+
+    Returns the report, the written paths and the number of cells.
+    """
+    import numpy as np
+    from oncotrace.spatial import (
+        immune_gene_score,
+        read_visium,
+        st_validate,
+        visium_image_scale,
+        write_st_report,
+    )
+
+    vis = read_visium(visium)
+    scale = visium_image_scale(vis, image)
+    # fail on the genes before spending minutes on detection
+    immune_gene_score(vis, genes, fallback=fallback)
+    cells = _st_cells(slide, vis, scale, stain=stain, mpp=mpp, cells_csv=cells_csv)
+    xy = np.column_stack([cells.x, cells.y])
+    report = st_validate(
+        xy,
+        cells.positive,
+        vis,
+        slide_to_fullres=scale,
+        slide_size_level0=cells.level0_size,
+        genes=genes,
+        fallback=fallback,
+        n_null=n_null,
+        null=null,
+        seed=seed,
+    )
+    report["warnings"] = _coarse_warnings(cells) + list(report.get("warnings") or [])
+    report["slide"] = str(slide)
+    report["image"] = image
+    paths = write_st_report(report, out)
+    return report, paths, len(cells)
+
+
+def _st_cells(
+    slide: Path,
+    vis: Visium,
+    scale: float,
+    *,
+    stain: Stain,
+    mpp: float | None,
+    cells_csv: Path | None,
+) -> CellTable:
+    """The cells to count per spot: ``--cells`` if given, else detected on ``slide``."""
+    from oncotrace.spatial import CellTable, detect_immune_cells
+    from oncotrace.wsi import MppError
+
+    if cells_csv is not None:
+        return CellTable.from_csv(cells_csv)
+    try:
+        return detect_immune_cells(slide, stain=stain, mpp=mpp)
+    except MppError:
+        if mpp is not None:
+            raise
+        # the 55 µm spots fix the image's scale when the file carries none (PNGs);
+        # open_slide raises this before any detection work
+        spot_mpp = vis.mpp_fullres * scale
+        return detect_immune_cells(slide, stain=stain, mpp=spot_mpp)
+
+
+def _coarse_warnings(cells: CellTable) -> list[str]:
+    """A warning when the slide is too coarse for its cell counts to mean anything."""
+    if max(cells.mpp) > COARSE_MPP:
+        return [
+            f"the slide is {max(cells.mpp):.2f} µm/px: nuclei are not resolved above "
+            f"{COARSE_MPP:g} µm/px, so its cell counts are not a measurement; run on the "
+            "full-resolution image Space Ranger was given (--image fullres)"
+        ]
+    return []
 
 
 def _fmt(value: Any) -> str:
