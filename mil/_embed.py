@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from oncotrace.wsi import (
@@ -31,8 +30,10 @@ def _on_gpu(enc: Encoder) -> bool:
 
 def read_features(
     store: str | Path, encoder_name: str
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, FeatureAttrs]:
     """``(features (N, D) float32, coords (N, 2) int64, attrs)`` of an embedded store.
+
+    ``attrs`` is the typed ``wsi.FeatureAttrs`` of ``features/<encoder_name>``.
 
     Raises
     ------
@@ -46,7 +47,7 @@ def read_features(
             f"{store}: no features for encoder {encoder_name!r}. Fix: run"
             f" `oncotrace embed {store} --encoder {encoder_name}`."
         )
-    return st.read_features(encoder_name), st.coords(), attrs.to_dict()
+    return st.read_features(encoder_name), st.coords(), attrs
 
 
 def embed(

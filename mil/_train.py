@@ -225,8 +225,7 @@ def load_cohort(
     for sid in slide_ids:
         store = stores_dir / f"{sid}.zarr"
         feats, xy, attrs = read_features(store, encoder)
-        enc_attr = attrs.get("encoder")
-        found = enc_attr.get("name") if isinstance(enc_attr, Mapping) else enc_attr
+        found = attrs.encoder.get("name")
         if found is not None and found != encoder:
             raise ValueError(
                 f"{store}: features under {encoder!r} were written by encoder {found!r}. "

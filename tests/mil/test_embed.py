@@ -36,11 +36,8 @@ def test_features_are_row_aligned_with_coords_and_describe_themselves(store: Pat
         np.testing.assert_allclose(
             feats[i], pathomics_features(g["patches"][i : i + 1], 0.5)[0], rtol=1e-5, atol=1e-6
         )
-    assert (
-        attrs["complete"]
-        and attrs["encoder"]["name"] == "pathomics"
-        and attrs["dim"] == feats.shape[1]
-    )
+    assert attrs.complete and attrs.encoder["name"] == "pathomics"
+    assert attrs.dim == feats.shape[1] and attrs.n_tiles == len(feats)
     assert path.name == "pathomics" and not list(path.parent.glob(".*partial*"))
 
 
