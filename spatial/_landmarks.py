@@ -744,6 +744,300 @@ def _scale_error(geom: dict[str, Any], expected: tuple[float, float], src: str) 
     )
 
 
+@dataclass(frozen=True)
+class _FitOptions:
+    """:func:`fit_landmarks`' options, checked by :func:`_fit_options`."""
+
+    model: Model
+    smoothing: float | Literal["auto"]  # as given (the report echoes it)
+    fixed_smoothing: float | None  # None for "auto"
+    allow_reflection: bool
+    bin_um: float | None
+    expected_scale: tuple[float, float]
+
+
+def _fit_options(
+    model: Model,
+    smoothing: float | Literal["auto"],
+    allow_reflection: bool,
+    bin_um: float | None,
+    expected_scale: tuple[float, float],
+) -> _FitOptions:
+    """Check :func:`fit_landmarks`' options; ValueError names the bad one."""
+    if model not in ("auto", "affine", "tps"):
+        raise ValueError(f"model must be 'auto', 'affine' or 'tps', got {model!r}.")
+    fixed_smoothing: float | None = None
+    if smoothing != "auto":
+        fixed_smoothing = float(smoothing)
+        if not math.isfinite(fixed_smoothing) or fixed_smoothing < 0:
+            raise ValueError(f"smoothing must be 'auto' or a number >= 0, got {smoothing!r}.")
+        if model == "affine":
+            raise ValueError(
+                "smoothing applies to the thin-plate spline; drop it for model='affine'."
+            )
+    lo, hi = (float(v) for v in expected_scale)
+    if not (0 < lo <= hi):
+        raise ValueError(
+            f"expected_scale must be (low, high) with 0 < low <= high, got {expected_scale}."
+        )
+    if bin_um is not None and not (math.isfinite(bin_um) and bin_um > 0):
+        raise ValueError(f"bin_um must be a positive number of micrometres, got {bin_um!r}.")
+    return _FitOptions(model, smoothing, fixed_smoothing, allow_reflection, bin_um, (lo, hi))
+
+
+def _fit_points(
+    landmarks: Landmarks, model: Model
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Slide (µm) and ultrasound (mm) positions of the ``fit`` landmarks, checked: enough of
+    them for ``model`` and not collinear on either side."""
+    src = landmarks.source
+    fit = landmarks.fit_mask
+    n_fit = int(fit.sum())
+    p_fit, q_fit = landmarks.pathology_um[fit], landmarks.ultrasound_mm[fit]
+    need = MIN_TPS_POINTS if model == "tps" else MIN_AFFINE_POINTS
+    if n_fit < need:
+        kind = "a thin-plate spline" if model == "tps" else "an affine registration"
+        raise LandmarkError(
+            f"{src}: {n_fit} landmark pairs with role 'fit'; {kind} needs at least {need}. "
+            "Add landmarks (or turn holdout points into fit points)."
+        )
+    _check_geometry(p_fit, "slide", "µm", src)
+    _check_geometry(q_fit, "ultrasound", "mm", src)
+    return p_fit, q_fit
+
+
+def _fit_affine(
+    p_fit: NDArray[np.float64], q_fit: NDArray[np.float64], opts: _FitOptions, src: str
+) -> tuple[Affine, dict[str, Any]]:
+    """The least-squares affine and its :func:`_affine_geometry`; refuses a mirror image (unless
+    ``allow_reflection``) and a scale outside ``expected_scale``."""
+    affine = Affine.fit(p_fit, q_fit, source=SLIDE_UM, target=US_MM)
+    geom = _affine_geometry(affine)
+    if geom["reflection"] and not opts.allow_reflection:
+        raise LandmarkError(
+            f"{src}: the landmarks fit only as a mirror image (determinant {geom['det']:.3g}): "
+            "the slide or the ultrasound image is flipped, or x and y are swapped on one side. "
+            "Check the points, or pass allow_reflection=True if the "
+            "section was mounted face down."
+        )
+    lo, hi = opts.expected_scale
+    if not all(lo <= s <= hi for s in geom["scale_axes_mm_per_mm"]):
+        raise LandmarkError(_scale_error(geom, opts.expected_scale, src))
+    return affine, geom
+
+
+def _candidate(
+    model: str,
+    smoothing: float | None,
+    errors: NDArray[np.float64] | None,
+    min_det: float,
+    folds: bool,
+) -> dict[str, Any]:
+    """One entry of the report's ``candidates``; ``errors`` None when LOO TRE is not defined."""
+    return {
+        "model": model,
+        "smoothing": smoothing,
+        "loo_tre_mm": None if errors is None else _finite(float(errors.mean())),
+        "loo_tre_max_mm": None if errors is None else _finite(float(errors.max())),
+        "min_jacobian_det": min_det,
+        "folds": folds,
+    }
+
+
+def _fit_candidates(
+    p_fit: NDArray[np.float64],
+    q_fit: NDArray[np.float64],
+    hull_um: NDArray[np.float64],
+    affine: Affine,
+    reflection: bool,
+    opts: _FitOptions,
+) -> tuple[list[dict[str, Any]], list[Transform], list[NDArray[np.float64]]]:
+    """The models ``opts.model`` allows: the affine first (if allowed), then a spline per
+    smoothing (``opts.fixed_smoothing`` or the grid scaled by :func:`_kernel_scale`).
+
+    Returns
+    -------
+    Parallel lists: report entries (:func:`_candidate`, folds checked on the grid of
+    :func:`_fold_grid` over ``hull_um``), transforms, and (N_fit,) leave-one-out errors (NaN
+    for an affine on only :data:`MIN_AFFINE_POINTS` points).
+    """
+    n_fit = len(p_fit)
+    orientation = -1.0 if reflection else 1.0
+    fold_grid = _fold_grid(hull_um)
+    candidates: list[dict[str, Any]] = []
+    transforms: list[Transform] = []
+    loo_errors: list[NDArray[np.float64]] = []
+    if opts.model in ("auto", "affine"):
+        errors = _loo_errors(p_fit, q_fit, None) if n_fit > MIN_AFFINE_POINTS else None
+        loo_errors.append(errors if errors is not None else np.full(n_fit, np.nan))
+        transforms.append(affine)
+        min_det = _min_det(affine, fold_grid[:1], orientation)
+        candidates.append(_candidate("affine", None, errors, min_det, folds=False))
+    if opts.model == "tps" or (opts.model == "auto" and n_fit >= MIN_TPS_POINTS):
+        if opts.fixed_smoothing is not None:
+            grid = [opts.fixed_smoothing]
+        else:
+            scale = _kernel_scale(p_fit)
+            grid = [float(g) * scale for g in SMOOTHING_GRID]
+        for s in grid:
+            errors = _loo_errors(p_fit, q_fit, s)
+            tps = ThinPlateSpline(p_fit, q_fit, s, SLIDE_UM, US_MM)
+            min_det = _min_det(tps, fold_grid, orientation)
+            loo_errors.append(errors)
+            transforms.append(tps)
+            candidates.append(_candidate("tps", s, errors, min_det, folds=bool(min_det <= 0)))
+    return candidates, transforms, loo_errors
+
+
+def _loo_tre(candidate: Mapping[str, Any]) -> float:
+    """A candidate's mean leave-one-out TRE (mm), inf where it has none."""
+    value = candidate["loo_tre_mm"]
+    return math.inf if value is None else float(value)
+
+
+def _best_spline(candidates: list[dict[str, Any]]) -> int | None:
+    """Index of the spline to prefer among those that do not fold, None if there is none."""
+    splines = [k for k, c in enumerate(candidates) if c["model"] == "tps" and not c["folds"]]
+    if not splines:
+        return None
+    # Like the affine-versus-spline choice: the smoothest spline within the margin of the
+    # best leave-one-out TRE, because LOO TRE is noisy and smoothing guards against noise.
+    floor = min(_loo_tre(candidates[k]) for k in splines) * (1 + PREFER_AFFINE_MARGIN)
+    return max(
+        (k for k in splines if _loo_tre(candidates[k]) <= floor),
+        key=lambda k: candidates[k]["smoothing"],
+    )
+
+
+def _choose_model(
+    candidates: list[dict[str, Any]],
+    best_spline: int | None,
+    model: Model,
+    q_fit: NDArray[np.float64],
+    src: str,
+) -> int:
+    """Index of the candidate to use: the best spline for ``model="tps"`` (refused if every
+    spline folds); for ``"auto"`` the affine unless the best spline beats its leave-one-out
+    TRE by more than :data:`PREFER_AFFINE_MARGIN` (and more than rounding)."""
+    if model == "tps":
+        if best_spline is None:
+            worst = min(c["min_jacobian_det"] for c in candidates)
+            raise LandmarkError(
+                f"{src}: the thin-plate spline folds over itself (smallest Jacobian determinant "
+                f"{worst:.3g} <= 0 inside the landmark hull): some landmarks are out of order or "
+                "mismatched. Check them, raise the smoothing, or use model='affine'."
+            )
+        return best_spline
+    if model == "auto" and best_spline is not None:
+        a, t = _loo_tre(candidates[0]), _loo_tre(candidates[best_spline])
+        spread_mm = float(np.ptp(q_fit, axis=0).max())
+        if t < a * (1 - PREFER_AFFINE_MARGIN) and a - t > 1e-9 * spread_mm:
+            return best_spline
+    return 0
+
+
+def _fold_warnings(candidates: list[dict[str, Any]], chosen: int) -> list[str]:
+    """The report's warning (none or one) that a folding spline had a clearly lower
+    leave-one-out TRE than the chosen candidate."""
+    limit = _loo_tre(candidates[chosen]) * (1 - PREFER_AFFINE_MARGIN)
+    folded = [c for c in candidates if c["folds"] and _loo_tre(c) < limit]
+    if not folded:
+        return []
+    c = folded[0]
+    used = candidates[chosen]["model"]
+    if used == "tps":
+        used = f"spline with smoothing {candidates[chosen]['smoothing']:.3g}"
+    return [
+        f"a thin-plate spline (smoothing {c['smoothing']:.3g}) had a lower "
+        f"leave-one-out TRE ({_loo_tre(c):.3g} mm) but folds (min Jacobian determinant "
+        f"{c['min_jacobian_det']:.3g}); used the {used} "
+        "instead. Check the landmarks for swapped or misplaced points."
+    ]
+
+
+def _point_errors(
+    transform: Transform, landmarks: Landmarks, mask: NDArray[np.bool_]
+) -> NDArray[np.float64]:
+    """(M,) distances (mm) from the mapped slide positions of the ``mask`` landmarks to their
+    ultrasound positions."""
+    mapped = transform(landmarks.pathology_um[mask])
+    return np.linalg.norm(mapped - landmarks.ultrasound_mm[mask], axis=1)
+
+
+def _tre_over_bin(
+    bin_um: float | None,
+    scale_mm_per_mm: float,
+    loo_tre_mm: float | None,
+    holdout: Mapping[str, Any] | None,
+) -> tuple[float | None, dict[str, float | None] | None]:
+    """The heatmap cell in ultrasound mm and the TREs in cells; (None, None) without ``bin_um``."""
+    if bin_um is None:
+        return None, None
+    bin_mm = bin_um / _UM_PER_MM * scale_mm_per_mm
+    return bin_mm, {
+        "loo": _ratio(loo_tre_mm, bin_mm),
+        "holdout_mean": None if holdout is None else _ratio(holdout["mean"], bin_mm),
+        "holdout_max": None if holdout is None else _ratio(holdout["max"], bin_mm),
+    }
+
+
+def _report(
+    landmarks: Landmarks,
+    transform: Transform,
+    chosen_loo_errors: NDArray[np.float64],
+    candidates: list[dict[str, Any]],
+    chosen: int,
+    best_spline: int | None,
+    geom: dict[str, Any],
+    warn: list[str],
+    opts: _FitOptions,
+) -> dict[str, Any]:
+    """The :class:`Registration` report of :func:`fit_landmarks` for the chosen candidate."""
+    fit = landmarks.fit_mask
+    fit_ids = tuple(i for i, f in zip(landmarks.ids, fit, strict=True) if f)
+    hold_ids = tuple(i for i, f in zip(landmarks.ids, fit, strict=True) if not f)
+    residual = _point_errors(transform, landmarks, fit)
+    holdout = (
+        _tre_summary(_point_errors(transform, landmarks, ~fit), hold_ids) if hold_ids else None
+    )
+    chosen_loo = candidates[chosen]["loo_tre_mm"]
+    bin_mm, tre_over_bin = _tre_over_bin(opts.bin_um, geom["scale_mm_per_mm"], chosen_loo, holdout)
+    loo_by_model: dict[str, float | None] = {"affine": None, "tps": None}
+    for k, c in enumerate(candidates):
+        if c["model"] == "affine" or k == best_spline:
+            loo_by_model[c["model"]] = c["loo_tre_mm"]
+    return {
+        "n_fit": int(fit.sum()),
+        "n_holdout": len(hold_ids),
+        "model_requested": opts.model,
+        "smoothing_requested": opts.smoothing,
+        "chosen": {
+            "model": str(candidates[chosen]["model"]),
+            "smoothing": candidates[chosen]["smoothing"],
+            "loo_tre_mm": chosen_loo,
+        },
+        "candidates": candidates,
+        "loo_tre_mm": loo_by_model,
+        "loo_tre_per_point_mm": {
+            pid: _finite(float(e)) for pid, e in zip(fit_ids, chosen_loo_errors, strict=True)
+        },
+        "rmse_fit_mm": float(np.sqrt(np.mean(residual**2))),
+        "fit_residual_mm": {pid: float(e) for pid, e in zip(fit_ids, residual, strict=True)},
+        "holdout_tre_mm": holdout,
+        "bin_um": opts.bin_um,
+        "bin_in_ultrasound_mm": bin_mm,
+        "tre_over_bin": tre_over_bin,
+        "scale_mm_per_mm": geom["scale_mm_per_mm"],
+        "scale_axes_mm_per_mm": geom["scale_axes_mm_per_mm"],
+        "rotation_deg": geom["rotation_deg"],
+        "reflection": geom["reflection"],
+        "allow_reflection": opts.allow_reflection,
+        "expected_scale": list(opts.expected_scale),
+        "min_jacobian_det": candidates[chosen]["min_jacobian_det"],
+        "warnings": warn,
+    }
+
+
 def fit_landmarks(
     landmarks: Landmarks,
     *,
@@ -781,202 +1075,25 @@ def fit_landmarks(
         ``expected_scale``, or a forced spline that folds.
     """
     src = landmarks.source
-    if model not in ("auto", "affine", "tps"):
-        raise ValueError(f"model must be 'auto', 'affine' or 'tps', got {model!r}.")
-    fixed_smoothing: float | None = None
-    if smoothing != "auto":
-        fixed_smoothing = float(smoothing)
-        if not math.isfinite(fixed_smoothing) or fixed_smoothing < 0:
-            raise ValueError(f"smoothing must be 'auto' or a number >= 0, got {smoothing!r}.")
-        if model == "affine":
-            raise ValueError(
-                "smoothing applies to the thin-plate spline; drop it for model='affine'."
-            )
-    lo, hi = (float(v) for v in expected_scale)
-    if not (0 < lo <= hi):
-        raise ValueError(
-            f"expected_scale must be (low, high) with 0 < low <= high, got {expected_scale}."
-        )
-    if bin_um is not None and not (math.isfinite(bin_um) and bin_um > 0):
-        raise ValueError(f"bin_um must be a positive number of micrometres, got {bin_um!r}.")
-
-    fit = landmarks.fit_mask
-    n_fit = int(fit.sum())
-    fit_ids = tuple(i for i, f in zip(landmarks.ids, fit, strict=True) if f)
-    hold_ids = tuple(i for i, f in zip(landmarks.ids, fit, strict=True) if not f)
-    p_fit, q_fit = landmarks.pathology_um[fit], landmarks.ultrasound_mm[fit]
-    need = MIN_TPS_POINTS if model == "tps" else MIN_AFFINE_POINTS
-    if n_fit < need:
-        kind = "a thin-plate spline" if model == "tps" else "an affine registration"
-        raise LandmarkError(
-            f"{src}: {n_fit} landmark pairs with role 'fit'; {kind} needs at least {need}. "
-            "Add landmarks (or turn holdout points into fit points)."
-        )
-    _check_geometry(p_fit, "slide", "µm", src)
-    _check_geometry(q_fit, "ultrasound", "mm", src)
-
-    affine = Affine.fit(p_fit, q_fit, source=SLIDE_UM, target=US_MM)
-    geom = _affine_geometry(affine)
-    if geom["reflection"] and not allow_reflection:
-        raise LandmarkError(
-            f"{src}: the landmarks fit only as a mirror image (determinant {geom['det']:.3g}): "
-            "the slide or the ultrasound image is flipped, or x and y are swapped on one side. "
-            "Check the points, or pass allow_reflection=True if the "
-            "section was mounted face down."
-        )
-    if not all(lo <= s <= hi for s in geom["scale_axes_mm_per_mm"]):
-        raise LandmarkError(_scale_error(geom, (lo, hi), src))
-    orientation = -1.0 if geom["reflection"] else 1.0
-    fold_grid = _fold_grid(landmarks.pathology_um)
-    spread_mm = float(np.ptp(q_fit, axis=0).max())
-
-    candidates: list[dict[str, Any]] = []
-    transforms: list[Transform] = []
-    loo_errors: list[NDArray[np.float64]] = []
-    if model in ("auto", "affine"):
-        errors = _loo_errors(p_fit, q_fit, None) if n_fit > MIN_AFFINE_POINTS else None
-        loo_errors.append(errors if errors is not None else np.full(n_fit, np.nan))
-        transforms.append(affine)
-        candidates.append(
-            {
-                "model": "affine",
-                "smoothing": None,
-                "loo_tre_mm": None if errors is None else _finite(float(errors.mean())),
-                "loo_tre_max_mm": None if errors is None else _finite(float(errors.max())),
-                "min_jacobian_det": _min_det(affine, fold_grid[:1], orientation),
-                "folds": False,
-            }
-        )
-    if model == "tps" or (model == "auto" and n_fit >= MIN_TPS_POINTS):
-        if fixed_smoothing is not None:
-            grid = [fixed_smoothing]
-        else:
-            scale = _kernel_scale(p_fit)
-            grid = [float(g) * scale for g in SMOOTHING_GRID]
-        for s in grid:
-            errors = _loo_errors(p_fit, q_fit, s)
-            tps = ThinPlateSpline(p_fit, q_fit, s, SLIDE_UM, US_MM)
-            min_det = _min_det(tps, fold_grid, orientation)
-            loo_errors.append(errors)
-            transforms.append(tps)
-            candidates.append(
-                {
-                    "model": "tps",
-                    "smoothing": s,
-                    "loo_tre_mm": _finite(float(errors.mean())),
-                    "loo_tre_max_mm": _finite(float(errors.max())),
-                    "min_jacobian_det": min_det,
-                    "folds": bool(min_det <= 0),
-                }
-            )
-
-    def loo(k: int) -> float:
-        value = candidates[k]["loo_tre_mm"]
-        return math.inf if value is None else float(value)
-
-    warn: list[str] = []
-    splines = [k for k, c in enumerate(candidates) if c["model"] == "tps" and not c["folds"]]
-    best_spline = None
-    if splines:
-        # Like the affine-versus-spline choice: the smoothest spline within the margin of the
-        # best leave-one-out TRE, because LOO TRE is noisy and smoothing guards against noise.
-        floor = min(loo(k) for k in splines) * (1 + PREFER_AFFINE_MARGIN)
-        best_spline = max(
-            (k for k in splines if loo(k) <= floor), key=lambda k: candidates[k]["smoothing"]
-        )
-    if model == "tps" and best_spline is None:
-        worst = min(c["min_jacobian_det"] for c in candidates)
-        raise LandmarkError(
-            f"{src}: the thin-plate spline folds over itself (smallest Jacobian determinant "
-            f"{worst:.3g} <= 0 inside the landmark hull): some landmarks are out of order or "
-            "mismatched. Check them, raise the smoothing, or use model='affine'."
-        )
-    chosen = 0
-    if model == "tps":
-        assert best_spline is not None  # internal: raised above
-        chosen = best_spline
-    elif model == "auto" and best_spline is not None:
-        a, t = loo(0), loo(best_spline)
-        if t < a * (1 - PREFER_AFFINE_MARGIN) and a - t > 1e-9 * spread_mm:
-            chosen = best_spline
-    folded = [
-        k
-        for k, c in enumerate(candidates)
-        if c["folds"] and loo(k) < loo(chosen) * (1 - PREFER_AFFINE_MARGIN)
-    ]
-    if folded:
-        k = folded[0]
-        used = candidates[chosen]["model"]
-        if used == "tps":
-            used = f"spline with smoothing {candidates[chosen]['smoothing']:.3g}"
-        warn.append(
-            f"a thin-plate spline (smoothing {candidates[k]['smoothing']:.3g}) had a lower "
-            f"leave-one-out TRE ({loo(k):.3g} mm) but folds (min Jacobian determinant "
-            f"{candidates[k]['min_jacobian_det']:.3g}); used the {used} "
-            "instead. Check the landmarks for swapped or misplaced points."
-        )
-        warnings.warn(f"{src}: {warn[-1]}", UserWarning, stacklevel=2)
-
+    opts = _fit_options(model, smoothing, allow_reflection, bin_um, expected_scale)
+    p_fit, q_fit = _fit_points(landmarks, model)
+    affine, geom = _fit_affine(p_fit, q_fit, opts, src)
+    candidates, transforms, loo_errors = _fit_candidates(
+        p_fit, q_fit, landmarks.pathology_um, affine, geom["reflection"], opts
+    )
+    best_spline = _best_spline(candidates)
+    chosen = _choose_model(candidates, best_spline, model, q_fit, src)
+    warn = _fold_warnings(candidates, chosen)
+    for message in warn:
+        warnings.warn(f"{src}: {message}", UserWarning, stacklevel=2)
     transform = transforms[chosen]
-    chosen_model = str(candidates[chosen]["model"])
-    chosen_smoothing = candidates[chosen]["smoothing"]
-    residual = np.linalg.norm(transform(p_fit) - q_fit, axis=1)
-    holdout = None
-    hold_errors = None
-    if hold_ids:
-        hold = ~fit
-        hold_errors = np.linalg.norm(
-            transform(landmarks.pathology_um[hold]) - landmarks.ultrasound_mm[hold], axis=1
-        )
-        holdout = _tre_summary(hold_errors, hold_ids)
-    tre_over_bin = None
-    bin_mm = None
-    if bin_um is not None:
-        bin_mm = bin_um / _UM_PER_MM * geom["scale_mm_per_mm"]
-        chosen_loo = candidates[chosen]["loo_tre_mm"]
-        tre_over_bin = {
-            "loo": None if chosen_loo is None else chosen_loo / bin_mm,
-            "holdout_mean": None if holdout is None else _ratio(holdout["mean"], bin_mm),
-            "holdout_max": None if holdout is None else _ratio(holdout["max"], bin_mm),
-        }
-    loo_by_model: dict[str, float | None] = {"affine": None, "tps": None}
-    for k, c in enumerate(candidates):
-        if c["model"] == "affine" or k == best_spline:
-            loo_by_model[c["model"]] = c["loo_tre_mm"]
-    report: dict[str, Any] = {
-        "n_fit": n_fit,
-        "n_holdout": len(hold_ids),
-        "model_requested": model,
-        "smoothing_requested": smoothing,
-        "chosen": {
-            "model": chosen_model,
-            "smoothing": chosen_smoothing,
-            "loo_tre_mm": candidates[chosen]["loo_tre_mm"],
-        },
-        "candidates": candidates,
-        "loo_tre_mm": loo_by_model,
-        "loo_tre_per_point_mm": {
-            pid: _finite(float(e)) for pid, e in zip(fit_ids, loo_errors[chosen], strict=True)
-        },
-        "rmse_fit_mm": float(np.sqrt(np.mean(residual**2))),
-        "fit_residual_mm": {pid: float(e) for pid, e in zip(fit_ids, residual, strict=True)},
-        "holdout_tre_mm": holdout,
-        "bin_um": bin_um,
-        "bin_in_ultrasound_mm": bin_mm,
-        "tre_over_bin": tre_over_bin,
-        "scale_mm_per_mm": geom["scale_mm_per_mm"],
-        "scale_axes_mm_per_mm": geom["scale_axes_mm_per_mm"],
-        "rotation_deg": geom["rotation_deg"],
-        "reflection": geom["reflection"],
-        "allow_reflection": allow_reflection,
-        "expected_scale": [lo, hi],
-        "min_jacobian_det": candidates[chosen]["min_jacobian_det"],
-        "warnings": warn,
-    }
+    report = _report(
+        landmarks, transform, loo_errors[chosen], candidates, chosen, best_spline, geom, warn, opts
+    )
     return Registration(
         transform=transform,
-        model=chosen_model,
-        smoothing=chosen_smoothing,
+        model=str(candidates[chosen]["model"]),
+        smoothing=candidates[chosen]["smoothing"],
         report=report,
         landmarks=landmarks,
     )
