@@ -253,6 +253,12 @@ class ModelCard:
             If the data is not a MIL head's card, is newer than this OncoTrace reads, has
             unknown sections or lacks a required one.
         """
+        if isinstance(data, Mapping) and data.get("format") == "oncotrace-fewshot-head":
+            raise ValueError(
+                f"{source}: a few-shot head ({data.get('kind')!r} on frozen case embeddings), not"
+                " an attention-MIL head. Fix: load it with mil.load_fewshot_head; score and"
+                " evaluate take the folder `oncotrace train` wrote."
+            )
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(
                 f"{source}: not an OncoTrace MIL head (format {_FORMAT!r} expected). Fix: pass"

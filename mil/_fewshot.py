@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from oncotrace import __version__
+from oncotrace.wsi import atomic_write_json
 
 from . import _metrics
 from ._splits import _check_inputs, _patient_labels
@@ -181,7 +182,7 @@ class _FewShotHead:
             "params": self._params(),
             "metadata": dict(metadata or {}),
         }
-        (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(directory / _CONFIG_FILE, meta, indent=2)
         return directory
 
 

@@ -171,3 +171,13 @@ def test_train_config_round_trip() -> None:
     assert mil.TrainConfig.from_dict(config.to_dict()) == config
     assert config.test_sites == ("B", "C")
     assert config.provenance()["test_fraction"] is None  # sites held out, not a fraction
+
+
+def test_a_fewshot_head_folder_is_refused_with_the_loader_to_use(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(8, D))
+    head = mil.PrototypeHead().fit(emb, np.array(["a", "b"] * 4))
+    head.save(tmp_path / "fs")
+    with pytest.raises(ValueError, match=r"model\.json.*few-shot head.*load_fewshot_head"):
+        mil.ModelCard.read(tmp_path / "fs")
+    assert mil.load_fewshot_head(tmp_path / "fs").kind == head.kind
