@@ -57,7 +57,7 @@ def _rss_mb() -> float:
 def make_slide(path: Path, size: int, seed: int = 0) -> dict[str, Any]:
     """Render a ``size``² planted H&E slide block by block (bounded memory) and write it."""
     import numpy as np
-    from oncotrace.spatial._cellphantom import render_cells, write_phantom_slide
+    from oncotrace.spatial import render_cells, write_phantom_slide
 
     image = np.full((size, size, 3), 250, np.uint8)
     yy, xx = np.ogrid[:size, :size]
@@ -88,7 +88,7 @@ def make_slide(path: Path, size: int, seed: int = 0) -> dict[str, Any]:
 def blob_log_pass(slide_path: Path, tile_um: float, halo_um: float) -> dict[str, Any]:
     """The baseline: same tissue tiles, read via the Slide API, blob_log on hematoxylin."""
     from oncotrace import wsi
-    from oncotrace.spatial._immune import _mask_fraction, _tile_grid
+    from oncotrace.spatial._immune import _mask_fraction, _tile_grid  # private: the detector's grid
     from skimage.color import rgb2hed
     from skimage.feature import blob_log
 
@@ -129,7 +129,7 @@ def blob_log_pass(slide_path: Path, tile_um: float, halo_um: float) -> dict[str,
 
 
 def section_detection(args: argparse.Namespace) -> dict[str, Any]:
-    from oncotrace.spatial._immune import ImmuneConfig, detect_immune_cells
+    from oncotrace.spatial import ImmuneConfig, detect_immune_cells
 
     path = Path(args.slide)
     made = json.loads(path.with_suffix(".json").read_text())

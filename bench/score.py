@@ -61,7 +61,7 @@ def _model() -> Path:
 
 
 def _run(slides: list[Path], workers: int, threads: int, tag: str) -> dict[str, float]:
-    from oncotrace.workflows._score import (
+    from oncotrace.workflows import (
         ScoreConfig,
         SlideJob,
         model_hash,

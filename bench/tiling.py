@@ -373,7 +373,6 @@ def breakdown(
 ) -> dict[str, float]:
     """Per-stage cost of the tiler on the same coords, each stage alone, in this process."""
     from oncotrace import wsi
-    from oncotrace.wsi import _tiling
 
     sel = coords[subset_runs(len(coords), max_n)]
     res: dict[str, float] = {}
@@ -388,11 +387,11 @@ def breakdown(
         tiles = []
         t0 = time.perf_counter()
         for x, y in sel[:1024]:
-            tiles.append(_tiling.read_tile(s, (int(x), int(y)), geom))
+            tiles.append(wsi.read_tile(s, (int(x), int(y)), geom))
         res["read_tile_ms_1thread"] = (time.perf_counter() - t0) / len(tiles) * 1e3
         t0 = time.perf_counter()
         for t in tiles:
-            _tiling.focus_score(t)
+            wsi.focus_score(t)
         res["focus_score_ms"] = (time.perf_counter() - t0) / len(tiles) * 1e3
         t0 = time.perf_counter()
         wsi.write_patches(s, sel, out_dir / "breakdown", mask=mask, workers=workers)
@@ -462,7 +461,7 @@ def tiler_fingerprint() -> dict[str, str]:
 def tiler_cucim_cache_mib() -> int:
     """The cuCIM cache size the tiler sets up for itself (0 if it sets none). Imports no cuCIM."""
     try:
-        from oncotrace.wsi import _backends
+        from oncotrace.wsi import _backends  # private: the tiler's own cache setting
     except ImportError:
         return 0
     return int(getattr(_backends, "CUCIM_CACHE_MIB", 0) or 0)

@@ -81,8 +81,7 @@ def ensure_data(
 ) -> tuple[Path, list[Path], np.ndarray, dict[str, Any]]:
     """The cohort's stores and labels, generated once (``done.json`` marks a finished set)."""
     import zarr
-    from oncotrace.mil._embed import FEATURE_CHUNK
-    from oncotrace.wsi import Store, StoreAttrs, fast_codecs
+    from oncotrace.wsi import FEATURE_CHUNK_ROWS, Store, StoreAttrs, fast_codecs
 
     root = data_dir(bags, instances, dim, codec, seed)
     marker = root / "done.json"
@@ -110,7 +109,7 @@ def ensure_data(
                 FEATURE_NAME,
                 shape=(instances, dim),
                 dtype="float32",
-                chunks=(min(instances, FEATURE_CHUNK), dim),
+                chunks=(min(instances, FEATURE_CHUNK_ROWS), dim),
                 compressors=compressors,
                 dimension_names=("tile", "feature"),
             )
@@ -256,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from oncotrace.mil import _bags
-    from oncotrace.mil._bags import ZarrBags  # not exported from `mil` yet
+    from oncotrace.mil import ZarrBags, prefetch_bags
 
     torch.set_num_threads(args.threads)
     print(
@@ -273,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = meta["bytes_on_disk"] / 2**30
     print(f"data {root} ({how}; {gib:.2f} GiB on disk, codec {args.codec})", flush=True)
     if args.depth != 2:  # prefetch_bags' default depth is what fit() uses
-        default = _bags.prefetch_bags.__defaults__
-        _bags.prefetch_bags.__defaults__ = (args.depth,)
+        default = prefetch_bags.__defaults__
+        prefetch_bags.__defaults__ = (args.depth,)
         print(f"  prefetch depth set to {args.depth} (default {default})")
 
     # Warm-up (untimed): torch kernels, allocator, zarr/zarrs pipelines.

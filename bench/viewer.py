@@ -83,7 +83,7 @@ def _results(slide: Path, root: Path) -> Path:
 
 def _tile_set(width: int, height: int, n: int, seed: int) -> list[tuple[int, int, int]]:
     import numpy as np
-    from oncotrace.workflows._viewer._tiles import DeepZoom
+    from oncotrace.workflows._viewer._tiles import DeepZoom  # private: the server's tile grid
 
     dz = DeepZoom(width, height)
     rng = np.random.default_rng(seed)
@@ -269,7 +269,7 @@ def main() -> None:
     if not args.decoder_cache:
         _no_decoder_cache(cfg_dir)
 
-    from oncotrace.workflows._viewer.server import create_app, start_server
+    from oncotrace.workflows import create_app, start_server
 
     slide = _slide(args.size)
     with tempfile.TemporaryDirectory(prefix="viewer-bench-") as tmp:

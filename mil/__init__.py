@@ -18,7 +18,9 @@ from ._encoders import (
     Device,
     EncoderConfig,
     Precision,
+    TimmEncoder,
     WeightsError,
+    build_timm_model,
     create_encoder,
     encoder_config,
     list_encoders,
@@ -78,6 +80,7 @@ from ._metrics import (
     multiclass_metrics,
     reliability_curve,
 )
+from ._pathomics import FEATURE_NAMES, pathomics_features
 from ._protocol import TrainConfig, TrainConfigError, TrainResult, train_model
 from ._report import plot_confusion, plot_reliability, plot_roc, render_html
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
@@ -94,6 +97,7 @@ from ._train import (
 
 __all__ = [
     "ENCODERS",
+    "FEATURE_NAMES",
     "HEADS",
     "BinaryMetrics",
     "CalibratedPredictions",
@@ -122,6 +126,7 @@ __all__ = [
     "PrototypeHead",
     "RepeatSpread",
     "TaskEvaluation",
+    "TimmEncoder",
     "TrainConfig",
     "TrainConfigError",
     "TrainResult",
@@ -132,6 +137,7 @@ __all__ = [
     "auc_ci",
     "binary_metrics",
     "bootstrap_ci",
+    "build_timm_model",
     "case_embeddings",
     "choose_threshold",
     "compare_readers",
@@ -164,6 +170,7 @@ __all__ = [
     "mcnemar_test",
     "metrics",
     "multiclass_metrics",
+    "pathomics_features",
     "plot_confusion",
     "plot_reliability",
     "plot_roc",

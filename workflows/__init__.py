@@ -9,6 +9,8 @@ if __name__ != "oncotrace.workflows":
     )
 
 
+from typing import TYPE_CHECKING, Any
+
 from ._flags import FLAGS, cli_message, flag_for
 from ._score import (
     ScoreConfig,
@@ -26,21 +28,56 @@ from ._score import (
     write_outputs,
 )
 
+if TYPE_CHECKING:
+    from ._viewer import (
+        RunningServer,
+        create_app,
+        openseadragon_dir,
+        setup_viewer,
+        start_server,
+    )
+
+#: The viewer's names (``oncotrace view``), imported on first use: its server pulls in Starlette
+#: and uvicorn, which ``import oncotrace.workflows`` must not pay for.
+_VIEWER_NAMES = frozenset(
+    {"RunningServer", "create_app", "openseadragon_dir", "setup_viewer", "start_server"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VIEWER_NAMES:
+        from . import _viewer
+
+        value = getattr(_viewer, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_VIEWER_NAMES})
+
+
 __all__ = [
     "FLAGS",
+    "RunningServer",
     "ScoreConfig",
     "ScoreReport",
     "ScoreRun",
     "SlideJob",
     "cli_message",
     "collect_jobs",
+    "create_app",
     "flag_for",
     "model_hash",
+    "openseadragon_dir",
     "read_manifest",
     "resolve_tiling",
     "run_score",
     "score_slide",
     "score_slides",
     "scoring_encoder",
+    "setup_viewer",
+    "start_server",
     "write_outputs",
 ]

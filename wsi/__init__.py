@@ -18,6 +18,7 @@ from ._errors import (
     SlideError,
     UnsupportedSlideError,
 )
+from ._inspect import FileInfo, inspect_file
 from ._io import (
     ReadAhead,
     atomic_dir,
@@ -69,6 +70,7 @@ __all__ = [
     "CorruptSlideError",
     "FeatureAttrs",
     "FeatureWriter",
+    "FileInfo",
     "Mode",
     "Mpp",
     "MppError",
@@ -95,6 +97,7 @@ __all__ = [
     "fast_codecs",
     "focus_score",
     "ink_mask",
+    "inspect_file",
     "is_complete",
     "open_slide",
     "read_ahead",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from oncotrace.mil._bags import ZarrBags, prefetch_bags
+from oncotrace.mil import ZarrBags, prefetch_bags
 
 
 def _store(path: Path, feats: np.ndarray | None, name: str = "enc") -> Path:

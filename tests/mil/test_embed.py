@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 from oncotrace import mil, wsi
-from oncotrace.mil._pathomics import pathomics_features
+from oncotrace.mil import pathomics_features
 from oncotrace.wsi.synthetic import make_tissue_squares
 
 
@@ -77,7 +77,7 @@ def test_missing_features_name_the_command_to_run(store: Path) -> None:
 def test_features_written_in_whole_chunks_match_tile_by_tile(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import oncotrace.mil._embed as embed_mod
+    import oncotrace.mil._embed as embed_mod  # private: patches embed's FEATURE_CHUNK
 
     monkeypatch.setattr(embed_mod, "FEATURE_CHUNK", 7)  # batches of 5 straddle chunks of 7
     mil.embed(store, "pathomics", batch_size=5)

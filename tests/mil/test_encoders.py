@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 from oncotrace import mil
-from oncotrace.mil._encoders import TimmEncoder, WeightsError, build_timm_model
-from oncotrace.mil._pathomics import FEATURE_NAMES, pathomics_features
+from oncotrace.mil import (
+    FEATURE_NAMES,
+    TimmEncoder,
+    WeightsError,
+    build_timm_model,
+    pathomics_features,
+)
 from oncotrace.wsi.synthetic import BACKGROUND, he_texture
 
 GIANT = os.environ.get("ONCOTRACE_TEST_GIANT") == "1"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oncotrace.mil._fewshot import (
+from oncotrace.mil import (
     LinearProbeHead,
     PrototypeHead,
     case_embeddings,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oncotrace.mil._heads import (
+from oncotrace.mil import (
     HeadConfig,
     MILHead,
     create_head,

@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 import zarr
 from oncotrace import wsi
-from oncotrace.mil._bags import ZarrBags
-from oncotrace.mil._import import FeatureImportError, import_features, read_h5_features
-from oncotrace.mil._train import load_cohort
+from oncotrace.mil import (
+    FeatureImportError,
+    ZarrBags,
+    import_features,
+    load_cohort,
+    read_h5_features,
+)
 
 DIM = 1024  # the registered "uni" encoder's dim, so load_cohort accepts the name
 
@@ -348,7 +352,7 @@ def test_unfinished_directory_is_refused(tmp_path: Path) -> None:
 def test_interrupted_import_leaves_no_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import oncotrace.mil._import as imp
+    import oncotrace.mil._import as imp  # private: fails its internal _write_features step
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from oncotrace.mil._metrics import (
+from oncotrace.mil import (
     apply_temperature,
     auc_ci,
     binary_metrics,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oncotrace.mil._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
+from oncotrace.mil import grouped_kfold, grouped_split, inner_validation, site_holdout
 
 
 def _cohort(seed: int, n_patients: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -70,7 +70,7 @@ def test_cli_choices_are_the_libraries_choices(cli_name: str, library: str) -> N
     from typing import get_args
 
     from oncotrace import mil, spatial
-    from oncotrace.workflows import _flags
+    from oncotrace.workflows import _flags  # private: the CLI's Literals are not API
 
     stage, name = library.split(".")
     lib = getattr({"mil": mil, "spatial": spatial}[stage], name)

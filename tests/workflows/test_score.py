@@ -296,7 +296,7 @@ def test_every_task_gets_its_own_attention_heatmap(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
     from oncotrace import spatial
-    from oncotrace.workflows._score import _heatmaps
+    from oncotrace.workflows._score import _heatmaps  # private: score's per-task heatmap step
 
     store = sorted(trained["stores"].glob("*.zarr"))[0]
     coords = np.asarray(zarr_open(store)["coords"][...], np.int64)

@@ -67,13 +67,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> ViewerResults:
 
 @pytest.fixture(scope="module")
 def base_url(results: ViewerResults) -> Iterator[str]:
-    from oncotrace.workflows._viewer._assets import openseadragon_dir
+    from oncotrace.workflows import openseadragon_dir, start_server
 
     try:
         openseadragon_dir()
     except FileNotFoundError as exc:
         pytest.fail(f"the slide view needs OpenSeadragon: {exc}")
-    from oncotrace.workflows._viewer.server import start_server
 
     server = start_server(results.results_dir, port=0)
     try:
@@ -483,7 +482,7 @@ def test_ultrasound_view_frame_overlay_landmarks_tre(
 def bare_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The asset lookup pointed at a package folder with only the manifests, and an empty
     install folder, whatever is installed on this machine."""
-    from oncotrace.workflows._viewer import _assets
+    from oncotrace.workflows._viewer import _assets  # private: repoints its _PACKAGE_DIR
 
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -511,7 +510,10 @@ echo '/* stand-in */' > node_modules/openseadragon/build/openseadragon/openseadr
 
 
 def test_pinned_version_matches_package_json() -> None:
-    from oncotrace.workflows._viewer._assets import package_dir, pinned_openseadragon_version
+    from oncotrace.workflows._viewer._assets import (  # private: setup's manifests and pin
+        package_dir,
+        pinned_openseadragon_version,
+    )
 
     manifest = json.loads((package_dir() / "package.json").read_text())
     # An exact pin (no ^ or ~): the lock file and package.json name the same release.
@@ -520,7 +522,7 @@ def test_pinned_version_matches_package_json() -> None:
 
 
 def test_missing_openseadragon_names_the_setup_command(bare_assets: Path) -> None:
-    from oncotrace.workflows._viewer._assets import openseadragon_dir
+    from oncotrace.workflows import openseadragon_dir
 
     with pytest.raises(FileNotFoundError, match="oncotrace viewer-setup") as info:
         openseadragon_dir()
@@ -528,11 +530,10 @@ def test_missing_openseadragon_names_the_setup_command(bare_assets: Path) -> Non
 
 
 def test_setup_viewer_installs_the_pinned_version_atomically(bare_assets: Path) -> None:
-    from oncotrace.workflows._viewer._assets import (
+    from oncotrace.workflows import openseadragon_dir, setup_viewer
+    from oncotrace.workflows._viewer._assets import (  # private: where setup installs, the pin
         install_dir,
-        openseadragon_dir,
         pinned_openseadragon_version,
-        setup_viewer,
     )
 
     want = pinned_openseadragon_version()
@@ -569,7 +570,7 @@ def test_demo_results_open_in_the_browser(
     """What a newcomer does after the README's first command: `oncotrace view DEMO/scores`."""
     import csv
 
-    from oncotrace.workflows._viewer.server import start_server
+    from oncotrace.workflows import start_server
 
     results = demo_run[0] / "scores"
     with open(results / "predictions.csv", newline="") as f:

@@ -31,9 +31,15 @@ from oncotrace.spatial import (
     to_ultrasound,
     write_ome_zarr,
 )
-from oncotrace.workflows._viewer._results import NotFoundError
-from oncotrace.workflows._viewer._tiles import ByteLRU, DeepZoom, SlidePool, TileService
-from oncotrace.workflows._viewer.server import create_app, safe_file, start_server
+from oncotrace.workflows import create_app, start_server
+from oncotrace.workflows._viewer._results import NotFoundError  # private: safe_file's error
+from oncotrace.workflows._viewer._tiles import (  # private: the server's tile machinery
+    ByteLRU,
+    DeepZoom,
+    SlidePool,
+    TileService,
+)
+from oncotrace.workflows._viewer.server import safe_file  # private: the path-escape guard
 from oncotrace.wsi.synthetic import write_pyramid_tiff
 from PIL import Image
 from starlette.testclient import TestClient
@@ -633,7 +639,7 @@ def test_server_thread_answers_loopback_names_only(fx: Fixture) -> None:
 
 def test_view_command_rejects_a_non_results_folder(tmp_path: Path) -> None:
     import typer
-    from oncotrace.workflows._view_cli import register
+    from oncotrace.workflows._view_cli import register  # private: the `view` command alone
     from rich.console import Console
 
     app = typer.Typer()

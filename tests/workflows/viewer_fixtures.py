@@ -141,7 +141,7 @@ def build_viewer_results(root: Path, *, spatial: bool = True) -> ViewerResults:
         )
     )
     if spatial:
-        from oncotrace.workflows._demo_spatial import spatial_demo
+        from oncotrace.workflows._demo_spatial import spatial_demo  # private: the demo's step
 
         spatial_demo(results, workers=1)
     return ViewerResults(

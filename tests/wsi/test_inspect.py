@@ -23,8 +23,9 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oncotrace import wsi
-from oncotrace.wsi._backends import cucim_available
-from oncotrace.wsi._inspect import inspect_file, sniff
+from oncotrace.wsi import inspect_file
+from oncotrace.wsi._backends import cucim_available  # private: open_slide's own cuCIM probe
+from oncotrace.wsi._inspect import sniff  # private: the sniffer inspect_file uses
 
 from tests.wsi import badinput
 

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import tifffile
 from oncotrace import wsi
-from oncotrace.wsi._backends import cucim_available
-from oncotrace.wsi._inspect import inspect_file
+from oncotrace.wsi import inspect_file
+from oncotrace.wsi._backends import cucim_available  # private: open_slide's own cuCIM probe
 from PIL import Image
 
 from tests.wsi import badinput

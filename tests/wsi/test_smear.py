@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from oncotrace import wsi
-from oncotrace.wsi._smear import smear_mask
+from oncotrace.wsi import smear_mask
 from oncotrace.wsi.synthetic_smear import SmearTruth, make_smear, render_smear
 from PIL import Image
 from scipy import ndimage

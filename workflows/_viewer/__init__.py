@@ -7,6 +7,7 @@ Nothing here touches the disk or the network at import time.
 
 from __future__ import annotations
 
+from ._assets import openseadragon_dir, setup_viewer
 from .server import RunningServer, create_app, start_server
 
-__all__ = ["RunningServer", "create_app", "start_server"]
+__all__ = ["RunningServer", "create_app", "openseadragon_dir", "setup_viewer", "start_server"]
