@@ -6,8 +6,9 @@ folder, unknown ids or names, tiles outside the pyramid, non-numbers — get a J
 pixels are read only through the Slide API (:mod:`wsi`), so label and macro images and raw
 metadata are never reachable; the slide JSON holds size, mpp and level count only.
 
-Endpoints are plain functions: Starlette runs them in its thread pool, so tile reads for
-concurrent requests overlap (the slide readers release the GIL while decoding).
+Endpoints are plain (synchronous) methods of :class:`Endpoints`: Starlette runs them in its thread
+pool, so tile reads for concurrent requests overlap (the slide readers release the GIL while
+decoding).
 """
 
 from __future__ import annotations
@@ -405,6 +406,163 @@ class Viewer:
         self.tiles.close()
 
 
+def _page(kind: str) -> Response:
+    return _file(safe_file(STATIC_DIR, PAGES[kind]))
+
+
+def _png_name(file: str) -> str:
+    """The overlay name in a ``<name>.png`` URL segment, else :class:`NotFoundError`."""
+    if not file.endswith(".png"):
+        raise NotFoundError(f"no overlay image {file!r}")
+    return file.removesuffix(".png")
+
+
+def _tile_address(name: str, level_text: str, file: str) -> tuple[str, int, int, int]:
+    """``(slide_id, level, col, row)`` from a ``<id>_files/<level>/<col>_<row>.jpeg`` tile URL."""
+    if not name.endswith("_files") or not file.endswith(".jpeg"):
+        raise NotFoundError(f"no tile {name}/{file}")
+    level = _int(level_text, "level")
+    col_text, sep, row_text = file.removesuffix(".jpeg").partition("_")
+    if not sep:
+        raise NotFoundError(f"tile name {file!r} is not <col>_<row>.jpeg")
+    return name.removesuffix("_files"), level, _int(col_text, "column"), _int(row_text, "row")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    return JSONResponse({"error": f"{detail}: {request.url.path}"}, status_code=status)
+
+
+class Endpoints:
+    """The route handlers over one :class:`Viewer`; :meth:`routes` maps URLs onto them.
+
+    The synchronous handlers are wrapped in :func:`_guard` there (missing things answer a JSON
+    404); :meth:`tile` is async and catches the same errors itself.
+    """
+
+    def __init__(self, viewer: Viewer) -> None:
+        self.viewer = viewer
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", _guard(self.cases_page)),
+            Route("/slide/{slide_id}", _guard(self.slide_page)),
+            Route("/ultrasound/{slide_id}", _guard(self.ultrasound_page)),
+            Route("/static/{path:path}", _guard(self.static)),
+            Route("/vendor/openseadragon/{path:path}", _guard(self.vendor)),
+            Route("/api/cases", _guard(self.api_cases)),
+            Route("/api/slides/{slide_id}", _guard(self.api_slide)),
+            Route("/api/ultrasound/{slide_id}", _guard(self.api_ultrasound)),
+            Route("/dzi/{name}", _guard(self.dzi)),
+            Route("/dzi/{name}/{level}/{tile}", self.tile),
+            Route("/overlay/{slide_id}/{file}", _guard(self.overlay)),
+            Route("/overlay/{slide_id}/{name}/colorbar.png", _guard(self.overlay_colorbar)),
+            Route("/us/{slide_id}/frame.png", _guard(self.us_frame)),
+            Route("/us/{slide_id}/overlay/{file}", _guard(self.us_overlay)),
+            Route("/us/{slide_id}/overlay/{name}/colorbar.png", _guard(self.us_colorbar)),
+        ]
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self.viewer.close()
+
+    # -- pages and static files --------------------------------------------------------------
+    def cases_page(self, request: Request) -> Response:
+        return _page("cases")
+
+    def slide_page(self, request: Request) -> Response:
+        self.viewer.index.case(request.path_params["slide_id"])
+        return _page("slide")
+
+    def ultrasound_page(self, request: Request) -> Response:
+        case = self.viewer.index.case(request.path_params["slide_id"])
+        if case.ultrasound is None:
+            raise NotFoundError(f"slide {case.slide_id!r} has no ultrasound view")
+        return _page("ultrasound")
+
+    def static(self, request: Request) -> Response:
+        return _file(safe_file(STATIC_DIR, request.path_params["path"]))
+
+    def vendor(self, request: Request) -> Response:
+        try:
+            from ._assets import openseadragon_dir
+        except ImportError as exc:
+            raise NotFoundError(
+                "the viewer's asset module is missing; reinstall oncotrace"
+            ) from exc
+        return _file(safe_file(openseadragon_dir(), request.path_params["path"]))
+
+    # -- JSON APIs ---------------------------------------------------------------------------
+    def api_cases(self, request: Request) -> Response:
+        cases = self.viewer.index.cases()
+        tasks: dict[str, None] = {}
+        for case in cases.values():
+            tasks.update(dict.fromkeys(case.tasks))
+        return JSONResponse({"cases": [c.summary() for c in cases.values()], "tasks": list(tasks)})
+
+    def api_slide(self, request: Request) -> Response:
+        return JSONResponse(self.viewer.slide_json(request.path_params["slide_id"]))
+
+    def api_ultrasound(self, request: Request) -> Response:
+        return JSONResponse(self.viewer.ultrasound_json(request.path_params["slide_id"]))
+
+    # -- Deep Zoom ---------------------------------------------------------------------------
+    def dzi(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
+        if not name.endswith(".dzi"):
+            raise NotFoundError(f"no Deep Zoom image {name!r}")
+        case = self.viewer.index.case(name.removesuffix(".dzi"))
+        info = self.viewer.tiles.info(self.viewer.source(case))
+        return Response(info.deepzoom.dzi_xml(), media_type="application/xml")
+
+    async def tile(self, request: Request) -> Response:
+        # Async so that a cached tile is answered on the event loop, without the thread-pool
+        # round trip; only slide reads (and the once-a-second folder check) go to threads.
+        viewer = self.viewer
+        try:
+            params = request.path_params
+            slide_id, level, col, row = _tile_address(
+                params["name"], params["level"], params["tile"]
+            )
+            if viewer.index.due:
+                await run_in_threadpool(viewer.index.cases)
+            path = viewer.source(viewer.index.case(slide_id))
+            key = viewer.tiles.key(path, level, col, row)
+            data = viewer.tiles.cached(key)
+            if data is None:
+                data = await run_in_threadpool(viewer.tiles.render, path, key, level, col, row)
+        except _NOT_FOUND as exc:
+            return _not_found(str(exc))
+        return Response(
+            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
+        )
+
+    # -- overlays ----------------------------------------------------------------------------
+    def overlay(self, request: Request) -> Response:
+        name = _png_name(request.path_params["file"])
+        return _png(self.viewer.overlay_png(request.path_params["slide_id"], name))
+
+    def overlay_colorbar(self, request: Request) -> Response:
+        self.viewer.index.overlay(request.path_params["slide_id"], request.path_params["name"])
+        return _png(self.viewer._colorbar)
+
+    def us_frame(self, request: Request) -> Response:
+        return _png(self.viewer.frame_png(request.path_params["slide_id"]))
+
+    def us_overlay(self, request: Request) -> Response:
+        name = _png_name(request.path_params["file"])
+        m = self.viewer.mapped(request.path_params["slide_id"], name)
+        return _png(png_bytes(colour_grid(m.grid, m.vmin, m.vmax)))
+
+    def us_colorbar(self, request: Request) -> Response:
+        self.viewer.mapped(request.path_params["slide_id"], request.path_params["name"])
+        return _png(self.viewer._colorbar)
+
+
 def create_app(
     results_dir: str | Path,
     *,
@@ -435,157 +593,15 @@ def create_app(
             allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
         )
     )
-
-    def page(kind: str) -> Response:
-        return _file(safe_file(STATIC_DIR, PAGES[kind]))
-
-    @_guard
-    def cases_page(request: Request) -> Response:
-        return page("cases")
-
-    @_guard
-    def slide_page(request: Request) -> Response:
-        viewer.index.case(request.path_params["slide_id"])
-        return page("slide")
-
-    @_guard
-    def ultrasound_page(request: Request) -> Response:
-        case = viewer.index.case(request.path_params["slide_id"])
-        if case.ultrasound is None:
-            raise NotFoundError(f"slide {case.slide_id!r} has no ultrasound view")
-        return page("ultrasound")
-
-    @_guard
-    def static(request: Request) -> Response:
-        return _file(safe_file(STATIC_DIR, request.path_params["path"]))
-
-    @_guard
-    def vendor(request: Request) -> Response:
-        try:
-            from ._assets import openseadragon_dir
-        except ImportError as exc:
-            raise NotFoundError(
-                "the viewer's asset module is missing; reinstall oncotrace"
-            ) from exc
-        return _file(safe_file(openseadragon_dir(), request.path_params["path"]))
-
-    @_guard
-    def api_cases(request: Request) -> Response:
-        cases = viewer.index.cases()
-        tasks: dict[str, None] = {}
-        for case in cases.values():
-            tasks.update(dict.fromkeys(case.tasks))
-        return JSONResponse({"cases": [c.summary() for c in cases.values()], "tasks": list(tasks)})
-
-    @_guard
-    def api_slide(request: Request) -> Response:
-        return JSONResponse(viewer.slide_json(request.path_params["slide_id"]))
-
-    @_guard
-    def dzi(request: Request) -> Response:
-        name: str = request.path_params["name"]
-        if not name.endswith(".dzi"):
-            raise NotFoundError(f"no Deep Zoom image {name!r}")
-        case = viewer.index.case(name.removesuffix(".dzi"))
-        info = viewer.tiles.info(viewer.source(case))
-        return Response(info.deepzoom.dzi_xml(), media_type="application/xml")
-
-    async def tile(request: Request) -> Response:
-        # Async so that a cached tile is answered on the event loop, without the thread-pool
-        # round trip; only slide reads (and the once-a-second folder check) go to threads.
-        try:
-            name: str = request.path_params["name"]
-            file: str = request.path_params["tile"]
-            if not name.endswith("_files") or not file.endswith(".jpeg"):
-                raise NotFoundError(f"no tile {name}/{file}")
-            level = _int(request.path_params["level"], "level")
-            col_text, sep, row_text = file.removesuffix(".jpeg").partition("_")
-            if not sep:
-                raise NotFoundError(f"tile name {file!r} is not <col>_<row>.jpeg")
-            col, row = _int(col_text, "column"), _int(row_text, "row")
-            if viewer.index.due:
-                await run_in_threadpool(viewer.index.cases)
-            path = viewer.source(viewer.index.case(name.removesuffix("_files")))
-            key = viewer.tiles.key(path, level, col, row)
-            data = viewer.tiles.cached(key)
-            if data is None:
-                data = await run_in_threadpool(viewer.tiles.render, path, key, level, col, row)
-        except _NOT_FOUND as exc:
-            return _not_found(str(exc))
-        return Response(
-            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
-        )
-
-    @_guard
-    def overlay(request: Request) -> Response:
-        file: str = request.path_params["file"]
-        if not file.endswith(".png"):
-            raise NotFoundError(f"no overlay image {file!r}")
-        return _png(viewer.overlay_png(request.path_params["slide_id"], file.removesuffix(".png")))
-
-    @_guard
-    def overlay_colorbar(request: Request) -> Response:
-        viewer.index.overlay(request.path_params["slide_id"], request.path_params["name"])
-        return _png(viewer._colorbar)
-
-    @_guard
-    def api_ultrasound(request: Request) -> Response:
-        return JSONResponse(viewer.ultrasound_json(request.path_params["slide_id"]))
-
-    @_guard
-    def us_frame(request: Request) -> Response:
-        return _png(viewer.frame_png(request.path_params["slide_id"]))
-
-    @_guard
-    def us_overlay(request: Request) -> Response:
-        file: str = request.path_params["file"]
-        if not file.endswith(".png"):
-            raise NotFoundError(f"no overlay image {file!r}")
-        m = viewer.mapped(request.path_params["slide_id"], file.removesuffix(".png"))
-        return _png(png_bytes(colour_grid(m.grid, m.vmin, m.vmax)))
-
-    @_guard
-    def us_colorbar(request: Request) -> Response:
-        viewer.mapped(request.path_params["slide_id"], request.path_params["name"])
-        return _png(viewer._colorbar)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        return JSONResponse({"error": f"{detail}: {request.url.path}"}, status_code=status)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            viewer.close()
-
-    routes = [
-        Route("/", cases_page),
-        Route("/slide/{slide_id}", slide_page),
-        Route("/ultrasound/{slide_id}", ultrasound_page),
-        Route("/static/{path:path}", static),
-        Route("/vendor/openseadragon/{path:path}", vendor),
-        Route("/api/cases", api_cases),
-        Route("/api/slides/{slide_id}", api_slide),
-        Route("/api/ultrasound/{slide_id}", api_ultrasound),
-        Route("/dzi/{name}", dzi),
-        Route("/dzi/{name}/{level}/{tile}", tile),
-        Route("/overlay/{slide_id}/{file}", overlay),
-        Route("/overlay/{slide_id}/{name}/colorbar.png", overlay_colorbar),
-        Route("/us/{slide_id}/frame.png", us_frame),
-        Route("/us/{slide_id}/overlay/{file}", us_overlay),
-        Route("/us/{slide_id}/overlay/{name}/colorbar.png", us_colorbar),
-    ]
+    endpoints = Endpoints(viewer)
     middleware = []
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
     app = Starlette(
-        routes=routes,
+        routes=endpoints.routes(),
         middleware=middleware,
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
+        lifespan=endpoints.lifespan,
     )
     app.state.viewer = viewer
     return app
