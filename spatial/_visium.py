@@ -637,6 +637,350 @@ def _describe(transform: SlideToFullres) -> Any:
     return float(transform)
 
 
+def _checked_inputs(
+    cell_xy_level0: ArrayLike, cell_positive: ArrayLike | None, null: NullName, n_null: int
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Check :func:`st_validate`'s cells and null settings.
+
+    Returns
+    -------
+    xy : (N, 2) float64 ndarray
+        Cell centres in slide level-0 pixels.
+    positive : (N,) bool ndarray
+        Immune-positive cells (all True when ``cell_positive`` is None).
+    """
+    xy = np.asarray(cell_xy_level0, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"cell_xy_level0 must be (N, 2) level-0 (x, y), got shape {xy.shape}.")
+    if cell_positive is None:
+        positive = np.ones(xy.shape[0], dtype=bool)
+    else:
+        positive = np.asarray(cell_positive)
+        if positive.shape != (xy.shape[0],) or positive.dtype != np.bool_:
+            raise ValueError(
+                f"cell_positive must be an ({xy.shape[0]},) bool array, got {positive.dtype}"
+                f" {positive.shape}."
+            )
+    if null not in ("toroidal", "block"):
+        raise ValueError(f"null must be 'toroidal' or 'block', got {null!r}.")
+    if n_null < 1:
+        raise ValueError(f"n_null must be >= 1, got {n_null}.")
+    return xy, positive
+
+
+@dataclass(frozen=True, eq=False)
+class _SpotMaps:
+    """The two maps :func:`st_validate` compares, with the per-spot counts behind them.
+
+    Attributes
+    ----------
+    used : (n,) bool ndarray; spots compared.
+    n_cells, n_positive : (n,) int64 ndarray; all / immune-positive cells in each spot.
+    score : (n,) float64 ndarray; the gene score of every spot.
+    centre_level0 : (n, 2) float64 ndarray; spot centres in slide level-0 px (NaN without an
+        inverse transform).
+    """
+
+    used: NDArray[np.bool_]
+    n_cells: NDArray[np.int64]
+    n_positive: NDArray[np.int64]
+    score: NDArray[np.float64]
+    centre_level0: NDArray[np.float64]
+
+    @property
+    def n_used(self) -> int:
+        """Spots compared."""
+        return int(self.used.sum())
+
+    @property
+    def cells_map(self) -> NDArray[np.float64]:
+        """Immune-positive cells per used spot, NaN elsewhere."""
+        return np.where(self.used, self.n_positive.astype(np.float64), np.nan)
+
+    @property
+    def genes_map(self) -> NDArray[np.float64]:
+        """Gene score of each used spot, NaN elsewhere."""
+        return np.where(self.used, self.score, np.nan)
+
+
+def _used_spots(
+    visium: Visium,
+    score: NDArray[np.float64],
+    slide_to_fullres: SlideToFullres,
+    slide_size_level0: tuple[int, int] | None,
+    warnings: list[str],
+) -> NDArray[np.bool_]:
+    """Spots in tissue, with counts and a finite gene score (and wholly on the slide, if sized).
+
+    Appends to ``warnings`` how many spots with data lie off the slide; raises
+    :class:`VisiumError` when fewer than 3 spots are left to compare.
+    """
+    used = visium.in_tissue & visium.has_counts & np.isfinite(score)
+    if slide_size_level0 is not None:
+        on_slide = _spots_on_slide(slide_to_fullres, visium, slide_size_level0)
+        off = int((used & ~on_slide).sum())
+        if off:
+            warnings.append(
+                f"{off} spot(s) with data lie (partly) off the slide and were excluded."
+            )
+        used &= on_slide
+    n_used = int(used.sum())
+    if n_used < 3:
+        raise VisiumError(
+            f"only {n_used} spot(s) are in tissue, have counts and a gene score"
+            f" (of {visium.n_spots}; {int(visium.has_counts.sum())} with counts): nothing to"
+            " compare. Check that the count matrix belongs to these positions."
+        )
+    return used
+
+
+def _spot_maps(
+    xy: NDArray[np.float64],
+    positive: NDArray[np.bool_],
+    visium: Visium,
+    score: NDArray[np.float64],
+    slide_to_fullres: SlideToFullres,
+    slide_size_level0: tuple[int, int] | None,
+    warnings: list[str],
+) -> _SpotMaps:
+    """Count level-0 cells in each spot and choose the spots to compare (see :func:`_used_spots`)."""
+    cells_fr = _map_points(slide_to_fullres, xy) if xy.size else xy
+    n_cells = count_cells_per_spot(cells_fr[:, 0], cells_fr[:, 1], visium)
+    n_pos = count_cells_per_spot(cells_fr[:, 0], cells_fr[:, 1], visium, mask=positive)
+    centre_level0 = _spot_centres_level0(slide_to_fullres, visium)
+    used = _used_spots(visium, score, slide_to_fullres, slide_size_level0, warnings)
+    return _SpotMaps(used, n_cells, n_pos, score, centre_level0)
+
+
+def _spearman(maps: _SpotMaps, warnings: list[str]) -> tuple[float, float]:
+    """Spearman's rho and its naive p over the used spots; NaN, and a warning, if a map is flat."""
+    from scipy.stats import spearmanr
+
+    used, cells_map, genes_map = maps.used, maps.cells_map, maps.genes_map
+    constant = [
+        name
+        for name, values in (("cell counts", cells_map[used]), ("gene score", genes_map[used]))
+        if np.ptp(values) == 0
+    ]
+    if constant:
+        # a rank correlation with a constant map is undefined: say why instead of scipy's warning
+        warnings.append(
+            f"the {' and the '.join(constant)} are constant over the {maps.n_used} spots used:"
+            " no correlation can be measured (no positive cells detected? check stain=)."
+        )
+        return math.nan, math.nan
+    rho, p_naive = spearmanr(cells_map[used], genes_map[used])
+    return float(rho), float(p_naive)
+
+
+def _warn_few_neighbours(W: sp.csr_array, used: NDArray[np.bool_], warnings: list[str]) -> None:
+    """Warn when fewer than half the used spots have a used neighbour (few pairs to test)."""
+    n_used = int(used.sum())
+    with_neighbour = int(((W @ used.astype(np.float64)) > 0)[used].sum())
+    if with_neighbour < 0.5 * n_used:
+        warnings.append(
+            f"only {with_neighbour} of {n_used} spots with data have a neighbouring spot with"
+            " data: Moran's I and Lee's L rest on few pairs and the spatial null may be undefined."
+        )
+
+
+def _spatial_null(
+    visium: Visium,
+    used: NDArray[np.bool_],
+    warnings: list[str],
+    *,
+    null: NullName,
+    n_null: int,
+    block_rows: int,
+    min_overlap: float,
+    alternative: Alternative,
+    seed: int,
+) -> tuple[NDArray[np.int64] | None, dict[str, Any]]:
+    """Draw the spatial null over the used spots.
+
+    Returns
+    -------
+    src : (n_null, n) int64 ndarray or None
+        ``src[k, i]``: the spot whose value lands on spot ``i`` in draw ``k`` (see
+        :mod:`spatial._spatialstats`); None when the spots admit no null, whose reason goes to
+        ``warnings`` and to ``info["error"]``.
+    info : dict
+        The report's ``"null"`` entry.
+    """
+    null_info: dict[str, Any] = {
+        "name": null,
+        "n": n_null,
+        "seed": seed,
+        "alternative": alternative,
+    }
+    try:
+        if null == "toroidal":
+            null_info["min_overlap"] = min_overlap
+            src = toroidal_null(
+                visium.array_row,
+                visium.array_col,
+                n_null,
+                valid=used,
+                min_overlap=min_overlap,
+                seed=seed,
+            )
+        else:
+            null_info["block_rows"] = block_rows
+            null_info["block_um"] = block_rows * 100.0 * math.sqrt(3) / 2
+            src = block_permutation_null(
+                visium.array_row,
+                visium.array_col,
+                n_null,
+                block_rows=block_rows,
+                valid=used,
+                seed=seed,
+            )
+    except ValueError as exc:
+        # A few scattered spots (e.g. a subset of barcodes) admit no spatial null; the
+        # observed statistics are still reported, with the reason instead of a p-value.
+        null_info["error"] = str(exc)
+        warnings.append(f"spatial null unavailable: {exc}")
+        return None, null_info
+    return src, null_info
+
+
+def _association(
+    maps: _SpotMaps,
+    W: sp.csr_array,
+    src: NDArray[np.int64] | None,
+    *,
+    null: NullName,
+    alternative: Alternative,
+) -> tuple[float, dict[str, dict[str, Any]]]:
+    """Spatial-null p of Spearman's rho, and Lee's L / the bivariate Moran's I.
+
+    Without a null (``src`` None) the p-values are NaN and the bivariate statistics are the
+    observed values only.
+    """
+    cells_map, genes_map = maps.cells_map, maps.genes_map
+    if src is not None:
+        assoc = association_test(
+            cells_map, genes_map, W, src, alternative=alternative, null_name=null
+        )
+        return assoc["spearman"].p_value, {name: assoc[stat].as_dict() for name, stat in _BIVARIATE}
+    return math.nan, {
+        name: {
+            "statistic": float(bivariate_association(cells_map, genes_map, W, statistic=stat)),
+            "p_value": math.nan,
+            "null": null,
+            "n_null": 0,
+            "n": maps.n_used,
+        }
+        for name, stat in _BIVARIATE
+    }
+
+
+def _map_statistics(
+    visium: Visium,
+    maps: _SpotMaps,
+    warnings: list[str],
+    *,
+    n_null: int,
+    null: NullName,
+    block_rows: int,
+    min_overlap: float,
+    alternative: Alternative,
+    seed: int,
+) -> dict[str, Any]:
+    """The report's ``"spearman"``, ``"moran"``, ``"bivariate"`` and ``"null"`` entries.
+
+    Why a statistic is undefined or weak is appended to ``warnings``.
+    """
+    cells_map, genes_map = maps.cells_map, maps.genes_map
+    rho, p_naive = _spearman(maps, warnings)
+    W = hex_lattice_weights(visium.array_row, visium.array_col)
+    _warn_few_neighbours(W, maps.used, warnings)
+    moran = {
+        "n_positive_cells": moran_test(cells_map, W, n_perm=n_null, seed=seed).as_dict(),
+        "gene_score": moran_test(genes_map, W, n_perm=n_null, seed=seed + 1).as_dict(),
+    }
+    src, null_info = _spatial_null(
+        visium,
+        maps.used,
+        warnings,
+        null=null,
+        n_null=n_null,
+        block_rows=block_rows,
+        min_overlap=min_overlap,
+        alternative=alternative,
+        seed=seed,
+    )
+    p_spatial, bivariate = _association(maps, W, src, null=null, alternative=alternative)
+    return {
+        "spearman": {"rho": rho, "p_naive": p_naive, "p_spatial": p_spatial},
+        "moran": moran,
+        "bivariate": bivariate,
+        "null": null_info,
+    }
+
+
+def _visium_summary(visium: Visium) -> dict[str, Any]:
+    """The report's ``"visium"`` entry: where the spots came from and their geometry."""
+    return {
+        "source": str(visium.source),
+        "counts_source": str(visium.counts_source) if visium.counts_source else None,
+        "n_spots_total": visium.n_spots,
+        "n_spots_in_tissue": int(visium.in_tissue.sum()),
+        "n_spots_with_counts": int(visium.has_counts.sum()),
+        "spot_diameter_fullres": visium.spot_diameter_fullres,
+        "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+        "mpp_fullres": visium.mpp_fullres,
+        "scalefactors": dict(visium.scalefactors),
+    }
+
+
+def _cells_summary(
+    xy: NDArray[np.float64], positive: NDArray[np.bool_], maps: _SpotMaps
+) -> dict[str, Any]:
+    """The report's ``"cells"`` entry: cells given and cells counted in the used spots."""
+    used, n_pos = maps.used, maps.n_positive
+    spot_area_mm2 = math.pi * (VISIUM_SPOT_DIAMETER_UM / 2000.0) ** 2
+    return {
+        "n_cells": int(xy.shape[0]),
+        "n_positive": int(positive.sum()),
+        "n_cells_in_used_spots": int(maps.n_cells[used].sum()),
+        "n_positive_in_used_spots": int(n_pos[used].sum()),
+        "mean_positive_per_mm2_in_used_spots": float(n_pos[used].mean() / spot_area_mm2),
+    }
+
+
+def _genes_summary(genes: Sequence[str], gs: GeneScore, normalise: Normalise) -> dict[str, Any]:
+    """The report's ``"genes"`` entry: genes asked for, found and missing, and the score made."""
+    return {
+        "requested": list(dict.fromkeys(str(g) for g in genes)),
+        "used": list(gs.used),
+        "missing": list(gs.missing),
+        "score": gs.method,
+        "fallback": gs.fallback,
+        "normalise": normalise,
+    }
+
+
+def _spot_rows(visium: Visium, maps: _SpotMaps) -> list[dict[str, Any]]:
+    """The report's ``"spots"``: one row per Visium spot (the columns of ``spots.csv``)."""
+    return [
+        {
+            "barcode": str(visium.barcodes[i]),
+            "x_fullres": float(visium.pxl_x_fullres[i]),
+            "y_fullres": float(visium.pxl_y_fullres[i]),
+            "x_level0": float(maps.centre_level0[i, 0]),
+            "y_level0": float(maps.centre_level0[i, 1]),
+            "in_tissue": bool(visium.in_tissue[i]),
+            "has_counts": bool(visium.has_counts[i]),
+            "used": bool(maps.used[i]),
+            "n_cells": int(maps.n_cells[i]),
+            "n_positive": int(maps.n_positive[i]),
+            "gene_score": float(maps.score[i]),
+        }
+        for i in range(visium.n_spots)
+    ]
+
+
 def st_validate(
     cell_xy_level0: ArrayLike,
     cell_positive: ArrayLike | None,
@@ -696,183 +1040,32 @@ def st_validate(
         (barcode, x/y in full-resolution and level-0 px, in_tissue, has_counts, used, n_cells,
         n_positive, gene_score). ``"warnings"`` lists why a statistic may be undefined or weak.
     """
-    from scipy.stats import spearmanr
-
-    xy = np.asarray(cell_xy_level0, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ValueError(f"cell_xy_level0 must be (N, 2) level-0 (x, y), got shape {xy.shape}.")
-    if cell_positive is None:
-        positive = np.ones(xy.shape[0], dtype=bool)
-    else:
-        positive = np.asarray(cell_positive)
-        if positive.shape != (xy.shape[0],) or positive.dtype != np.bool_:
-            raise ValueError(
-                f"cell_positive must be an ({xy.shape[0]},) bool array, got {positive.dtype}"
-                f" {positive.shape}."
-            )
-    if null not in ("toroidal", "block"):
-        raise ValueError(f"null must be 'toroidal' or 'block', got {null!r}.")
-    if n_null < 1:
-        raise ValueError(f"n_null must be >= 1, got {n_null}.")
-
+    xy, positive = _checked_inputs(cell_xy_level0, cell_positive, null, n_null)
     gs = immune_gene_score(visium, genes, normalise=normalise, fallback=fallback)
-    cells_fr = _map_points(slide_to_fullres, xy) if xy.size else xy
-    n_cells = count_cells_per_spot(cells_fr[:, 0], cells_fr[:, 1], visium)
-    n_pos = count_cells_per_spot(cells_fr[:, 0], cells_fr[:, 1], visium, mask=positive)
-
-    used = visium.in_tissue & visium.has_counts & np.isfinite(gs.score)
     warnings: list[str] = []
-    centre_level0 = _spot_centres_level0(slide_to_fullres, visium)
-    if slide_size_level0 is not None:
-        on_slide = _spots_on_slide(slide_to_fullres, visium, slide_size_level0)
-        off = int((used & ~on_slide).sum())
-        if off:
-            warnings.append(
-                f"{off} spot(s) with data lie (partly) off the slide and were excluded."
-            )
-        used &= on_slide
-    n_used = int(used.sum())
-    if n_used < 3:
-        raise VisiumError(
-            f"only {n_used} spot(s) are in tissue, have counts and a gene score"
-            f" (of {visium.n_spots}; {int(visium.has_counts.sum())} with counts): nothing to"
-            " compare. Check that the count matrix belongs to these positions."
-        )
-    cells_map = np.where(used, n_pos.astype(np.float64), np.nan)
-    genes_map = np.where(used, gs.score, np.nan)
-
-    constant = [
-        name
-        for name, values in (("cell counts", cells_map[used]), ("gene score", genes_map[used]))
-        if np.ptp(values) == 0
-    ]
-    if constant:
-        # a rank correlation with a constant map is undefined: say why instead of scipy's warning
-        rho, p_naive = math.nan, math.nan
-        warnings.append(
-            f"the {' and the '.join(constant)} are constant over the {n_used} spots used:"
-            " no correlation can be measured (no positive cells detected? check stain=)."
-        )
-    else:
-        rho, p_naive = spearmanr(cells_map[used], genes_map[used])
-    W = hex_lattice_weights(visium.array_row, visium.array_col)
-    with_neighbour = int(((W @ used.astype(np.float64)) > 0)[used].sum())
-    if with_neighbour < 0.5 * n_used:
-        warnings.append(
-            f"only {with_neighbour} of {n_used} spots with data have a neighbouring spot with"
-            " data: Moran's I and Lee's L rest on few pairs and the spatial null may be undefined."
-        )
-    moran = {
-        "n_positive_cells": moran_test(cells_map, W, n_perm=n_null, seed=seed).as_dict(),
-        "gene_score": moran_test(genes_map, W, n_perm=n_null, seed=seed + 1).as_dict(),
-    }
-    null_info: dict[str, Any] = {
-        "name": null,
-        "n": n_null,
-        "seed": seed,
-        "alternative": alternative,
-    }
-    src: NDArray[np.int64] | None = None
-    try:
-        if null == "toroidal":
-            null_info["min_overlap"] = min_overlap
-            src = toroidal_null(
-                visium.array_row,
-                visium.array_col,
-                n_null,
-                valid=used,
-                min_overlap=min_overlap,
-                seed=seed,
-            )
-        else:
-            null_info["block_rows"] = block_rows
-            null_info["block_um"] = block_rows * 100.0 * math.sqrt(3) / 2
-            src = block_permutation_null(
-                visium.array_row,
-                visium.array_col,
-                n_null,
-                block_rows=block_rows,
-                valid=used,
-                seed=seed,
-            )
-    except ValueError as exc:
-        # A few scattered spots (e.g. a subset of barcodes) admit no spatial null; the
-        # observed statistics are still reported, with the reason instead of a p-value.
-        null_info["error"] = str(exc)
-        warnings.append(f"spatial null unavailable: {exc}")
-    if src is not None:
-        assoc = association_test(
-            cells_map, genes_map, W, src, alternative=alternative, null_name=null
-        )
-        p_spatial = assoc["spearman"].p_value
-        bivariate = {name: assoc[stat].as_dict() for name, stat in _BIVARIATE}
-    else:
-        p_spatial = math.nan
-        bivariate = {
-            name: {
-                "statistic": float(bivariate_association(cells_map, genes_map, W, statistic=stat)),
-                "p_value": math.nan,
-                "null": null,
-                "n_null": 0,
-                "n": n_used,
-            }
-            for name, stat in _BIVARIATE
-        }
-
-    spots = [
-        {
-            "barcode": str(visium.barcodes[i]),
-            "x_fullres": float(visium.pxl_x_fullres[i]),
-            "y_fullres": float(visium.pxl_y_fullres[i]),
-            "x_level0": float(centre_level0[i, 0]),
-            "y_level0": float(centre_level0[i, 1]),
-            "in_tissue": bool(visium.in_tissue[i]),
-            "has_counts": bool(visium.has_counts[i]),
-            "used": bool(used[i]),
-            "n_cells": int(n_cells[i]),
-            "n_positive": int(n_pos[i]),
-            "gene_score": float(gs.score[i]),
-        }
-        for i in range(visium.n_spots)
-    ]
-    spot_area_mm2 = math.pi * (VISIUM_SPOT_DIAMETER_UM / 2000.0) ** 2
+    maps = _spot_maps(xy, positive, visium, gs.score, slide_to_fullres, slide_size_level0, warnings)
+    statistics = _map_statistics(
+        visium,
+        maps,
+        warnings,
+        n_null=n_null,
+        null=null,
+        block_rows=block_rows,
+        min_overlap=min_overlap,
+        alternative=alternative,
+        seed=seed,
+    )
     return {
         "kind": "oncotrace.st_validation",
         "version": __version__,
-        "visium": {
-            "source": str(visium.source),
-            "counts_source": str(visium.counts_source) if visium.counts_source else None,
-            "n_spots_total": visium.n_spots,
-            "n_spots_in_tissue": int(visium.in_tissue.sum()),
-            "n_spots_with_counts": int(visium.has_counts.sum()),
-            "spot_diameter_fullres": visium.spot_diameter_fullres,
-            "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
-            "mpp_fullres": visium.mpp_fullres,
-            "scalefactors": dict(visium.scalefactors),
-        },
+        "visium": _visium_summary(visium),
         "slide_to_fullres": _describe(slide_to_fullres),
-        "n_spots": n_used,
-        "cells": {
-            "n_cells": int(xy.shape[0]),
-            "n_positive": int(positive.sum()),
-            "n_cells_in_used_spots": int(n_cells[used].sum()),
-            "n_positive_in_used_spots": int(n_pos[used].sum()),
-            "mean_positive_per_mm2_in_used_spots": float(n_pos[used].mean() / spot_area_mm2),
-        },
-        "genes": {
-            "requested": list(dict.fromkeys(str(g) for g in genes)),
-            "used": list(gs.used),
-            "missing": list(gs.missing),
-            "score": gs.method,
-            "fallback": gs.fallback,
-            "normalise": normalise,
-        },
-        "spearman": {"rho": float(rho), "p_naive": float(p_naive), "p_spatial": p_spatial},
-        "moran": moran,
-        "bivariate": bivariate,
-        "null": null_info,
+        "n_spots": maps.n_used,
+        "cells": _cells_summary(xy, positive, maps),
+        "genes": _genes_summary(genes, gs, normalise),
+        **statistics,  # "spearman", "moran", "bivariate", "null", in this order
         "warnings": warnings,
-        "spots": spots,
+        "spots": _spot_rows(visium, maps),
     }
 
 
