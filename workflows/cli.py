@@ -22,6 +22,9 @@ app = typer.Typer(
     help="OncoTrace: slides and smears → tiles → attention-MIL → heatmaps.",
     no_args_is_help=True,
     add_completion=False,
+    # Help texts are plain text: "[default: …]" and "reader, [call], …" must print as written,
+    # not be eaten as rich markup tags.
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 
