@@ -136,7 +136,8 @@ def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
     jobs = []
     for i, r in enumerate(rows, start=2):
         p = Path(r["path"])
-        p = p if p.is_absolute() else (path.parent / p)
+        # absolute, so results and workers resolve it from any working directory
+        p = (p if p.is_absolute() else (path.parent / p)).absolute()
         cov = None
         if covariates:
             try:
@@ -189,7 +190,7 @@ def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -
             f"the model needs covariates {list(covariates)}; pass a manifest CSV with those"
             " columns instead of slide files."
         )
-    jobs += [SlideJob(slide_id_for(p), str(p)) for p in paths]
+    jobs += [SlideJob(slide_id_for(p), str(Path(p).absolute())) for p in paths]
     if not jobs:
         raise ValueError(
             f"no slides found in {', '.join(map(str, inputs))}. Fix: pass slide files, folders"
@@ -292,7 +293,7 @@ def score_slides(
         on_done=on_done,
         on_dashboard=on_dashboard,
     )
-    files = write_outputs(jobs, cfg, report, {"inputs": [str(p) for p in inputs]})
+    files = write_outputs(jobs, cfg, report, {"inputs": [str(Path(p).absolute()) for p in inputs]})
     return ScoreRun(tuple(jobs), cfg, report, files)
 
 

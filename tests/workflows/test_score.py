@@ -341,3 +341,22 @@ def test_a_model_without_encoder_is_refused_not_scored_with_a_default(tmp_path: 
     )
     assert code == 2 and "no 'encoder' section" in output and "model.json" in output
     assert not (tmp_path / "o").exists()
+
+
+def test_jobs_name_slides_by_absolute_path_whatever_the_working_directory(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """result.json and the Dask tasks carry these paths: a worker or `oncotrace view` started
+    in another folder must still find the slides."""
+    from oncotrace.workflows import collect_jobs
+
+    slides = trained["slides"]
+    manifest = slides.parent / "manifest.csv"
+    first = sorted(slides.iterdir())[0]
+    manifest.write_text(f"path,slide_id\nto_score/{first.name},m1\n")
+    monkeypatch.chdir(slides.parent)
+    jobs = collect_jobs([Path("to_score"), Path("manifest.csv")])
+    monkeypatch.chdir(tmp_path)  # elsewhere: every path still names the same file
+    assert all(Path(j.path).is_absolute() and Path(j.path).is_file() for j in jobs)
+    assert {Path(j.path).name for j in jobs} == {p.name for p in slides.iterdir()}
+    assert next(j for j in jobs if j.slide_id == "m1").path == str(first)
