@@ -167,3 +167,16 @@ def test_console_script_runs(tmp_path: Path) -> None:
     info = json.loads(proc.stdout)
     assert info["dimensions"] == [1024, 1024] and info["mpp_x"] == pytest.approx(0.25)
     assert set(info) == {*wsi.EXPORTED_PROPERTIES, "dimensions"}
+
+
+def test_info_says_why_mpp_is_null_and_what_to_pass(tmp_path: Path) -> None:
+    bad = badinput.make_missing_mpp_tiff(tmp_path)
+    res = CliRunner().invoke(app, ["info", str(bad.path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    props = json.loads(res.stdout)
+    assert props["mpp_x"] is None and props["dimensions"] == [384, 256]
+    note = " ".join(res.stderr.split())
+    assert "no physical pixel size" in note and "--mpp 0.25" in note and "mpp=" not in note
+    # following the fix works: the same file with --mpp has a pixel size
+    res = CliRunner().invoke(app, ["info", str(bad.path), "--mpp", "0.25"])
+    assert json.loads(res.stdout)["mpp_x"] == 0.25 and "null" not in res.stderr
