@@ -72,6 +72,22 @@ def plot_roc(ev: TaskEvaluation, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def calibration_sentence(ev: TaskEvaluation) -> str:
+    """The report's plain-language calibration line: the ECE as reported, and before
+    temperature scaling when one was fitted."""
+    lead = (
+        "When the model says 'x %', that should come true about x % of the time. The expected"
+        " calibration error (ECE; 0 means the stated probabilities match the observed"
+        f" frequencies) is {ev.ece:.3f}"
+    )
+    if ev.temperature != 1.0:
+        return (
+            f"{lead} after temperature scaling (T = {ev.temperature:.2f}, fitted on validation"
+            f" data), and {ev.ece_uncalibrated:.3f} without it."
+        )
+    return f"{lead}; no temperature scaling was applied."
+
+
 def plot_reliability(ev: TaskEvaluation, path: str | Path) -> Path:
     """Reliability diagram: mean predicted probability against the observed frequency."""
     fig = _figure()
@@ -207,22 +223,7 @@ def _task_section(ev: TaskEvaluation, figures: Mapping[str, Path]) -> list[str]:
             f"<td>{_e(f'how well the score separates {name!r} from the other classes')}</td></tr>"
         )
     out.append("</table>")
-    if ev.temperature != 1.0:
-        cal_words = (
-            f"after temperature scaling (T = {ev.temperature:.2f}, fitted on validation data)"
-        )
-    else:
-        cal_words = "without temperature scaling"
-    out.append(
-        "<p><b>Calibration.</b> "
-        + _e(
-            f"When the model says 'x %', that should come true about x % of the "
-            f"time; the expected calibration error is {ev.ece:.3f} {cal_words} and "
-            f"{ev.ece_uncalibrated:.3f} before (0 means the stated probabilities match the "
-            "observed frequencies)."
-        )
-        + "</p>"
-    )
+    out.append("<p><b>Calibration.</b> " + _e(calibration_sentence(ev)) + "</p>")
     if ev.conformal is not None:
         c = ev.conformal
         cov = c.coverage

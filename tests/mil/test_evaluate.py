@@ -172,6 +172,12 @@ def test_calibration_recovers_a_known_temperature() -> None:
     assert ev is not None
     np.testing.assert_allclose(ev.proba, special.softmax(true_logits[3000:], 1), atol=0.02)
     assert ev.ece < 0.03 < ev.ece_uncalibrated
+    card = mil.ModelCard(head=mil.HeadConfig("abmil", 4, {"t": names["t"]}))
+    page = " ".join(mil.render_html({"t": ev}, {}, cohort={}, model=card).split())
+    assert (
+        f"is {ev.ece:.3f} after temperature scaling (T = {ev.temperature:.2f}, fitted on"
+        f" validation data), and {ev.ece_uncalibrated:.3f} without it." in page
+    )
 
 
 def test_conformal_coverage_through_the_record() -> None:
@@ -250,3 +256,7 @@ def test_figures_and_escaped_report(tmp_path: Path) -> None:
     parser.feed(page)
     assert parser.images == 3
     assert f"{e.metrics['auc'].estimate:.3f}" in "".join(parser.text)
+    # no temperature was fitted: one ECE, said once, not "x without … and x before"
+    text = " ".join("".join(parser.text).split())
+    assert "error (ECE; 0 means" in text and f"is {e.ece:.3f}; no temperature scaling" in text
+    assert "before" not in text.split("Calibration.")[1].split("Prediction sets")[0]
