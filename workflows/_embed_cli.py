@@ -53,7 +53,9 @@ def register(app: typer.Typer, console: Console) -> None:
                 sorted(p.glob("*.zarr")) if p.is_dir() and not (p / "zarr.json").exists() else [p]
             )
         enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
-        failed = 0
+        done: list[tuple[Path, int]] = []
+        skipped: list[Path] = []
+        failed: list[tuple[Path, str]] = []
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -62,16 +64,31 @@ def register(app: typer.Typer, console: Console) -> None:
             console=console,
         ) as progress:
             for store in paths:
-                task = progress.add_task(store.name, total=None)
+                task = progress.add_task(store.name, total=_n_tiles(store))
+                seen = [0]
 
-                def advance(n: int, t: TaskID = task) -> None:
+                def advance(n: int, t: TaskID = task, seen: list[int] = seen) -> None:
+                    seen[0] += n
                     progress.advance(t, n)
 
                 try:
                     mil.embed(store, enc, batch_size=batch_size, progress=advance)
                 except (ValueError, KeyError, OSError) as exc:
-                    failed += 1
-                    console.print(f"[red]{store}: {cli_message(exc)}[/red]")
+                    failed.append((store, cli_message(exc)))
+                    progress.remove_task(task)
+                    continue
+                if seen[0]:
+                    done.append((store, seen[0]))
+                else:  # embed returned without computing: the features were up to date
+                    skipped.append(store)
+                    progress.update(task, description=f"{store.name} (already embedded)")
+        console.print(
+            f"{len(done)} store(s) embedded ({sum(n for _, n in done)} tiles),"
+            f" {len(skipped)} already embedded with these weights, {len(failed)} failed;"
+            f" features/{enc.config.name} in each store."
+        )
+        for store, message in failed:
+            typer.echo(f"failed: {store}: embed: {message}", err=True)
         if failed:
             raise typer.Exit(1)
 
@@ -89,3 +106,14 @@ def register(app: typer.Typer, console: Console) -> None:
                 name, str(c.dim), f"{c.native_mpp:g}", c.hub_id or "none needed", c.licence
             )
         console.print(table)
+
+
+def _n_tiles(store: Path) -> int | None:
+    """Tiles in ``store`` (the progress bar's total), or None when it cannot be read here
+    (embed then says what is wrong with it)."""
+    from oncotrace.wsi import Store, StoreError
+
+    try:
+        return Store.open(store, require_complete=False).attrs.n_tiles
+    except (StoreError, OSError, ValueError):
+        return None

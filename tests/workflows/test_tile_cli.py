@@ -180,3 +180,21 @@ def test_info_says_why_mpp_is_null_and_what_to_pass(tmp_path: Path) -> None:
     # following the fix works: the same file with --mpp has a pixel size
     res = CliRunner().invoke(app, ["info", str(bad.path), "--mpp", "0.25"])
     assert json.loads(res.stdout)["mpp_x"] == 0.25 and "null" not in res.stderr
+
+
+def test_embed_shows_totals_and_says_what_it_wrote_and_skipped(tmp_path: Path) -> None:
+    planted = make_tissue_squares(
+        tmp_path / "s.tiff", size=(1536, 1024), mpp=0.5, squares=[(0, 0, 1536, 1024)]
+    )
+    store = wsi.tile_slide(planted.path, tmp_path / "stores").store
+    n = wsi.Store.open(store).attrs.n_tiles
+    runner = CliRunner()
+    res = runner.invoke(app, ["embed", str(tmp_path / "stores")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"{n}/{n}" in text and "/?" not in text
+    assert f"1 store(s) embedded ({n} tiles), 0 already embedded" in text
+    res = runner.invoke(app, ["embed", str(store)], env={"COLUMNS": "200"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "0 store(s) embedded (0 tiles), 1 already embedded" in text
+    assert "features/pathomics" in text
