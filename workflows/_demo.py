@@ -59,6 +59,18 @@ def _bar(console: Console, *, elapsed: bool = False) -> Progress:
     return Progress(*columns, console=console)
 
 
+@dataclass(frozen=True)
+class _Split:
+    """The phantom cohort split by patient: what stage 1 hands the others."""
+
+    cohort: Cohort
+    train_csv: Path
+    test_csv: Path
+    train_paths: list[Path]
+    test_paths: list[Path]
+    train_patients: int
+
+
 @dataclass
 class _Demo:
     """The demo's six stages, each a method; a failed stage ends the command with exit 1."""
@@ -70,15 +82,15 @@ class _Demo:
 
     def run(self, cases: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        cohort, train_csv, test_csv, train_paths, test_paths = self.cohort(cases)
-        stores = self.tile_and_embed(train_paths, train_csv)
-        model_dir = self.train(stores, train_csv)
-        results = self.score(model_dir, test_paths)
-        self.spatial(results, len(test_paths))
-        report_dir = self.evaluate(model_dir, results, test_csv, len(test_paths))
+        split = self.cohort(cases)
+        stores = self.tile_and_embed(split.train_paths, split.train_patients)
+        model_dir = self.train(stores, split.train_csv)
+        results = self.score(model_dir, split.test_paths)
+        self.spatial(results, len(split.test_paths))
+        report_dir = self.evaluate(model_dir, results, split.test_csv, len(split.test_paths))
         self.console.print(
             "\nDone. Look at:\n"
-            f"  slides and planted-region masks   {cohort.labels_csv.parent}\n"
+            f"  slides and planted-region masks   {split.cohort.labels_csv.parent}\n"
             f"  model (+ CV metrics, calibration) {model_dir}\n"
             f"  predictions, errors, run.json     {results}\n"
             f"  heatmaps (OME-Zarr, GeoJSON, PNG) {results / 'slides'}/<slide>/attention.*\n"
@@ -88,7 +100,7 @@ class _Demo:
             f"\nBrowse it all: oncotrace view {results}   (once: oncotrace viewer-setup)"
         )
 
-    def cohort(self, cases: int) -> tuple[Cohort, Path, Path, list[Path], list[Path]]:
+    def cohort(self, cases: int) -> _Split:
         """1/6: the phantom cohort, split by patient into a training two thirds and a test third."""
         from oncotrace import mil
         from oncotrace.mil.phantom import make_cohort
@@ -113,14 +125,13 @@ class _Demo:
         by_id = {p.stem: p for p in cohort.slide_paths}
         train_paths = [by_id[rows[i]["slide_id"]] for i in sorted(train_idx)]
         test_paths = [by_id[rows[i]["slide_id"]] for i in sorted(test_idx)]
-        return cohort, train_csv, test_csv, train_paths, test_paths
+        train_patients = len({rows[i]["patient_id"] for i in train_idx})
+        return _Split(cohort, train_csv, test_csv, train_paths, test_paths, train_patients)
 
-    def tile_and_embed(self, train_paths: list[Path], train_csv: Path) -> Path:
+    def tile_and_embed(self, train_paths: list[Path], n_patients: int) -> Path:
         """2/6: tile the training slides and embed them with the weight-free encoder."""
         from oncotrace import mil
 
-        with open(train_csv, newline="") as f:
-            n_patients = len({r["patient_id"] for r in csv.DictReader(f)})
         self.console.print(
             f"[bold]2/6[/bold] tiling {len(train_paths)} training slides"
             f" ({n_patients} patients) at 0.5 µm/px, 224 px…"

@@ -125,7 +125,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 on_dashboard=on_dashboard,
             )
         except (ValueError, FileNotFoundError) as exc:
-            progress.stop()
+            progress.stop()  # before the message, so the bar does not draw over it
             typer.echo(f"error: {cli_message(exc)}", err=True)
             raise typer.Exit(2) from exc
         finally:

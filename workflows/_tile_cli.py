@@ -174,18 +174,16 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = "auto",
     ) -> None:
         """Print the allow-listed description of a slide (never labels, macros or raw metadata)."""
-        from oncotrace.wsi import MppError, SlideError, open_slide
+        from oncotrace.wsi import SlideError, open_slide
 
         try:
             with open_slide(slide, backend=backend, mpp=mpp, require_mpp=False) as s:
                 props = s.exported_properties()
                 props["dimensions"] = list(s.dimensions)
+                problem = s.mpp_problem
         except SlideError as exc:
             console.print(f"[red]{cli_message(exc)}[/red]")
             raise typer.Exit(1) from exc
         typer.echo(json.dumps(props, indent=2))
-        if props["mpp_x"] is None:  # say why, and what to pass (what tiling would refuse with)
-            try:
-                open_slide(slide, backend=backend, require_mpp=True).close()
-            except MppError as exc:
-                console.print(f"[yellow]mpp_x/mpp_y are null:[/yellow] {cli_message(exc)}")
+        if problem is not None:  # say why mpp is null, and what to pass
+            console.print(f"[yellow]mpp_x/mpp_y are null:[/yellow] {cli_message(problem)}")

@@ -66,10 +66,14 @@ class Slide:
         info: FileInfo,
         *,
         fingerprint: str | None = None,
+        mpp_problem: MppError | None = None,
     ) -> None:
         self.path = path
         self._backend = backend
         self.mpp = mpp
+        #: why ``mpp`` is None (opened with ``require_mpp=False``): the error, naming the fix,
+        #: that opening with ``require_mpp=True`` raises
+        self.mpp_problem = mpp_problem
         self.info = info
         #: :func:`source_fingerprint` of what was opened (every instance of a DICOM-WSI folder)
         self.fingerprint = fingerprint if fingerprint is not None else source_fingerprint(path)
@@ -356,11 +360,13 @@ def open_slide(
             errors.append((name, CorruptSlideError(path, problem, "export it again.")))
             continue
         try:
-            resolved = _resolve_mpp(path, be, mpp, require_mpp)
+            resolved, why_no_mpp = _resolve_mpp(path, be, mpp, require_mpp)
         except Exception:
             be.close()
             raise
-        return Slide(path, be, resolved, info, fingerprint=source_fingerprint(given))
+        return Slide(
+            path, be, resolved, info, fingerprint=source_fingerprint(given), mpp_problem=why_no_mpp
+        )
     corrupt = [e for _, e in errors if isinstance(e, CorruptSlideError)]
     if corrupt:  # the first reader that recognised the format says best what is wrong
         raise corrupt[0]
@@ -394,7 +400,8 @@ def _check_forced(path: Path, info: FileInfo, backend: str) -> None:
 
 def _resolve_mpp(
     path: Path, be: Backend, override: float | tuple[float, float] | None, require: bool
-) -> Mpp | None:
+) -> tuple[Mpp | None, MppError | None]:
+    """The level-0 pixel size, or (``require`` False) None with the error that says why."""
     lo, hi = PLAUSIBLE_MPP
     if override is not None:
         mx, my = (override, override) if isinstance(override, int | float) else override
@@ -405,28 +412,30 @@ def _resolve_mpp(
                     f"the given mpp {v} µm/px is outside the plausible {lo}–{hi} µm/px.",
                     "pass the scanner's real resolution (e.g. 0.25 at 40×, 0.5 at 20×).",
                 )
-        return Mpp(float(mx), float(my), "override", "given by the user")
+        return Mpp(float(mx), float(my), "override", "given by the user"), None
     found = be.file_mpp
     if found is None:
-        if not require:
-            return None
-        raise MppError(
+        missing = MppError(
             path,
             "the file records no physical pixel size (µm/px).",
             "pass it explicitly: mpp=0.25 (40× scan) or mpp=0.5 (20×); ask the scanner operator if unsure.",
             param="mpp",
         )
+        if not require:
+            return None, missing
+        raise missing
     mx, my = found
     if not all(math.isfinite(v) and lo <= v <= hi for v in (mx, my)):
-        if not require:
-            return None
-        raise MppError(
+        implausible = MppError(
             path,
             f"the file's resolution ({be.file_mpp_detail}) reads as {mx:.6g}×{my:.6g} µm/px,"
             f" outside the plausible {lo}–{hi} µm/px, so its metadata is wrong.",
             "pass the real value explicitly: mpp=0.25 (40×) or mpp=0.5 (20×).",
             param="mpp",
         )
+        if not require:
+            return None, implausible
+        raise implausible
     if not math.isclose(mx, my, rel_tol=0.05):
         raise CorruptSlideError(
             path,
@@ -434,4 +443,4 @@ def _resolve_mpp(
             "pass mpp=<µm/px> to override.",
             param="mpp",
         )
-    return Mpp(mx, my, "file", be.file_mpp_detail or "file")
+    return Mpp(mx, my, "file", be.file_mpp_detail or "file"), None

@@ -84,7 +84,7 @@ class TilingConfig:
         Raises
         ------
         ValueError
-            An unknown key or a value of the wrong type (the message names ``source``).
+            Not a mapping, or an unknown key (the message names ``source``).
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"{source}: tiling {d!r} is not a mapping of TilingConfig fields")
@@ -95,10 +95,7 @@ class TilingConfig:
                 f"{source}: unknown tiling key(s) {unknown}; TilingConfig has {sorted(known)}."
                 " Fix: remove them, or read the file with the OncoTrace that wrote it."
             )
-        try:
-            return cls(**dict(d))
-        except TypeError as exc:  # pragma: no cover - unknown keys are caught above
-            raise ValueError(f"{source}: bad tiling {dict(d)!r} ({exc})") from exc
+        return cls(**dict(d))
 
 
 def _pair(v: Any) -> tuple[Any, Any] | None:

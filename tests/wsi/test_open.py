@@ -596,3 +596,14 @@ def test_cucim_never_serves_tiles_of_a_file_that_shared_its_cache_key(tmp_path: 
     with pytest.raises(wsi.SlideError, match="stale pixels") as err:
         wsi.open_slide(path, backend="cucim")
     assert_names_file_and_fix(err.value, path)
+
+
+def test_a_slide_opened_without_mpp_keeps_the_reason(tmp_path: Path) -> None:
+    bad = badinput.make_missing_mpp_tiff(tmp_path)
+    with pytest.raises(wsi.MppError) as required:
+        wsi.open_slide(bad.path)
+    with wsi.open_slide(bad.path, require_mpp=False) as s:
+        assert s.mpp is None and isinstance(s.mpp_problem, wsi.MppError)
+        assert str(s.mpp_problem) == str(required.value) and s.mpp_problem.param == "mpp"
+    with wsi.open_slide(bad.path, mpp=0.5, require_mpp=False) as s:
+        assert s.mpp is not None and s.mpp_problem is None
