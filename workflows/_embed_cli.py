@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ._failures import finish
 from ._flags import Device, Precision, cli_message
 
 
@@ -52,6 +53,13 @@ def register(app: typer.Typer, console: Console) -> None:
             paths += (
                 sorted(p.glob("*.zarr")) if p.is_dir() and not (p / "zarr.json").exists() else [p]
             )
+        if not paths:
+            typer.echo(
+                f"error: no .zarr stores in {', '.join(map(str, stores))}."
+                " Fix: give the folder `oncotrace tile --out` wrote, or store paths.",
+                err=True,
+            )
+            raise typer.Exit(2)
         enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
         done: list[tuple[Path, int]] = []
         skipped: list[Path] = []
@@ -87,10 +95,7 @@ def register(app: typer.Typer, console: Console) -> None:
             f" {len(skipped)} already embedded with these weights, {len(failed)} failed;"
             f" features/{enc.config.name} in each store."
         )
-        for store, message in failed:
-            typer.echo(f"failed: {store}: embed: {message}", err=True)
-        if failed:
-            raise typer.Exit(1)
+        finish({"slide": store, "stage": "embed", "message": m} for store, m in failed)
 
     @app.command()
     def encoders() -> None:

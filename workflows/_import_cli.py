@@ -1,7 +1,7 @@
 """``oncotrace import-features``: CLAM/TRIDENT ``.h5`` feature files → one tile store per slide.
 
 A file that cannot be imported becomes one row of ``<out>/errors.csv`` (the same columns as
-``oncotrace tile`` writes) and the others go on; ``--strict`` makes failures change the exit code.
+``oncotrace tile`` writes) and the others go on; the exit status is 1 when any file failed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from oncotrace import __version__
 from oncotrace.workflows._batch import BatchReport, write_errors_csv
+from oncotrace.workflows._failures import finish
 from oncotrace.workflows._flags import cli_message
 from oncotrace.wsi import atomic_write_json
 from rich.console import Console
@@ -167,9 +168,6 @@ def register(app: typer.Typer, console: Console) -> None:
                 "--overwrite", help="Replace features/<name> that came from another file."
             ),
         ] = False,
-        strict: Annotated[
-            bool, typer.Option("--strict", help="Exit non-zero if any file failed.")
-        ] = False,
     ) -> None:
         """Import patch features from CLAM/TRIDENT .h5 files: one store per slide, no patches."""
         paths = find_feature_files(files)
@@ -193,11 +191,8 @@ def register(app: typer.Typer, console: Console) -> None:
         for e in report.errors:
             table.add_row(Path(e["slide"]).stem, f"[red]{e['error_type']}", "", "", "")
         console.print(table)
-        if report.errors:
-            console.print(
-                f"[yellow]{report.n_failed} file(s) failed; see {out / 'errors.csv'}.[/yellow]"
-            )
-            for e in report.errors:
-                console.print(f"  [red]•[/red] {e['message']}")
-        if report.n_failed and strict:
-            raise typer.Exit(1)
+        console.print(
+            f"{len(report.done)} file(s) imported, {len(report.skipped)} up to date,"
+            f" {report.n_failed} failed → {out}"
+        )
+        finish(report.errors, errors_csv=out / "errors.csv")

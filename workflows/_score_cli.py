@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ._failures import finish
 from ._flags import Device, cli_message
 
 
@@ -69,9 +70,6 @@ def register(app: typer.Typer, console: Console) -> None:
         heatmaps: Annotated[
             bool, typer.Option("--heatmaps/--no-heatmaps", help="Write attention heatmaps.")
         ] = True,
-        strict: Annotated[
-            bool, typer.Option("--strict", help="Exit non-zero if any slide failed.")
-        ] = False,
     ) -> None:
         """Tile → embed → predict → heatmaps for every slide; one Dask task per slide, resumable."""
         from oncotrace.workflows._score import score_slides
@@ -136,7 +134,14 @@ def register(app: typer.Typer, console: Console) -> None:
             f"{len(report.done)} scored, {len(report.skipped)} up to date, {n_err} failed in"
             f" {report.seconds:.1f} s → {files['predictions']}"
         )
-        if n_err:
-            console.print(f"[yellow]{n_err} slide(s) failed; see {files['errors']}.[/yellow]")
-        if n_err and strict:
-            raise typer.Exit(1)
+        finish(
+            (
+                {
+                    "slide": e.get("path", e["slide_id"]),
+                    "stage": e["stage"],
+                    "message": cli_message(e["message"]),
+                }
+                for e in report.errors
+            ),
+            errors_csv=files["errors"],
+        )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from ._failures import finish
 from ._flags import (
     Fallback,
     GeometryKind,
@@ -102,13 +103,16 @@ def register(app: typer.Typer, console: Console) -> None:
 def _register_immune(app: typer.Typer, console: Console) -> None:
     @app.command()
     def immune(
-        slide: Annotated[Path, typer.Argument(help="Slide file, DICOM-WSI folder or image.")],
+        slides: Annotated[
+            list[Path],
+            typer.Argument(help="Slide files, DICOM-WSI folders, images, or folders of them."),
+        ],
         out: OutOpt,
         stain: Annotated[
             Stain, typer.Option("--stain", help="he (lymphocytes) or ihc-dab (DAB+ cells).")
         ] = "he",
         mpp: Annotated[
-            float | None, typer.Option("--mpp", help="Override the slide's level-0 µm/px.")
+            float | None, typer.Option("--mpp", help="Override the slides' level-0 µm/px.")
         ] = None,
         bin_um: Annotated[
             float, typer.Option("--bin-um", help="Density-map bin side in µm (TIL maps: 50).")
@@ -131,30 +135,90 @@ def _register_immune(app: typer.Typer, console: Console) -> None:
             GeometryKind, typer.Option("--geometry", help="GeoJSON cells as polygon or point.")
         ] = "polygon",
     ) -> None:
-        """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs."""
+        """Detect immune cells, map their density, and write QuPath/OME-Zarr/CSV outputs.
+
+        One slide writes into --out; several (or a folder) write --out/<slide_id>/ each, with
+        errors.csv for the ones that failed.
+        """
+        from ._batch import find_slides, write_errors_csv
+
         box = _parse_region(region)
+        paths = find_slides(slides)
+        if not paths:
+            typer.echo(f"error: no slides found in {', '.join(map(str, slides))}.", err=True)
+            raise typer.Exit(2)
+        single = len(slides) == 1 and paths == [slides[0]]
+        options: dict[str, Any] = {
+            "stain": stain,
+            "mpp": mpp,
+            "region": box,
+            "tissue": tissue,
+            "threads": threads,
+            "bin_um": bin_um,
+            "min_positive": min_positive,
+            "geometry": geometry,
+        }
+        if single:
+            t0 = time.perf_counter()
+            try:
+                positive_class, summary_path = _run_immune(paths[0], out, **options)
+            except _USER_ERRORS as exc:
+                raise _fail(exc) from exc
+            console.print(_immune_line(positive_class, summary_path, time.perf_counter() - t0))
+            return
+        errors = _immune_batch(console, paths, out, options)
+        write_errors_csv(out / "errors.csv", errors)
+        console.print(f"{len(paths) - len(errors)} slide(s) analysed, {len(errors)} failed → {out}")
+        finish(errors, errors_csv=out / "errors.csv")
+
+
+def _immune_batch(
+    console: Console, paths: list[Path], out: Path, options: dict[str, Any]
+) -> list[dict[str, str]]:
+    """Each slide into ``out/<slide_id>/``; a failure is one errors.csv row and the rest go on."""
+    from oncotrace.wsi import SlideError, slide_id_for
+
+    errors: list[dict[str, str]] = []
+    used: dict[str, Path] = {}
+    for path in paths:
+        sid = slide_id_for(path)
+        if sid in used:
+            errors.append(
+                {
+                    "slide": str(path),
+                    "stage": "open",
+                    "error_type": "DuplicateSlideId",
+                    "message": f"{path}: slide id {sid!r} is already used by {used[sid]}."
+                    " Fix: rename one of the files; outputs are named by file stem.",
+                }
+            )
+            continue
+        used[sid] = path
         t0 = time.perf_counter()
         try:
-            positive_class, summary_path = _run_immune(
-                slide,
-                out,
-                stain=stain,
-                mpp=mpp,
-                region=box,
-                tissue=tissue,
-                threads=threads,
-                bin_um=bin_um,
-                min_positive=min_positive,
-                geometry=geometry,
+            positive_class, summary_path = _run_immune(path, out / sid, **options)
+        except (*_USER_ERRORS, SlideError, OSError, RuntimeError) as exc:
+            errors.append(
+                {
+                    "slide": str(path),
+                    "stage": "immune",
+                    "error_type": type(exc).__name__,
+                    "message": cli_message(exc),
+                }
             )
-        except _USER_ERRORS as exc:
-            raise _fail(exc) from exc
-        summary = json.loads(summary_path.read_text())
-        console.print(
-            f"{summary['n_cells']} cells, {summary['n_positive']} {positive_class} "
-            f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} /mm² of "
-            f"{summary['tissue_area_mm2']:.2f} mm² tissue in {time.perf_counter() - t0:.1f} s → {out}"
-        )
+            continue
+        line = _immune_line(positive_class, summary_path, time.perf_counter() - t0)
+        console.print(f"{sid}: {line}")
+    return errors
+
+
+def _immune_line(positive_class: str, summary_path: Path, seconds: float) -> str:
+    summary = json.loads(summary_path.read_text())
+    return (
+        f"{summary['n_cells']} cells, {summary['n_positive']} {positive_class} "
+        f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} /mm² of "
+        f"{summary['tissue_area_mm2']:.2f} mm² tissue in {seconds:.1f} s → {summary_path.parent}"
+    )
 
 
 def _run_immune(

@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._batch import BatchReport, find_slides, tile_batch
+from ._failures import finish
 from ._flags import cli_message
 
 
@@ -86,12 +87,10 @@ def print_summary(console: Console, report: BatchReport, out: Path) -> None:
     for err in report.errors:
         table.add_row(Path(err["slide"]).name, f"[red]{err['error_type']} ({err['stage']})", "", "")
     console.print(table)
-    if report.errors:
-        console.print(
-            f"[yellow]{report.n_failed} slide(s) failed; see {out / 'errors.csv'}.[/yellow]"
-        )
-        for err in report.errors:
-            console.print(f"  [red]•[/red] {err['message']}")
+    console.print(
+        f"{len(report.done)} slide(s) tiled, {len(report.skipped)} up to date,"
+        f" {report.n_failed} failed → {out}"
+    )
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -139,9 +138,6 @@ def register(app: typer.Typer, console: Console) -> None:
         threads: Annotated[
             int, typer.Option("--threads", help="Reader threads (one process).")
         ] = default_threads(),
-        strict: Annotated[
-            bool, typer.Option("--strict", help="Exit non-zero if any slide failed.")
-        ] = False,
     ) -> None:
         """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
         config = TilingConfig(
@@ -159,8 +155,7 @@ def register(app: typer.Typer, console: Console) -> None:
             raise typer.Exit(2)
         report = run_with_progress(console, paths, out, config, mpp, threads)
         print_summary(console, report, out)
-        if report.n_failed and strict:
-            raise typer.Exit(1)
+        finish(report.errors, errors_csv=out / "errors.csv")
 
     @app.command()
     def info(

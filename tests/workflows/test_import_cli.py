@@ -39,7 +39,9 @@ def test_folder_with_good_and_bad_files(tmp_path: Path) -> None:
 
     args = ["import-features", str(src), "--out", str(out), "--name", "uni", "--mpp", "0.25"]
     res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # two files failed; the others were imported
+    failed = sorted(ln for ln in res.stderr.splitlines() if ln.startswith("failed: "))
+    assert [Path(ln.split(": ")[1]).name for ln in failed] == ["bad-nan.h5", "junk.h5"]
     g = zarr.open_group(out / "a.zarr", mode="r")
     np.testing.assert_array_equal(np.asarray(g["features/uni"][...]), fa)  # type: ignore[index]
     np.testing.assert_array_equal(np.asarray(g["coords"][...]), ca)  # type: ignore[index]
@@ -55,7 +57,7 @@ def test_folder_with_good_and_bad_files(tmp_path: Path) -> None:
     summary = json.loads((out / "import-features.json").read_text())
     assert sorted(r["slide_id"] for r in summary["done"]) == ["a", "b"]
 
-    res = runner.invoke(app, [*args, "--strict"])
+    res = runner.invoke(app, [*args])
     assert res.exit_code == 1
     summary = json.loads((out / "import-features.json").read_text())
     assert sorted(r["slide_id"] for r in summary["skipped"]) == ["a", "b"]  # rerun skips
@@ -63,7 +65,7 @@ def test_folder_with_good_and_bad_files(tmp_path: Path) -> None:
 
     (src / "bad-nan.h5").unlink()
     (src / "junk.h5").unlink()
-    res = runner.invoke(app, [*args, "--strict"])
+    res = runner.invoke(app, [*args])
     assert res.exit_code == 0, res.output
     assert _errors(out) == {}  # errors.csv describes this run only
 
@@ -71,15 +73,13 @@ def test_folder_with_good_and_bad_files(tmp_path: Path) -> None:
 def test_missing_geometry_is_an_error_row_naming_the_flags(tmp_path: Path) -> None:
     src, _, _ = clam_file(tmp_path / "plain.h5", with_attrs=False)
     out = tmp_path / "stores"
-    res = CliRunner().invoke(
-        app, ["import-features", str(src), "--out", str(out), "--name", "uni", "--strict"]
-    )
+    res = CliRunner().invoke(app, ["import-features", str(src), "--out", str(out), "--name", "uni"])
     assert res.exit_code == 1
     msg = _errors(out)["plain.h5"]["message"]
     assert "--tile-px" in msg and "--mpp" in msg
     geometry = ["--tile-px", "512", "--mpp", "0.5"]
     res = CliRunner().invoke(
-        app, ["import-features", str(src), "-o", str(out), "--name", "uni", *geometry, "--strict"]
+        app, ["import-features", str(src), "-o", str(out), "--name", "uni", *geometry]
     )
     assert res.exit_code == 0, res.output
     assert (out / "plain.zarr").is_dir()
@@ -98,7 +98,7 @@ def test_other_source_needs_overwrite(tmp_path: Path) -> None:
         d = f.create_dataset("coords", data=coords)
         d.attrs.update({"patch_size_level0": 512, "level0_magnification": 40})
     runner = CliRunner()
-    base = ["--out", str(out), "--name", "uni", "--strict"]
+    base = ["--out", str(out), "--name", "uni"]
     v1, v2 = str(tmp_path / "v1" / "s.h5"), str(tmp_path / "v2" / "s.h5")
     assert runner.invoke(app, ["import-features", v1, *base]).exit_code == 0
     res = runner.invoke(app, ["import-features", v2, *base])

@@ -146,8 +146,10 @@ def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: P
     ]
     out = tmp_path / "res"
     args = [str(folder), "--model", str(trained["model"]), "--out", str(out), "--workers", "1"]
-    code, output = _score(*args, "--no-heatmaps")
-    assert code == 0, output  # failures do not fail the run unless asked
+    res = CliRunner().invoke(app, ["score", *args, "--no-heatmaps"])
+    assert res.exit_code == 1, res.output  # some slides failed; the good ones were scored
+    failed = [ln for ln in res.stderr.splitlines() if ln.startswith("failed: ")]
+    assert sorted(Path(ln.split(": ")[1]).name for ln in failed) == sorted(b.filename for b in bad)
     assert set(_predictions(out)) == {p.stem for p in good}
     with open(out / "errors.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -159,8 +161,23 @@ def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: P
     ):
         assert r["error_type"] == b.error.__name__ and r["stage"] in ("open", "read", "tile")
         assert b.match.lower() in r["message"].lower() and "Fix:" in r["message"]
-    code, output = _score(*args, "--no-heatmaps", "--strict")
+    code, output = _score(*args, "--no-heatmaps")  # a rerun retries only the failed ones
     assert code == 1, output
+
+
+def test_every_slide_failing_exits_1_and_no_slides_exits_2(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    bad = badinput.make_text_svs(folder)
+    base = ["--model", str(trained["model"]), "--out", str(tmp_path / "res"), "--workers", "1"]
+    res = CliRunner().invoke(app, ["score", str(folder), *base, "--no-heatmaps"])
+    assert res.exit_code == 1, res.output
+    assert f"failed: {(folder / bad.filename).absolute()}: open: " in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["score", str(tmp_path / "empty"), *base])
+    assert res.exit_code == 2 and "error:" in res.stderr
 
 
 # --------------------------------------------------------------------------- real scheduler

@@ -53,6 +53,36 @@ def immune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "slide": slide, "out": out}
 
 
+def test_immune_on_a_folder_writes_one_folder_per_slide_and_exits_1_for_a_bad_one(
+    immune_run: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.wsi import badinput
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy2(immune_run["slide"], folder / "good.tiff")
+    bad = badinput.make_text_svs(folder)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["immune", str(folder), "--stain", "he", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    # the good slide gave the same counts as the single-slide run
+    single = json.loads((immune_run["out"] / "summary.json").read_text())
+    batch = json.loads((out / "good" / "summary.json").read_text())
+    assert batch["n_positive"] == single["n_positive"] and batch["n_cells"] == single["n_cells"]
+    with open(out / "errors.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [Path(r["slide"]).name for r in rows] == [bad.filename]
+    assert "Fix:" in rows[0]["message"]
+    failed = [ln for ln in res.stderr.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == 1 and bad.filename in failed[0] and ": immune: " in failed[0]
+    # nothing found is a usage error, before any work
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["immune", str(tmp_path / "empty"), "--out", str(out)])
+    assert res.exit_code == 2 and "no slides found" in res.stderr
+
+
 def test_immune_writes_every_output_with_counts_near_the_planted_truth(
     immune_run: dict[str, Path],
 ) -> None:

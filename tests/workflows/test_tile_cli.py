@@ -79,7 +79,7 @@ def test_folder_with_bad_inputs_finishes_good_slides_and_lists_each_failure(tmp_
     out = tmp_path / "stores"
     runner = CliRunner()
     result = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--threads", "2"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # some inputs failed; the others were finished
     # every good slide is tiled, with the expected planted tile count
     for planted, n in zip(good, [9, 4], strict=True):
         attrs = wsi.read_store_attrs(out / f"{planted.path.stem}.zarr")
@@ -93,16 +93,22 @@ def test_folder_with_bad_inputs_finishes_good_slides_and_lists_each_failure(tmp_
         row = by_name[name]
         assert (row["stage"], row["error_type"]) == (stage, error_type), name
         assert name in row["message"] and "Fix:" in row["message"]
+    # ... and one stderr line per failure: file, stage, message
+    failed = [ln for ln in result.stderr.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == len(expect), result.stderr
+    for line in failed:
+        path, stage, message = line.removeprefix("failed: ").split(": ", 2)
+        assert by_name[Path(path).name]["stage"] == stage and "Fix:" in message
     report = json.loads((out / "tiling.json").read_text())
     assert len(report["done"]) == 2 and len(report["errors"]) == len(expect)
     # no partial stores left behind by the failures
     assert sorted(p.name for p in out.glob("*.zarr")) == ["good-a.zarr", "good-b.zarr"]
     assert not list(out.glob(".*partial*"))
 
-    # --strict turns failures into a non-zero exit; the good stores are reused, not redone
+    # a rerun reuses the good stores (not redone) and still says the bad ones fail
     mtime = (out / "good-a.zarr" / "zarr.json").stat().st_mtime_ns
-    strict = runner.invoke(app, ["tile", str(slides), "--out", str(out), "--strict"])
-    assert strict.exit_code == 1
+    again = runner.invoke(app, ["tile", str(slides), "--out", str(out)])
+    assert again.exit_code == 1 and "2 slide(s) tiled" not in again.output
     assert (out / "good-a.zarr" / "zarr.json").stat().st_mtime_ns == mtime
     assert len(json.loads((out / "tiling.json").read_text())["skipped"]) == 2
 
