@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ._predictions import PredictionRow, write_predictions
+
 if TYPE_CHECKING:
     from oncotrace.mil import ModelCard
 
@@ -448,43 +450,27 @@ def _write_predictions(
     proba: dict[str, np.ndarray],
     calibrated: dict[str, Any],
 ) -> None:
-    """One row per slide and task: truth, call, raw and calibrated probabilities, set."""
-    classes = list(dict.fromkeys(n for names in tasks.values() for n in names))
-    header = [
-        "slide_id",
-        "patient_id",
-        "site",
-        "task",
-        "true",
-        "predicted",
-        *(f"p_{c}" for c in classes),
-        *(f"calibrated_p_{c}" for c in classes),
-        "conformal_set",
-    ]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for i in range(len(data)):
-            for task, names in tasks.items():
-                cp = calibrated[task]
-                raw = dict(zip(names, proba[task][i], strict=True))
-                cal = dict(zip(names, cp.proba[i], strict=True))
-                yi = int(y[task][i])
-                members = (
-                    ""
+    """One row per slide and task, in the layout ``oncotrace score`` writes too."""
+    rows = []
+    for i in range(len(data)):
+        for task, names in tasks.items():
+            cp = calibrated[task]
+            yi = int(y[task][i])
+            rows.append(
+                PredictionRow(
+                    slide_id=str(data.slide_ids[i]),
+                    task=task,
+                    classes=tuple(names),
+                    proba=[float(v) for v in cp.proba[i]],
+                    predicted_class=names[int(cp.predicted[i])],
+                    uncalibrated=[float(v) for v in proba[task][i]],
+                    true_class=names[yi] if yi >= 0 else "",
+                    patient_id=str(data.patient_ids[i]),
+                    site=str(data.sites[i]),
+                    conformal_set=None
                     if cp.sets is None
-                    else "|".join(n for n, s in zip(names, cp.sets[i], strict=True) if s)
+                    else [n for n, s in zip(names, cp.sets[i], strict=True) if s],
+                    n_tiles=len(data.bags[i]),
                 )
-                w.writerow(
-                    [
-                        data.slide_ids[i],
-                        data.patient_ids[i],
-                        data.sites[i],
-                        task,
-                        names[yi] if yi >= 0 else "",
-                        names[int(cp.predicted[i])],
-                        *(f"{raw[c]:.6f}" if c in raw else "" for c in classes),
-                        *(f"{cal[c]:.6f}" if c in cal else "" for c in classes),
-                        members,
-                    ]
-                )
+            )
+    write_predictions(path, rows)

@@ -37,12 +37,12 @@ from oncotrace.wsi import (
 )
 
 from ._flags import Device, cli_message
+from ._predictions import TOP_K, PredictionRow, write_predictions
 
 if TYPE_CHECKING:
     from oncotrace.mil import MILHead, ModelCard
 
 RESULT_FORMAT = 1
-TOP_K = 3
 _SLIDES = "slides"
 _STORES = "stores"
 
@@ -59,6 +59,8 @@ class SlideJob:
     slide_id: str
     path: str
     covariates: tuple[float, ...] | None = None
+    patient_id: str = ""
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,9 @@ def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
 
 
 def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
-    """``manifest.csv``: ``path`` (relative to the CSV or absolute), optional ``slide_id`` and the
-    model's covariate columns."""
+    """``manifest.csv``: ``path`` (relative to the CSV or absolute), optional ``slide_id``,
+    ``patient_id`` and ``site`` (carried into ``predictions.csv``) and the model's covariate
+    columns."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -144,7 +147,10 @@ def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
                 cov = tuple(_covariate_value(c, r[c]) for c in covariates)
             except ValueError as exc:
                 raise ValueError(f"{path} line {i}: {exc}") from exc
-        jobs.append(SlideJob(r.get("slide_id") or slide_id_for(p), str(p), cov))
+        sid = r.get("slide_id") or slide_id_for(p)
+        jobs.append(
+            SlideJob(sid, str(p), cov, r.get("patient_id") or "", (r.get("site") or "").strip())
+        )
     _check_unique(jobs, path)
     return jobs
 
@@ -502,7 +508,7 @@ def _predict(
     for task, classes in tasks.items():
         c = calibrated[task]
         p = c.proba[0]
-        order = np.argsort(-p)[: min(TOP_K, len(classes))]
+        order = np.argsort(-p, kind="stable")[: min(TOP_K, len(classes))]
         out[task] = {
             "label": classes[int(c.predicted[0])],
             "classes": list(classes),
@@ -745,33 +751,26 @@ def write_outputs(
                     "message": "no result was written (the run was interrupted). Fix: rerun.",
                 }
             )
-    pred_path = out / "predictions.csv"
-    max_classes = max((len(t["classes"]) for r in results for t in r["tasks"].values()), default=0)
-    header = ["slide_id", "task", "label", *[f"class_{i}" for i in range(max_classes)]]
-    header += [f"p_{i}" for i in range(max_classes)]
-    header += ["top_k", "conformal_set", "n_tiles"]
-    tmp = pred_path.with_name(".predictions.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in sorted(results, key=lambda r: r["slide_id"]):
-            for task, t in r["tasks"].items():
-                pad = max_classes - len(t["classes"])
-                w.writerow(
-                    [
-                        r["slide_id"],
-                        task,
-                        t["label"],
-                        *t["classes"],
-                        *[""] * pad,
-                        *[f"{p:.6f}" for p in t["proba"]],
-                        *[""] * pad,
-                        "|".join(t["top_k"]),
-                        "" if t["conformal_set"] is None else "|".join(t["conformal_set"]),
-                        r["n_tiles"],
-                    ]
-                )
-    os.replace(tmp, pred_path)
+    by_id = {j.slide_id: j for j in jobs}
+    rows = [
+        PredictionRow(
+            slide_id=r["slide_id"],
+            task=task,
+            classes=tuple(t["classes"]),
+            proba=t["proba"],
+            predicted_class=t["label"],
+            uncalibrated=t.get("proba_uncalibrated"),
+            patient_id=by_id[r["slide_id"]].patient_id,
+            site=by_id[r["slide_id"]].site,
+            conformal_set=t["conformal_set"],
+            n_tiles=r["n_tiles"],
+            ood_distance=(r.get("ood") or {}).get("distance"),
+            ood=(r.get("ood") or {}).get("flagged"),
+        )
+        for r in sorted(results, key=lambda r: r["slide_id"])
+        for task, t in r["tasks"].items()
+    ]
+    pred_path = write_predictions(out / "predictions.csv", rows)
     err_path = out / "errors.csv"
     tmp = err_path.with_name(".errors.csv.tmp")
     with open(tmp, "w", newline="") as f:

@@ -30,9 +30,9 @@ def test_demo_trains_scores_on_dask_and_reports(demo_run: tuple[Path, str]) -> N
         pred_rows = list(csv.DictReader(f))
     scored = {r["slide_id"] for r in pred_rows}
     for r in pred_rows:  # a confident probability is never overruled by the decision threshold
-        for k in ("0", "1"):
-            if float(r[f"p_{k}"]) > 0.99:
-                assert r["label"] == r[f"class_{k}"], r
+        for c in ("benign", "malignant"):
+            if float(r[f"p_{c}"]) > 0.99:
+                assert r["predicted_class"] == c, r
     assert scored == {r["slide_id"] for r in test_rows}
     for sid in scored:
         here = out / "scores" / "slides" / sid
@@ -84,7 +84,7 @@ def _check_planted_region_is_hot(out: Path, rows: list[dict[str, str]]) -> None:
     from oncotrace.mil.phantom import Cohort
 
     cohort = Cohort.load(out / "cohort")
-    malignant = [r["slide_id"] for r in rows if r["label"] == "malignant"]
+    malignant = [r["slide_id"] for r in rows if r["predicted_class"] == "malignant"]
     assert malignant
     for sid in malignant:
         here = out / "scores" / "slides" / sid

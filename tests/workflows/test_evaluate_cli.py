@@ -189,32 +189,40 @@ def test_evaluate_end_to_end(trained: dict[str, Path], tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     preds = _read_csv(out / "predictions.csv")
     assert len(preds) == 2 * len(labels)
+    assert list(preds[0])[:6] == [
+        "slide_id",
+        "patient_id",
+        "site",
+        "task",
+        "true_class",
+        "predicted_class",
+    ]  # the layout `score` writes too
 
     # Binary task: AUC and accuracy recomputed from predictions.csv with scikit-learn.
     lab = [r for r in preds if r["task"] == "label"]
-    y = np.array([r["true"] == "malignant" for r in lab], dtype=int)
-    p_mal = np.array([float(r["calibrated_p_malignant"]) for r in lab])
+    y = np.array([r["true_class"] == "malignant" for r in lab], dtype=int)
+    p_mal = np.array([float(r["p_malignant"]) for r in lab])
     m = metrics["tasks"]["label"]["metrics"]
     assert m["auc"]["estimate"] == pytest.approx(roc_auc_score(y, p_mal), abs=1e-5)
     assert m["auc"]["estimate"] >= 0.8  # the planted signal is learnt
-    called = np.array([r["predicted"] == "malignant" for r in lab], dtype=int)
+    called = np.array([r["predicted_class"] == "malignant" for r in lab], dtype=int)
     thr = metrics["tasks"]["label"]["threshold"]
     np.testing.assert_array_equal(called, (p_mal >= thr - 1e-6).astype(int))
     assert m["accuracy"]["estimate"] == pytest.approx(accuracy_score(y, called))
     assert m["auc"]["low"] <= m["auc"]["estimate"] <= m["auc"]["high"]
     # A model whose raw and calibrated probabilities rank the cases alike.
-    p_raw = np.array([float(r["p_malignant"]) for r in lab])
+    p_raw = np.array([float(r["uncalibrated_p_malignant"]) for r in lab])
     assert roc_auc_score(y, p_raw) == pytest.approx(roc_auc_score(y, p_mal), abs=1e-6)
 
     # Multi-class task: macro one-vs-rest AUC and conformal coverage from the file.
     gr = [r for r in preds if r["task"] == "grade"]
-    yg = np.array([GRADES.index(r["true"]) for r in gr])
-    pg = np.array([[float(r[f"calibrated_p_{g}"]) for g in GRADES] for r in gr])
+    yg = np.array([GRADES.index(r["true_class"]) for r in gr])
+    pg = np.array([[float(r[f"p_{g}"]) for g in GRADES] for r in gr])
     mg = metrics["tasks"]["grade"]
     assert mg["metrics"]["auc_macro"]["estimate"] == pytest.approx(
         roc_auc_score(yg, pg / pg.sum(1, keepdims=True), multi_class="ovr"), abs=1e-4
     )
-    covered = np.mean([r["true"] in r["conformal_set"].split("|") for r in gr])
+    covered = np.mean([r["true_class"] in r["conformal_set"].split("|") for r in gr])
     assert mg["conformal"]["coverage"]["estimate"] == pytest.approx(covered)
     sizes = [len([c for c in r["conformal_set"].split("|") if c]) for r in gr]
     assert mg["conformal"]["mean_set_size"] == pytest.approx(np.mean(sizes))
@@ -222,7 +230,7 @@ def test_evaluate_end_to_end(trained: dict[str, Path], tmp_path: Path) -> None:
     # Reader A (slides, binary, scores): McNemar and DeLong recomputed independently.
     row = next(r for r in metrics["readers"] if r["reader"] == "A")
     calls = {r["slide_id"]: r["call"] for r in readers if r["reader"] == "A"}
-    model_ok = np.array([r["predicted"] == r["true"] for r in lab])
+    model_ok = np.array([r["predicted_class"] == r["true_class"] for r in lab])
     reader_ok = np.array([calls[r["slide_id"]] == truth[r["slide_id"]] for r in lab])
     b, c = int(np.sum(model_ok & ~reader_ok)), int(np.sum(~model_ok & reader_ok))
     assert (row["model_only_correct"], row["reader_only_correct"]) == (b, c)
@@ -390,9 +398,9 @@ def test_model_on_imported_features_of_any_name(tmp_path: Path) -> None:
         with h5py.File(tmp_path / "test" / "h5" / f"{r['slide_id']}.h5", "r") as f:
             feats = np.asarray(f["features"])
         proba, _ = mil.predict(head, [feats])
-        assert float(r["p_malignant"]) == pytest.approx(proba["label"][0, 1], abs=1e-5)
-    y = np.array([r["true"] == "malignant" for r in preds], dtype=int)
-    p = np.array([float(r["calibrated_p_malignant"]) for r in preds])
+        assert float(r["uncalibrated_p_malignant"]) == pytest.approx(proba["label"][0, 1], abs=1e-5)
+    y = np.array([r["true_class"] == "malignant" for r in preds], dtype=int)
+    p = np.array([float(r["p_malignant"]) for r in preds])
     auc = json.loads((report / "metrics.json").read_text())["tasks"]["label"]["metrics"]["auc"]
     assert auc["estimate"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
     assert auc["estimate"] >= 0.8  # the planted signal transfers

@@ -49,6 +49,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "model": model_dir, "slides": slides, "stores": stores}
 
 
+#: predictions.csv's first columns, as README documents them.
+LEAD = ["slide_id", "patient_id", "site", "task", "true_class", "predicted_class"]
+
+
 def _score(*args: str) -> tuple[int, str]:
     res = CliRunner().invoke(app, ["score", *args])
     return res.exit_code, res.output + (repr(res.exception) if res.exception else "")
@@ -57,7 +61,11 @@ def _score(*args: str) -> tuple[int, str]:
 def _predictions(out: Path) -> dict[str, list[float]]:
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {r["slide_id"]: [float(r["p_0"]), float(r["p_1"])] for r in rows}
+    assert list(rows[0])[:6] == LEAD  # the layout `evaluate` writes too
+    return {
+        r["slide_id"]: [float(r[f"uncalibrated_p_{c}"]) for c in ("benign", "malignant")]
+        for r in rows
+    }
 
 
 def _expected(trained: dict[str, Path]) -> dict[str, list[float]]:
@@ -370,10 +378,11 @@ def test_jobs_name_slides_by_absolute_path_whatever_the_working_directory(
     slides = trained["slides"]
     manifest = slides.parent / "manifest.csv"
     first = sorted(slides.iterdir())[0]
-    manifest.write_text(f"path,slide_id\nto_score/{first.name},m1\n")
+    manifest.write_text(f"path,slide_id,patient_id,site\nto_score/{first.name},m1,P7, B \n")
     monkeypatch.chdir(slides.parent)
     jobs = collect_jobs([Path("to_score"), Path("manifest.csv")])
     monkeypatch.chdir(tmp_path)  # elsewhere: every path still names the same file
     assert all(Path(j.path).is_absolute() and Path(j.path).is_file() for j in jobs)
     assert {Path(j.path).name for j in jobs} == {p.name for p in slides.iterdir()}
-    assert next(j for j in jobs if j.slide_id == "m1").path == str(first)
+    m1 = next(j for j in jobs if j.slide_id == "m1")
+    assert m1.path == str(first) and (m1.patient_id, m1.site) == ("P7", "B")

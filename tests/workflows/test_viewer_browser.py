@@ -574,7 +574,7 @@ def test_demo_results_open_in_the_browser(
 
     results = demo_run[0] / "scores"
     with open(results / "predictions.csv", newline="") as f:
-        predicted = {r["slide_id"]: r["label"] for r in csv.DictReader(f)}
+        predicted = {r["slide_id"]: r["predicted_class"] for r in csv.DictReader(f)}
     context = browser.new_context(viewport=VIEWPORT)
     pg = context.new_page()
     pg.set_default_timeout(WAIT_MS)
