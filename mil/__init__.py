@@ -80,6 +80,7 @@ from ._metrics import (
     multiclass_metrics,
     reliability_curve,
 )
+from ._ood import OODResult, OODStats
 from ._pathomics import FEATURE_NAMES, pathomics_features
 from ._protocol import TrainConfig, TrainConfigError, TrainResult, train_model
 from ._report import plot_confusion, plot_reliability, plot_roc, render_html
@@ -122,6 +123,8 @@ __all__ = [
     "ModelCard",
     "ModelEncoder",
     "MulticlassMetrics",
+    "OODResult",
+    "OODStats",
     "Precision",
     "PrototypeHead",
     "RepeatSpread",

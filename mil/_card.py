@@ -12,6 +12,8 @@ Format versions
    Files written before the card existed have ``format_version`` 1 (or none) and still load.
 2  the same sections with the same meaning, plus ``train_config`` (a :class:`mil.TrainConfig`)
    when the model came from :func:`mil.train_model`.
+3  plus ``ood``: the out-of-domain check's threshold and the sha256 of ``ood.safetensors``
+   beside it (:class:`mil.OODStats`), when the model was saved with its training cohort.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from numpy.typing import ArrayLike, NDArray
 from oncotrace.wsi import TilingConfig
 
 from ._heads import HeadConfig
+from ._ood import OODStats
 from ._protocol import TrainConfig
 
 __all__ = ["CARD_FILE", "CARD_FORMAT_VERSION", "CovariateSpec", "ModelCard", "ModelEncoder"]
 
 CARD_FILE = "model.json"
-CARD_FORMAT_VERSION = 2
+CARD_FORMAT_VERSION = 3
 _FORMAT = "oncotrace.mil.head"
 _WEIGHTS = "model.safetensors"
 _SECTIONS = frozenset(
@@ -53,6 +56,7 @@ _SECTIONS = frozenset(
         "training",
         "train_config",
         "metrics",
+        "ood",
     }
 )
 
@@ -175,6 +179,8 @@ class ModelCard:
     train_config : the :class:`mil.TrainConfig` of :func:`mil.train_model`, when it trained
         the model.
     metrics : task -> metric summary of the training evaluation (free-form JSON).
+    ood : the out-of-domain check's training statistics (:class:`mil.OODStats`), or None when
+        the model was saved without its cohort (or the cohort was multi-modal or too small).
     oncotrace_version, torch_version : versions that wrote the weights.
     format_version : layout version of the file the card was read from (see the module
         notes); :meth:`write` always writes the current :data:`CARD_FORMAT_VERSION`.
@@ -188,6 +194,7 @@ class ModelCard:
     training: Mapping[str, Any] = field(default_factory=dict)
     train_config: TrainConfig | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    ood: OODStats | None = None
     oncotrace_version: str = ""
     torch_version: str = ""
     format_version: int = CARD_FORMAT_VERSION
@@ -236,6 +243,8 @@ class ModelCard:
             out["calibration"] = _jsonable(self.calibration)
         if self.train_config is not None:
             out["train_config"] = self.train_config.to_dict()
+        if self.ood is not None:
+            out["ood"] = self.ood.record()
         return out
 
     @classmethod
@@ -316,6 +325,11 @@ class ModelCard:
             )
         tc = data.get("train_config")
         tiling = data.get("tiling")
+        ood = data.get("ood")
+        if ood is not None and not isinstance(ood, Mapping):
+            raise ValueError(
+                f"{source}: malformed 'ood' section. Fix: restore the file, or retrain."
+            )
         return cls(
             head=head,
             encoder=encoder,
@@ -325,6 +339,7 @@ class ModelCard:
             training=data.get("training") or {},
             train_config=None if tc is None else TrainConfig.from_dict(tc, source=source),
             metrics=data.get("metrics") or {},
+            ood=None if ood is None else OODStats.read(Path(source).parent, ood),
             oncotrace_version=str(data.get("oncotrace_version", "")),
             torch_version=str(data.get("torch_version", "")),
             format_version=version,
@@ -337,6 +352,8 @@ class ModelCard:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CARD_FILE
+        if self.ood is not None:  # first: model.json names it by its sha256
+            self.ood.write(directory)
         tmp = path.with_name(f".{CARD_FILE}.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         tmp.replace(path)

@@ -804,9 +804,12 @@ def card_for(
 ) -> ModelCard:
     """The card of ``model``: see :func:`save_model` for the parameters."""
     from ._card import CovariateSpec, ModelCard, ModelEncoder
+    from ._ood import fit_ood_safely
 
     covariates = CovariateSpec()
+    ood = None
     if data is not None:
+        ood = fit_ood_safely(data.bags)
         if encoder is not None and encoder != ModelEncoder(data.encoder, data.in_dim):
             raise ValueError(
                 f"encoder={encoder} contradicts the cohort's features ({data.encoder!r}, dim"
@@ -828,6 +831,7 @@ def card_for(
         training=dict(config or {}),
         train_config=train_config,
         metrics=dict(metrics or {}),
+        ood=ood,
     ).with_versions()
 
 
@@ -864,7 +868,8 @@ def save_model(
         ``training``.
     metrics : dict task -> metrics object or plain values, stored under ``metrics``.
     data : the cohort trained on; its encoder name and dim and its covariate names with their
-        standardisation are stored so new data can be prepared identically.
+        standardisation are stored so new data can be prepared identically, and the
+        out-of-domain statistics of its cases (:class:`mil.OODStats`, ``ood.safetensors``).
     encoder : the features the model takes, for a model saved without ``data``.
     calibration : per-task temperature, decision threshold and conformal quantile fitted on
         validation data (:func:`mil.fit_calibration`).

@@ -174,13 +174,28 @@ def evaluate_command(
             "reliability diagram": mil.plot_reliability(ev, out / f"reliability_{stem}.png"),
             "confusion matrix": mil.plot_confusion(ev, out / f"confusion_{stem}.png"),
         }
-    _write_predictions(out / "predictions.csv", data, tasks, y, proba, calibrated)
+    ood, cohort_ood = None, "not checked (the model records no training statistics)"
+    if card.ood is not None:
+        distance = card.ood.distance(data.bags)
+        ood = (distance, distance > card.ood.threshold)
+        flagged = [str(data.slide_ids[i]) for i in np.flatnonzero(ood[1])]
+        cohort_ood = (
+            f"{len(flagged)} of {len(data)} slides lie outside the data the model was trained on"
+            f" (ood_distance above {card.ood.threshold:.1f})"
+        )
+        if flagged:
+            general.append(
+                f"{cohort_ood}: {', '.join(flagged[:10])}{' …' if len(flagged) > 10 else ''}."
+                " Their predictions are not reliable; the metrics include them."
+            )
+    _write_predictions(out / "predictions.csv", data, tasks, y, proba, calibrated, ood)
     cohort = {
         "slides": len(data),
         "patients": len(set(data.patient_ids.tolist())),
         "sites": ", ".join(sorted(set(data.sites.tolist()))),
         "labels file": str(labels),
         "tile stores": str(stores),
+        "out of domain": cohort_ood,
     }
     for task, names in tasks.items():
         counts = np.bincount(y[task][y[task] >= 0], minlength=len(names))
@@ -449,6 +464,7 @@ def _write_predictions(
     y: dict[str, np.ndarray],
     proba: dict[str, np.ndarray],
     calibrated: dict[str, Any],
+    ood: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """One row per slide and task, in the layout ``oncotrace score`` writes too."""
     rows = []
@@ -471,6 +487,8 @@ def _write_predictions(
                     if cp.sets is None
                     else [n for n, s in zip(names, cp.sets[i], strict=True) if s],
                     n_tiles=len(data.bags[i]),
+                    ood_distance=None if ood is None else float(ood[0][i]),
+                    ood=None if ood is None else bool(ood[1][i]),
                 )
             )
     write_predictions(path, rows)

@@ -300,7 +300,27 @@ def score_slides(
         on_dashboard=on_dashboard,
     )
     files = write_outputs(jobs, cfg, report, {"inputs": [str(Path(p).absolute()) for p in inputs]})
+    warning = ood_warning([*report.done, *report.skipped])
+    if warning and on_warning:
+        on_warning(warning)
     return ScoreRun(tuple(jobs), cfg, report, files)
+
+
+def ood_warning(results: Sequence[Mapping[str, Any]]) -> str | None:
+    """One warning naming the results whose slide lies outside the training data, or None."""
+    flagged = sorted(
+        (r["slide_id"], r["ood"]) for r in results if (r.get("ood") or {}).get("flagged")
+    )
+    if not flagged:
+        return None
+    names = ", ".join(f"{sid} ({o['distance']:.1f})" for sid, o in flagged[:10])
+    more = f" and {len(flagged) - 10} more" if len(flagged) > 10 else ""
+    return (
+        f"{len(flagged)} slide(s) lie outside the data the model was trained on (ood_distance"
+        f" above {flagged[0][1]['threshold']:.1f}): {names}{more}. Their predictions are not"
+        " reliable: check stain, scanner, tissue type and resolution against the training"
+        " slides (ood column of predictions.csv)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +436,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         timings["embed_s"] = time.perf_counter() - t
         stage = "predict"
         t = time.perf_counter()
-        prediction, attention, coords = _predict(tiled.store, job, model, card, encoder)
+        prediction, attention, coords, ood = _predict(tiled.store, job, model, card, encoder)
         timings["predict_s"] = time.perf_counter() - t
         if cfg.heatmaps:
             stage = "heatmap"
@@ -433,6 +453,7 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "n_tiles": len(coords),
             "store_reused": bool(tiled.skipped),
             "tasks": prediction,
+            "ood": ood,
             "started_at": started,
             "finished_at": time.time(),
             "seconds": timings,
@@ -480,7 +501,9 @@ def _stage_name(exc: BaseException, stage: str) -> str:
 
 def _predict(
     store: Path, job: SlideJob, model: MILHead, card: ModelCard, encoder: Any
-) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, dict[str, Any] | None]:
+    """Per-task predictions, attention, tile coords and the out-of-domain check (or None when
+    the model records no training statistics)."""
     from oncotrace import mil
 
     if model.config.multimodal:
@@ -521,7 +544,8 @@ def _predict(
             "conformal_level": c.level,
         }
     attention = {t: np.asarray(a[t], np.float32) for a in att for t in tasks}
-    return out, attention, np.asarray(coords, np.int64)
+    ood = None if card.ood is None else card.ood.check(feats).to_dict()
+    return out, attention, np.asarray(coords, np.int64), ood
 
 
 def _heatmaps(

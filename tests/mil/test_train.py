@@ -176,7 +176,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     )
     p1, a1 = predict(model, data.bags, data.covariates)
     save_model(tmp_path / "m", model, {"epochs": 2, "history": hist}, {"auc": 0.5}, data=data)
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.json", "model.safetensors"}
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert files == {"model.json", "model.safetensors", "ood.safetensors"}
     loaded, card = load_model(tmp_path / "m")
     p2, a2 = predict(loaded, data.bags, data.covariates)
     np.testing.assert_array_equal(p1["label"], p2["label"])
@@ -189,7 +190,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert on_disk["covariates"]["mean"] == [60.0, 60.0]
     assert on_disk["training"]["epochs"] == 2 and on_disk["metrics"] == {"auc": 0.5}
     assert on_disk["config"]["covariates"] == 2
-    assert on_disk["format_version"] == mil.ModelCard.read(tmp_path / "m").format_version == 2
+    assert on_disk["format_version"] == mil.ModelCard.read(tmp_path / "m").format_version == 3
     assert card.tasks == {"label": ("neg", "pos")}
     assert card.encoder == mil.ModelEncoder("toy", D)
     assert card.covariates.names == ("age", "sex") and card.covariates.mean == (60.0, 60.0)

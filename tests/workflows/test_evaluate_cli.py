@@ -197,6 +197,11 @@ def test_evaluate_end_to_end(trained: dict[str, Path], tmp_path: Path) -> None:
         "true_class",
         "predicted_class",
     ]  # the layout `score` writes too
+    # held-out cases of the training distribution: their OOD distances are recorded, and
+    # flagged about as rarely as the calibrated 99 % threshold allows
+    flags = [r["ood"] for r in preds]
+    assert set(flags) <= {"True", "False"} and flags.count("True") <= len(flags) // 4
+    assert "out of domain" in (out / "report.html").read_text()
 
     # Binary task: AUC and accuracy recomputed from predictions.csv with scikit-learn.
     lab = [r for r in preds if r["task"] == "label"]

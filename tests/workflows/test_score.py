@@ -137,6 +137,33 @@ def _check_heatmaps(trained: dict[str, Path], out: Path, sid: str) -> None:
     assert scale == pytest.approx([ts * attrs["mpp"][1], ts * attrs["mpp"][0]])
 
 
+def test_a_real_he_slide_is_flagged_out_of_domain_for_a_phantom_trained_model(
+    trained: dict[str, Path], tmp_path: Path, shared_data: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    phantoms = sorted(trained["slides"].iterdir())[:2]
+    for p in phantoms:
+        shutil.copy2(p, folder / p.name)
+    real = shared_data / "slides" / "cmu-1-small-region.svs"
+    (folder / real.name).symlink_to(real)
+    out = tmp_path / "res"
+    args = ["score", str(folder), "--model", str(trained["model"]), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--workers", "1", "--no-heatmaps"])
+    assert res.exit_code == 0, res.output
+    with open(out / "predictions.csv", newline="") as f:
+        rows = {r["slide_id"]: r for r in csv.DictReader(f)}
+    _, card = mil.load_model(trained["model"])
+    assert card.ood is not None
+    for sid, r in rows.items():  # the column is the distance recomputed from the stored features
+        feats, _, _ = mil.read_features(out / "stores" / f"{sid}.zarr", "pathomics")
+        assert float(r["ood_distance"]) == pytest.approx(card.ood.distance([feats])[0], rel=1e-3)
+    assert rows[real.stem]["ood"] == "True"
+    assert {rows[p.stem]["ood"] for p in phantoms} == {"False"}
+    assert "1 slide(s) lie outside the data the model was trained on" in res.output
+    assert real.stem in res.output
+
+
 def test_bad_slides_are_rows_of_errors_csv(trained: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()
