@@ -264,22 +264,25 @@ class CucimBackend(Backend):
     containers = frozenset({"tiff"})
 
     def __init__(self, path: Path) -> None:
-        try:
-            from cucim import CuImage  # type: ignore[attr-defined]
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "the cuCIM backend needs cuCIM: `pip install --no-deps 'cucim-cu12>=25.2,<27'`"
-                " (CPU) or `pip install 'oncotrace[cucim]'` (GPU)"
-            ) from exc
+        from ._quiet import cucim_first_use
+
         self.path = path
         _configure_cucim_cache()
         _claim_cucim_cache(path)
-        try:
-            self._img = CuImage(str(path))
-        except Exception as exc:
-            raise CorruptSlideError(
-                path, f"cuCIM cannot load it ({exc}).", "try backend='openslide'."
-            ) from exc
+        with cucim_first_use():  # the import and the first open print cuFile probes on CPUs
+            try:
+                from cucim import CuImage  # type: ignore[attr-defined]
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise ImportError(
+                    "the cuCIM backend needs cuCIM: `pip install --no-deps"
+                    " 'cucim-cu12>=25.2,<27'` (CPU) or `pip install 'oncotrace[cucim]'` (GPU)"
+                ) from exc
+            try:
+                self._img = CuImage(str(path))
+            except Exception as exc:
+                raise CorruptSlideError(
+                    path, f"cuCIM cannot load it ({exc}).", "try backend='openslide'."
+                ) from exc
         res = self._img.resolutions
         self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
