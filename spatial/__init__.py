@@ -12,6 +12,8 @@ if __name__ != "oncotrace.spatial":
 
 from ._cellphantom import ImmuneCluster, PlantedCells, render_cells, write_phantom_slide
 from ._heatmap import (
+    DEFAULT_COLORMAP,
+    OVERLAY_MIN_SIDE,
     Colormap,
     Heatmap,
     attention_heatmap,
@@ -26,6 +28,7 @@ from ._heatmap import (
 )
 from ._immune import (
     CELL_DETECTORS,
+    DENSITY_UNIT,
     CellTable,
     DensityMaps,
     GeometryKind,
@@ -109,7 +112,10 @@ from ._visium import (
 
 __all__ = [
     "CELL_DETECTORS",
+    "DEFAULT_COLORMAP",
     "DEFAULT_IMMUNE_GENES",
+    "DENSITY_UNIT",
+    "OVERLAY_MIN_SIDE",
     "SLIDE_PX",
     "SLIDE_UM",
     "US_MM",

@@ -27,11 +27,25 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 Normalisation = Literal["rank", "minmax", "raw"]
-Colormap = Literal["jet", "viridis"]
+#: matplotlib's perceptually uniform sequential maps: equal steps in value look like equal steps
+#: in colour and lightness rises monotonically, so a map reads the same in greyscale and to the
+#: common colour-vision deficiencies (a rainbow such as jet invents edges where none are).
+Colormap = Literal["viridis", "cividis", "magma", "inferno"]
+#: The map of every overlay, colour bar and viewer layer unless one is chosen. Viridis rather than
+#: magma / inferno: their near-black low end would darken the tissue under an overlay and their
+#: near-white high end would vanish against glass and the white page.
+DEFAULT_COLORMAP: Colormap = "viridis"
 
 #: Halve the grid for the OME-Zarr pyramid until its longer side is at most this many cells.
 PYRAMID_MIN_SIDE = 64
 PYRAMID_MAX_LEVELS = 6
+#: Overlay PNGs are at least this many pixels on their long side (unless the image is smaller at
+#: full resolution).
+OVERLAY_MIN_SIDE = 1024
+_DPI = 100
+_PAD = 8  # px of white around the title and the colour bar
+_TITLE_PT, _MIN_PT = 12.0, 5.0
+_BAR_PX, _BAR_MAX_PX = 16, 480  # colour-bar thickness and longest length
 _GEOJSON_BATCH = 20_000
 
 
@@ -435,7 +449,7 @@ def write_ome_zarr(
     path : destination folder, conventionally ``*.ome.zarr``; replaced if it exists.
     name : the multiscale's name (shown by viewers as the layer name).
     kind : what the values are, recorded in the attrs (e.g. ``"immune density"``).
-    unit : the values' unit, recorded in the attrs (e.g. ``"cells/mm2"``).
+    unit : the values' unit, recorded in the attrs (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``).
 
     Returns
     -------
@@ -680,7 +694,7 @@ def render_overlay(
     thumbnail_downsample: float | Sequence[float],
     *,
     alpha: float = 0.5,
-    cmap: Colormap = "jet",
+    cmap: Colormap = DEFAULT_COLORMAP,
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> NDArray[np.uint8]:
@@ -693,7 +707,7 @@ def render_overlay(
     thumbnail_downsample : level-0 pixels per thumbnail pixel (the store's ``thumbnail``
         ``downsample`` attr), or ``(x, y)``.
     alpha : heatmap opacity in [0, 1].
-    cmap : matplotlib colour map.
+    cmap : colour map (one of :data:`Colormap`).
     vmin, vmax : colour range; default the heatmap's finite min and max.
 
     Returns
@@ -702,12 +716,7 @@ def render_overlay(
     """
     from matplotlib import colormaps
 
-    thumb = np.asarray(thumbnail_rgb)
-    if thumb.ndim != 3 or thumb.shape[2] not in (3, 4) or thumb.dtype != np.uint8:
-        raise ValueError(
-            f"thumbnail_rgb must be an (h, w, 3) uint8 image, got {thumb.shape} {thumb.dtype}."
-        )
-    thumb = thumb[..., :3]
+    thumb = _check_thumbnail(thumbnail_rgb)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     dx, dy = _pair(thumbnail_downsample, "thumbnail_downsample")
@@ -736,19 +745,129 @@ def render_overlay(
     return out
 
 
-def _draw(width: int, height: int, draw: Callable[[Any], object]) -> NDArray[np.uint8]:
-    """Render a small matplotlib figure of ``width`` x ``height`` pixels to RGB (Agg)."""
+def _check_thumbnail(thumbnail_rgb: ArrayLike) -> NDArray[np.uint8]:
+    thumb = np.asarray(thumbnail_rgb)
+    if thumb.ndim != 3 or thumb.shape[2] not in (3, 4) or thumb.dtype != np.uint8:
+        raise ValueError(
+            f"thumbnail_rgb must be an (h, w, 3) uint8 image, got {thumb.shape} {thumb.dtype}."
+        )
+    return thumb[..., :3]
+
+
+def _enlarge(
+    thumb: NDArray[np.uint8], downsample: tuple[float, float], min_side: int
+) -> tuple[NDArray[np.uint8], tuple[float, float]]:
+    """``thumb`` resampled (Lanczos) so its long side is ``min_side`` px, or the level-0 pixels
+    it spans if fewer; never shrunk. Returns the image and its level-0 px per pixel."""
+    from PIL import Image
+
+    h, w = thumb.shape[:2]
+    dx, dy = downsample
+    target = min(min_side, math.floor(max(w * dx, h * dy)))
+    if target <= max(h, w):
+        return thumb, downsample
+    f = target / max(h, w)
+    nw, nh = max(1, round(w * f)), max(1, round(h * f))
+    big = np.asarray(
+        Image.fromarray(np.ascontiguousarray(thumb)).resize((nw, nh), Image.Resampling.LANCZOS)
+    )
+    return big, (dx * w / nw, dy * h / nh)
+
+
+def _agg_figure(width: int, height: int) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
-    draw(fig)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
-    out = np.full((height, width, 3), 255, np.uint8)  # in case Agg rounded a side down
-    out[: rgba.shape[0], : rgba.shape[1]] = rgba
-    return out
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _pixels(fig: Any, rows: slice, cols: slice) -> NDArray[np.uint8]:
+    """Draw ``fig`` (Agg) and return that part of it as RGB."""
+    fig.canvas.draw()
+    return np.array(np.asarray(fig.canvas.buffer_rgba())[rows, cols, :3])
+
+
+def _wrap_to(text: Any, content: str, max_px: float, along: Callable[[Any], float]) -> bool:
+    """Set ``text`` to ``content`` broken at spaces into lines no longer than ``max_px`` (measured
+    with ``along(extent)``); False if a single word is longer still."""
+    renderer = text.figure.canvas.get_renderer()
+    lines: list[str] = []
+    for word in content.split():
+        if lines:
+            text.set_text(f"{lines[-1]} {word}")
+            if along(text.get_window_extent(renderer)) <= max_px:
+                lines[-1] = f"{lines[-1]} {word}"
+                continue
+        lines.append(word)
+    text.set_text("\n".join(lines))
+    return along(text.get_window_extent(renderer)) <= max_px
+
+
+def _fit(text: Any, content: str, max_px: float, along: Callable[[Any], float]) -> None:
+    """Wrap ``text``, and shrink it if one word is too long, so it fits in ``max_px``."""
+    size = float(text.get_fontsize())
+    while not _wrap_to(text, content, max_px, along) and size > _MIN_PT:
+        size = max(_MIN_PT, size * 0.85)
+        text.set_fontsize(size)
+
+
+def _title_band(title: str, width: int) -> NDArray[np.uint8]:
+    """``title`` centred in a band ``width`` px wide and as tall as its (wrapped) lines."""
+    fig = _agg_figure(width, 100)
+    text = fig.text(0.5, 0.5, "", ha="center", va="center", fontsize=_TITLE_PT)
+    _fit(text, title, width - 2 * _PAD, lambda box: box.width)
+    height = math.ceil(text.get_window_extent(fig.canvas.get_renderer()).height) + 2 * _PAD
+    fig.set_size_inches(width / _DPI, height / _DPI)
+    return _pixels(fig, slice(0, height), slice(0, width))
+
+
+def _colour_bar(
+    length: int,
+    horizontal: bool,
+    lo: float,
+    hi: float,
+    cmap: Colormap,
+    label: str,
+) -> NDArray[np.uint8]:
+    """A colour-bar strip ``length`` px long (the overlay side it sits along) and as deep as its
+    ticks and label need. The bar itself is at most 80 % of ``length`` and ``_BAR_MAX_PX``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = min(_BAR_MAX_PX, 0.8 * length)
+    depth = 256
+    while True:
+        w, h = (length, depth) if horizontal else (depth, length)
+        fig = _agg_figure(w, h)
+        if horizontal:  # along the top edge, ticks and label below it
+            rect = ((length - bar) / 2 / w, 1 - (_PAD + _BAR_PX) / h, bar / w, _BAR_PX / h)
+        else:  # along the left edge, ticks and label to its right
+            rect = (_PAD / w, (length - bar) / 2 / h, _BAR_PX / w, bar / h)
+        cax = fig.add_axes(rect)
+        cb = fig.colorbar(
+            ScalarMappable(norm=Normalize(lo, hi), cmap=cmap),
+            cax=cax,
+            orientation="horizontal" if horizontal else "vertical",
+        )
+        cb.set_label(label)
+        axis_label = (cax.xaxis if horizontal else cax.yaxis).label
+        _fit(
+            axis_label,
+            label,
+            length - 2 * _PAD,
+            (lambda box: box.width) if horizontal else (lambda box: box.height),
+        )
+        fig.canvas.draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+        used = math.ceil((h / _DPI - box.y0) * _DPI if horizontal else box.x1 * _DPI) + _PAD
+        if used <= depth:
+            break
+        depth *= 2  # long tick labels: draw again with room for them
+    if horizontal:
+        return _pixels(fig, slice(0, used), slice(0, length))
+    return _pixels(fig, slice(0, length), slice(0, used))
 
 
 def write_overlay_png(
@@ -758,59 +877,52 @@ def write_overlay_png(
     path: str | Path,
     *,
     alpha: float = 0.5,
-    cmap: Colormap = "jet",
+    cmap: Colormap = DEFAULT_COLORMAP,
     title: str | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
     label: str = "attention",
     max_side: int | None = 2048,
+    min_side: int | None = OVERLAY_MIN_SIDE,
 ) -> Path:
-    """Write :func:`render_overlay` as a PNG with a colour bar on the right, atomically.
+    """Write :func:`render_overlay` as a PNG with a colour bar (and a title), atomically.
 
-    The overlay is drawn 1:1 (one thumbnail pixel per PNG pixel) at the top-left of the figure,
-    below a 32-px title band when ``title`` is given; the colour bar sits to its right.
+    The overlay sits at the left edge below the title, one overlay pixel per PNG pixel; the
+    colour bar runs along its longer side (below a wide overlay, right of a tall one). The title
+    is wrapped (and if need be shrunk) to the PNG's width, never cut off.
+
     A thumbnail longer than ``max_side`` pixels is first subsampled by the smallest whole factor
-    that fits (``None``: never), which bounds time and memory on very large slides.
+    that fits (``None``: never), which bounds time and memory on very large slides. One shorter
+    than ``min_side`` is resampled up to it (Lanczos; the heatmap is then drawn on the finer
+    grid), but never past the level-0 pixels it spans: an image smaller than ``min_side`` at
+    full resolution (an ultrasound frame, downsample 1) stays 1:1. ``None``: never.
 
     Returns
     -------
     Path of the finished file.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
     from PIL import Image
 
-    thumb = np.asarray(thumbnail_rgb)
+    thumb = _check_thumbnail(thumbnail_rgb)
     dx, dy = _pair(thumbnail_downsample, "thumbnail_downsample")
-    step = 1 if max_side is None or thumb.ndim < 2 else math.ceil(max(thumb.shape[:2]) / max_side)
+    step = 1 if max_side is None else math.ceil(max(thumb.shape[:2]) / max_side)
     if step > 1:  # keep the middle pixel of each step x step block
         thumb = thumb[step // 2 :: step, step // 2 :: step]
         dx, dy = dx * step, dy * step
+    if min_side is not None:
+        thumb, (dx, dy) = _enlarge(thumb, (dx, dy), min_side)
     image = render_overlay(heatmap, thumb, (dx, dy), alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
     lo, hi = value_range(heatmap, vmin, vmax)
     h, w = image.shape[:2]
-    bar_px, title_px = 110, (32 if title else 0)
-    body_px = max(h, 240)
-    # The overlay goes into the canvas as pixels; matplotlib draws only the small colour bar
-    # and title (drawing a multi-megapixel image through Agg costs ~10x the rest together).
-    canvas = np.full((body_px + title_px, w + bar_px, 3), 255, np.uint8)
-    canvas[title_px : title_px + h, :w] = image
-
-    def colour_bar(fig: Figure) -> None:
-        bar_h = 0.8
-        cax = fig.add_axes((16 / bar_px, (1 - bar_h) / 2, 18 / bar_px, bar_h))
-        fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap=cmap), cax=cax, label=label)
-
-    canvas[title_px:, w:] = _draw(bar_px, body_px, colour_bar)
+    # The overlay goes into the canvas as pixels; matplotlib draws only the colour bar and the
+    # title (drawing a multi-megapixel image through Agg costs ~10x the rest together).
+    horizontal = w >= h
+    bar = _colour_bar(w if horizontal else h, horizontal, lo, hi, cmap, label)
+    body = np.concatenate([image, bar], axis=0 if horizontal else 1)
     if title:
-        canvas[:title_px, :w] = _draw(
-            w,
-            title_px,
-            lambda fig: fig.text(0.5, 0.5, title, ha="center", va="center", fontsize=11),
-        )
+        body = np.concatenate([_title_band(title, body.shape[1]), body], axis=0)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _atomic(final) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(body).save(tmp, format="PNG", compress_level=1)
     return final

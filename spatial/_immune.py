@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 Stain = Literal["he", "ihc-dab"]
 GeometryKind = Literal["polygon", "point"]
 
+#: The unit of cell densities in every label, colour bar and ``value_unit`` attr OncoTrace
+#: writes (UTF-8 like the rest of its JSON and Zarr attrs; there is no second, ASCII spelling).
+DENSITY_UNIT = "cells/mm²"
+
 #: (positive class, negative class) per stain.
 CLASSES: dict[str, tuple[str, str]] = {
     "he": ("lymphocyte", "other"),
@@ -1330,9 +1334,11 @@ def write_immune_outputs(
     """Write ``cells.geojson``, ``cells.csv``, ``density.ome.zarr``, ``density.png`` and
     ``summary.json`` into ``out_dir`` (each atomically).
 
-    The OME-Zarr and PNG show :attr:`DensityMaps.primary` (positive cells/mm²). The PNG is drawn
-    on ``thumbnail_rgb`` (level-0 px per thumbnail px ``thumbnail_downsample``), default the
-    cell table's own overview, else a white canvas the size of the tissue mask.
+    The OME-Zarr and PNG show :attr:`DensityMaps.primary`: positive cells per mm² (named
+    ``"<positive class> density"``, unit :data:`DENSITY_UNIT`), else a loaded grid's
+    ``lym_prob`` (no unit). The PNG is drawn on ``thumbnail_rgb`` (level-0 px per thumbnail px
+    ``thumbnail_downsample``), default the cell table's own overview, else a white canvas the
+    size of the tissue mask.
 
     Returns
     -------
@@ -1346,8 +1352,13 @@ def write_immune_outputs(
     paths["cells.geojson"] = cells.to_geojson(out / "cells.geojson", geometry=geometry)
     paths["cells.csv"] = cells.to_csv(out / "cells.csv")
     hm = density.primary
-    label = f"{cells.positive_class} / mm²" if density.density is not None else "lym_prob"
-    paths["density.ome.zarr"] = write_ome_zarr(hm, out / "density.ome.zarr", name=label)
+    if density.density is not None:
+        name, unit = f"{cells.positive_class} density", DENSITY_UNIT
+    else:
+        name, unit = ("lym_prob" if hm is density.lymphocyte_probability else "TIL-positive"), None
+    paths["density.ome.zarr"] = write_ome_zarr(
+        hm, out / "density.ome.zarr", name=name, kind="immune density", unit=unit
+    )
     if thumbnail_rgb is None:
         if cells.thumbnail is not None:
             thumbnail_rgb, thumbnail_downsample = cells.thumbnail, cells.tissue_downsample
@@ -1363,8 +1374,8 @@ def write_immune_outputs(
         thumbnail_rgb,
         thumbnail_downsample,
         out / "density.png",
-        label=label,
-        title=f"{cells.positive_class}, {density.bin_um:g} µm",  # narrow thumbnails clip long titles
+        label=name if unit is None else f"{name} ({unit})",
+        title=f"{name}, {density.bin_um:g} µm bins",
     )
     paths["summary.json"] = _write_json(out / "summary.json", summary_dict(cells, density))
     return paths

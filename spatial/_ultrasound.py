@@ -450,7 +450,7 @@ class MappedHeatmap:
     name : the heatmap's name (layer name, file stem).
     value_range : (min, max) of the source heatmap's finite values (the colour range used).
     bin_um : (x, y) source heatmap cell size in micrometres.
-    unit : the values' unit (e.g. ``"cells/mm2"``) or None.
+    unit : the values' unit (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``) or None.
     paths : files written (``ome_zarr``, ``png``, ``registration_json``); empty if none.
     """
 
@@ -555,7 +555,8 @@ def to_ultrasound(
     order : 1 bilinear (NaN-aware) or 0 nearest cell; see :func:`sample_heatmap`.
     alpha : overlay opacity in [0, 1].
     vmin, vmax : colour range; default the source heatmap's finite min and max.
-    unit : the values' unit (e.g. ``"cells/mm2"``), recorded and shown on the colour bar.
+    unit : the values' unit (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``), recorded and shown on
+        the colour bar.
 
     Returns
     -------
@@ -732,8 +733,10 @@ def write_mapped_png(
 ) -> Path:
     """Write the ultrasound frame with the mapped heatmap over it and a colour bar (PNG).
 
-    Drawn 1:1 at the top-left (below a title band), NaN pixels show the frame unchanged, colours
-    span ``mapped.value_range`` so they match the slide overlay of the same heatmap.
+    The frame is drawn 1:1 at the left edge below the title (it is the full resolution: never
+    resampled, whatever its size), NaN pixels show it unchanged, colours span
+    ``mapped.value_range`` so they match the slide overlay of the same heatmap; the colour bar
+    runs along the frame's longer side (see :func:`write_overlay_png`).
     """
     if mapped.grid.shape != ultrasound.image.shape[:2]:
         raise ValueError(

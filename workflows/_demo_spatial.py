@@ -57,7 +57,7 @@ def spatial_demo(
             phantom.ultrasound,
             us_dir,
             name="immune-density",
-            unit="cells/mm2",
+            unit=spatial.DENSITY_UNIT,
         )
         # the hottest attention cell, through the truth and through the fit
         r, c = np.unravel_index(np.nanargmax(attention.grid), attention.grid.shape)

@@ -216,8 +216,9 @@ def _immune_line(positive_class: str, summary_path: Path, seconds: float) -> str
     summary = json.loads(summary_path.read_text())
     return (
         f"{summary['n_cells']} cells, {summary['n_positive']} {positive_class} "
-        f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} /mm² of "
-        f"{summary['tissue_area_mm2']:.2f} mm² tissue in {seconds:.1f} s → {summary_path.parent}"
+        f"({summary['positive_percent']:.1f} %), {summary['cells_per_mm2']:.0f} cells/mm² over "
+        f"{summary['tissue_area_mm2']:.2f} mm² of tissue in {seconds:.1f} s → "
+        f"{summary_path.parent}"
     )
 
 

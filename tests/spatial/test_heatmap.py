@@ -286,7 +286,7 @@ def test_ome_zarr_rewrite_replaces_the_old_store(tmp_path: Path) -> None:
 def test_read_heatmap_round_trips_the_grid_and_its_level0_frame(tmp_path: Path) -> None:
     heat = planted_heatmap()
     spatial.write_ome_zarr(
-        heat, tmp_path / "d.ome.zarr", name="density", kind="immune density", unit="cells/mm2"
+        heat, tmp_path / "d.ome.zarr", name="density", kind="immune density", unit="cells/mm²"
     )
     back = spatial.read_heatmap(tmp_path / "d.ome.zarr")
     np.testing.assert_array_equal(back.grid, heat.grid)  # NaN holes included
@@ -391,31 +391,76 @@ def test_geojson_bad_input(
 
 DS = 32.0  # level-0 px per thumbnail px: one 256-px tile = 8 thumbnail px
 GREY = 128
+THUMB_HW = (115, 162)  # ceil(3700 / 32), ceil(5200 / 32)
 
 
-def _classify(rgb: np.ndarray) -> np.ndarray:
-    """0 untouched grey, 1 cold (blue wins), 2 hot (red wins)."""
-    r, g, b = (rgb[..., i].astype(int) for i in range(3))
-    grey = (r == GREY) & (g == GREY) & (b == GREY)
-    return np.where(grey, 0, np.where(r > b + 30, 2, np.where(b > r + 30, 1, -1)))
+def _rgb(cmap: str, level: float) -> np.ndarray:
+    """matplotlib's own colour at ``level`` in [0, 1], 0-255 floats."""
+    from matplotlib import colormaps
+
+    return np.asarray(colormaps[cmap](level)[:3]) * 255
 
 
-def _expected_classes(h: int, w: int) -> np.ndarray:
-    """By hand: thumbnail pixel (i, j) lies in tile (i // 8, j // 8)."""
+def _classify(rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """0 untouched grey, 1 cold (viridis(0) over grey), 2 hot (viridis(1) over grey), -1 other."""
+    px = rgb.astype(float)
+    grey = np.full(3, float(GREY))
+    refs = [grey, *((1 - alpha) * grey + alpha * _rgb("viridis", v) for v in (0.0, 1.0))]
+    dist = np.stack([np.abs(px - ref).max(axis=-1) for ref in refs])
+    return np.where(dist.min(axis=0) <= 3, dist.argmin(axis=0), -1)
+
+
+def _expected_classes(h: int, w: int, ds: float = DS) -> np.ndarray:
+    """By hand: the centre of pixel (i, j) is level-0 ((j + .5) ds, (i + .5) ds) -> its tile."""
     out = np.zeros((h, w), int)
     for i in range(h):
         for j in range(w):
-            r, c = i // 8, j // 8
+            r, c = int((i + 0.5) * ds // TILE), int((j + 0.5) * ds // TILE)
             if r < ROWS and c < COLS and (r, c) not in HOLES:
                 out[i, j] = 2 if (r in HOT_ROWS and c in HOT_COLS) else 1
     return out
 
 
+def _lightness(rgb01: np.ndarray) -> np.ndarray:
+    """CIE L* of sRGB colours in [0, 1] (the standard sRGB -> linear -> Y -> L* formulas)."""
+    lin = np.where(rgb01 <= 0.04045, rgb01 / 12.92, ((rgb01 + 0.055) / 1.055) ** 2.4)
+    y = lin @ np.array([0.2126, 0.7152, 0.0722])
+    return np.where(y > (6 / 29) ** 3, 116 * np.cbrt(y) - 16, y * (29 / 3) ** 3)
+
+
+def _overlay_box(png: np.ndarray) -> tuple[int, int, int]:
+    """(top, height, width) of the overlay: the rows whose first pixel is not white (title and
+    a colour bar below keep a white margin there), and the non-white run from column 0."""
+    rows = np.flatnonzero((png[:, 0] != 255).any(axis=-1))
+    assert rows.size and np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)), "not one block"
+    middle = png[(rows[0] + rows[-1]) // 2]
+    white = np.flatnonzero((middle == 255).all(axis=-1))
+    return int(rows[0]), int(rows.size), int(white[0]) if white.size else png.shape[1]
+
+
+def _ink(rgb: np.ndarray) -> float:
+    return float((255.0 - rgb.astype(float).mean(axis=-1)).sum())
+
+
+def test_colour_maps_are_perceptually_ordered() -> None:
+    """Every offered map rises in lightness from its low end to its high end (jet does not)."""
+    from typing import get_args
+
+    from matplotlib import colormaps
+
+    names = get_args(spatial.Colormap)
+    assert spatial.DEFAULT_COLORMAP in names
+    for name in names:
+        light = _lightness(colormaps[name](np.linspace(0, 1, 256))[:, :3])
+        assert (np.diff(light) > 0).all(), name
+    assert not (np.diff(_lightness(colormaps["jet"](np.linspace(0, 1, 256))[:, :3])) > 0).all()
+
+
 def test_overlay_hot_pixels_fall_in_the_scaled_rectangle() -> None:
     heat = planted_heatmap()
-    h, w = 115, 162  # ceil(3700 / 32), ceil(5200 / 32)
+    h, w = THUMB_HW
     thumb = np.full((h, w, 3), GREY, np.uint8)
-    rgb = spatial.render_overlay(heat, thumb, DS, alpha=0.5, cmap="jet")
+    rgb = spatial.render_overlay(heat, thumb, DS, alpha=0.5)  # the default map: viridis
     assert rgb.shape == (h, w, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(_classify(rgb), _expected_classes(h, w))
     # The rectangle in thumbnail pixels: x [1280, 2304) / 32 = [40, 72), y [768, 1536) -> [24, 48).
@@ -423,36 +468,100 @@ def test_overlay_hot_pixels_fall_in_the_scaled_rectangle() -> None:
     assert hot.min(axis=0).tolist() == [24, 40] and hot.max(axis=0).tolist() == [47, 71]
 
 
-def test_overlay_png_has_the_overlay_at_the_top_left_and_a_colour_bar(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cmap", ["viridis", "cividis", "magma", "inferno"])
+def test_overlay_colours_are_matplotlibs(cmap: str) -> None:
+    # A ramp of 21 cells 0.00, 0.05, ..., 1.00 drawn opaque: each pixel is cmap(value).
+    grid = np.linspace(0, 1, 21, dtype=np.float32)[None, :]
+    heat = spatial.Heatmap(grid, (0.0, 0.0), (10.0, 10.0), (1.0, 1.0), (210, 10), (10.0, 10.0), 21)
+    thumb = np.zeros((1, 21, 3), np.uint8)
+    rgb = spatial.render_overlay(heat, thumb, 10.0, alpha=1.0, cmap=cmap)  # type: ignore[arg-type]
+    for px, v in zip(rgb[0].astype(float), grid[0], strict=True):
+        # within one step of matplotlib's 256-entry table, rounded to 8 bits
+        near = [np.abs(px - _rgb(cmap, float(v) + d)).max() for d in (-1 / 256, 0, 1 / 256)]
+        assert min(near) <= 0.51, (v, px, _rgb(cmap, float(v)))
+
+
+def test_overlay_png_has_the_overlay_at_the_left_and_a_colour_bar(tmp_path: Path) -> None:
     from PIL import Image
 
     heat = planted_heatmap()
-    h, w = 115, 162
+    h, w = THUMB_HW
     thumb = np.full((h, w, 3), GREY, np.uint8)
-    out = spatial.write_overlay_png(
-        heat, thumb, DS, tmp_path / "attention.png", title="slide 1", cmap="jet"
-    )
+    out = spatial.write_overlay_png(heat, thumb, DS, tmp_path / "attention.png", title="slide 1")
     png = np.asarray(Image.open(out).convert("RGB"))
-    assert png.shape[1] > w  # room for the colour bar
-    body = png[32 : 32 + h, :w]  # below the 32-px title band
-    np.testing.assert_array_equal(_classify(body), _expected_classes(h, w))
-    colour_bar = png[:, w + 10 :]
-    assert (np.ptp(colour_bar.reshape(-1, 3), axis=0) > 100).all()  # a gradient is drawn
+    # The slide is 5200 px wide at level 0, so the 162-px thumbnail is drawn 1024 px wide.
+    top, oh, ow = _overlay_box(png)
+    assert (ow, oh) == (1024, round(1024 * h / w))
+    assert max(png.shape[:2]) >= 1024
+    # Each PNG pixel shows the tile under its centre: ds = 162 * 32 / 1024 level-0 px per pixel.
+    body = png[top : top + oh, :ow]
+    np.testing.assert_array_equal(_classify(body), _expected_classes(oh, ow, w * DS / ow))
+    assert oh * ow / (png.shape[0] * png.shape[1]) > 0.75  # the slide fills the picture
+    # The colour bar (below a wide slide) spans viridis end to end and is narrower than it.
+    below = png[top + oh :]
+    drawn = np.flatnonzero((below != 255).any(axis=-1).any(axis=0))
+    assert drawn.size and drawn[-1] - drawn[0] < ow
+    assert below.shape[0] < oh / 3
+    colours = below.reshape(-1, 3).astype(float)
+    for end in (0.0, 1.0):
+        assert np.abs(colours - _rgb("viridis", end)).max(axis=1).min() <= 6, end
     assert [p.name for p in tmp_path.iterdir()] == ["attention.png"]
+
+
+def test_overlay_png_is_never_finer_than_level0(tmp_path: Path) -> None:
+    from PIL import Image
+
+    # 100 x 70 px at 4 level-0 px each: the slide spans 400 x 280 level-0 px, so the overlay is
+    # 400 px wide, not 1024; an image at full resolution (downsample 1) stays 1:1.
+    heat = planted_heatmap()
+    for thumb_hw, ds, want_wh in (((70, 100), 4.0, (400, 280)), ((90, 60), 1.0, (60, 90))):
+        thumb = np.full((*thumb_hw, 3), GREY, np.uint8)
+        out = spatial.write_overlay_png(heat, thumb, ds, tmp_path / "a.png")
+        _, oh, ow = _overlay_box(np.asarray(Image.open(out).convert("RGB")))
+        assert (ow, oh) == want_wh
 
 
 def test_overlay_png_subsamples_a_large_thumbnail(tmp_path: Path) -> None:
     from PIL import Image
 
     # A thumbnail at twice the resolution (16 level-0 px per pixel), capped at 162 px: every
-    # other pixel is kept, which is the 32-px grid of the other tests.
+    # other pixel is kept, which is the 32-px grid of the other tests (min_side=None: no
+    # resampling up afterwards).
     thumb = np.full((230, 324, 3), GREY, np.uint8)
     out = spatial.write_overlay_png(
-        planted_heatmap(), thumb, DS / 2, tmp_path / "a.png", max_side=162
+        planted_heatmap(), thumb, DS / 2, tmp_path / "a.png", max_side=162, min_side=None
     )
     png = np.asarray(Image.open(out).convert("RGB"))
-    body = png[:115, :162]
-    np.testing.assert_array_equal(_classify(body), _expected_classes(115, 162))
+    top, oh, ow = _overlay_box(png)
+    assert (top, oh, ow) == (0, 115, 162)
+    np.testing.assert_array_equal(_classify(png[:115, :162]), _expected_classes(115, 162))
+
+
+@pytest.mark.parametrize("thumb_hw", [THUMB_HW, (200, 60)])
+def test_a_long_title_is_wrapped_not_cut_off(tmp_path: Path, thumb_hw: tuple[int, int]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    # Much wider than the PNG: 1024 px for the wide thumbnail, ~150 px for the narrow frame.
+    title = "lymphocyte density, 50 µm bins, " * 8 + "end"
+    thumb = np.full((*thumb_hw, 3), GREY, np.uint8)
+    ds = DS if thumb_hw == THUMB_HW else 1.0
+    out = spatial.write_overlay_png(planted_heatmap(), thumb, ds, tmp_path / "t.png", title=title)
+    png = np.asarray(Image.open(out).convert("RGB"))
+    top, _, _ = _overlay_box(png)
+    band = png[:top]
+    dark = np.argwhere(band.mean(axis=-1) < 200)
+    assert dark.size, "no title drawn"
+    # Nothing touches the band's edges, and all of the title's ink is there: the same text drawn
+    # by matplotlib alone, at 12 pt on a page wide enough for one line, has as much.
+    assert dark[:, 1].min() > 0 and dark[:, 1].max() < png.shape[1] - 1 and dark[:, 0].min() > 0
+    fig = Figure(figsize=(60, 1), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, title, ha="center", va="center", fontsize=12)
+    canvas.draw()
+    reference = _ink(np.asarray(canvas.buffer_rgba())[..., :3])
+    assert _ink(band) == pytest.approx(reference, rel=0.05)
 
 
 def test_overlay_rejects_bad_thumbnail() -> None:

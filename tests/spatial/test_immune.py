@@ -395,6 +395,38 @@ def test_write_immune_outputs(tmp_path: Path, ihc_slide: tuple[Path, PlantedCell
     assert len(CellTable.from_csv(paths["cells.csv"])) == len(cells)
 
 
+#: Other spellings of a density unit seen in OncoTrace's pictures before it settled on one.
+OTHER_SPELLINGS = ("mm2", "/ mm", "/mm^2", "mm^-2", "per mm")
+
+
+def test_density_outputs_spell_the_unit_one_way(
+    tmp_path: Path, ihc_slide: tuple[Path, PlantedCells], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's value_unit, its name and the PNG's colour-bar label and title all say
+    cells/mm² (the 2048-px slide's PNG is 1024 px on its long side)."""
+    import zarr
+    from oncotrace.spatial import DENSITY_UNIT, _heatmap  # private: to see the PNG's texts
+    from PIL import Image
+
+    assert DENSITY_UNIT == "cells/mm²"
+    texts: dict[str, str] = {}
+    real = _heatmap.write_overlay_png
+
+    def spy(*args: object, **kwargs: object) -> Path:
+        texts.update({k: str(kwargs[k]) for k in ("label", "title")})
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_heatmap, "write_overlay_png", spy)
+    cells = detect_immune_cells(ihc_slide[0], stain="ihc-dab")
+    paths = write_immune_outputs(tmp_path, cells, density_map(cells, bin_um=50.0))
+    attrs = zarr.open_group(paths["density.ome.zarr"], mode="r").attrs["oncotrace"]
+    assert attrs["value_unit"] == "cells/mm²" and attrs["kind"] == "immune density"
+    assert texts["label"] == f"{attrs['name']} (cells/mm²)"
+    for text in (attrs["name"], texts["label"], texts["title"]):
+        assert not any(other in text for other in OTHER_SPELLINGS), text
+    assert max(Image.open(paths["density.png"]).size) >= 1024
+
+
 # --------------------------------------------------------------------------------------------
 # External TIL grid
 # --------------------------------------------------------------------------------------------

@@ -326,6 +326,8 @@ def test_sample_heatmap_agrees_with_value_at_for_nearest() -> None:
 def test_outputs_read_back_at_the_right_physical_place(tmp_path: Path) -> None:
     import warnings
 
+    from matplotlib import colormaps
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from ome_zarr.io import parse_url
@@ -362,13 +364,21 @@ def test_outputs_read_back_at_the_right_physical_place(tmp_path: Path) -> None:
     assert attrs["spacing_mm_xy"] == [US_SPACING, US_SPACING]
     assert attrs["bin_um_xy"] == [BIN_UM, BIN_UM]
 
-    # PNG: the frame 1:1 under a 32-px title band, the 110-px colour bar on the right.
+    # PNG: the frame 1:1 (never resampled: it is the full resolution) below the title, the
+    # colour bar below the (wide) frame, no wider than it.
     png = np.asarray(Image.open(tmp_path / "attention_us.png").convert("RGB"))
-    assert png.shape == (US_HW[0] + 32, US_HW[1] + 110, 3)
-    peak = png[32 + row, col].astype(int)
-    assert peak[0] > peak[1] + 20 and peak[0] > peak[2] + 20  # jet's top is red
+    frame_rows = np.flatnonzero((png[:, 0] == 40).all(axis=-1))  # column 0 is off the slide
+    top = int(frame_rows[0])
+    assert np.array_equal(frame_rows, np.arange(top, top + US_HW[0]))
+    assert png.shape[1] == US_HW[1] and top > 0 and png.shape[0] > top + US_HW[0]
+    # The peak pixel is viridis at its value's place in the source range, half over grey 40.
+    lo, hi = mapped.value_range
+    level = (mapped.grid[row, col] - lo) / (hi - lo)
+    want = 0.5 * 40 + 0.5 * np.asarray(colormaps["viridis"](level)[:3]) * 255
+    assert np.abs(png[top + row, col] - want).max() <= 3
+    assert level > 0.9  # so this is the map's bright, yellow end
     nan_rc = np.argwhere(np.isnan(mapped.grid))[0]
-    assert (png[32 + nan_rc[0], nan_rc[1]] == 40).all()  # NaN leaves the frame unchanged
+    assert (png[top + nan_rc[0], nan_rc[1]] == 40).all()  # NaN leaves the frame unchanged
 
     # registration.json: the registration, the frame and the mapping, per heatmap.
     to_ultrasound(make_heatmap(np.ones(GRID_HW)), reg, us, tmp_path, name="density")

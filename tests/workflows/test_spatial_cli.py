@@ -49,6 +49,7 @@ def immune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = root / "immune"
     code, text = _run("immune", str(slide), "--stain", "he", "--out", str(out))
     assert code == 0, text
+    (root / "output.txt").write_text(text)
     np.save(root / "truth_positive_xy.npy", np.column_stack([truth.x, truth.y])[truth.positive])
     return {"root": root, "slide": slide, "out": out}
 
@@ -95,6 +96,9 @@ def test_immune_writes_every_output_with_counts_near_the_planted_truth(
     area_mm2 = (SIDE * MPP / 1000) ** 2
     assert summary["tissue_area_mm2"] == pytest.approx(area_mm2, rel=0.1)
     assert summary["cells_per_mm2"] == pytest.approx(summary["n_positive"] / area_mm2, rel=0.12)
+    said = (immune_run["root"] / "output.txt").read_text()  # the density in the one spelling
+    assert f"{summary['cells_per_mm2']:.0f} {spatial.DENSITY_UNIT} over" in said
+    assert spatial.DENSITY_UNIT == "cells/mm²"
     with (out / "cells.csv").open() as fh:
         rows = [r for r in csv.reader(line for line in fh if not line.startswith("#"))]
     assert len(rows) - 1 == summary["n_cells"]
@@ -159,7 +163,9 @@ def test_map_us_puts_the_planted_cluster_where_the_landmarks_say(
     peak_mm = np.array([c, r]) * US_SPACING  # pixel centres at index * spacing
     truth_mm = _slide_um_to_us_mm(np.array([CLUSTER_UM]))[0]
     assert np.hypot(*(peak_mm - truth_mm)) <= max(0.05 + 0.04, 2 * tre)  # bin + peak search
-    assert Image.open(out / "density_us.png").size[0] > US_SIZE[0]  # frame + colour bar
+    # the frame 1:1 (full resolution: not enlarged) with the colour bar below its long side
+    png_w, png_h = Image.open(out / "density_us.png").size
+    assert png_w == US_SIZE[0] and png_h > US_SIZE[1]
 
 
 def test_map_us_real_til_grid_onto_the_calibrated_cine(tmp_path: Path, shared_data: Path) -> None:

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from oncotrace.spatial import (
+    DENSITY_UNIT,
     Heatmap,
     fit_landmarks,
     landmarks_from_arrays,
@@ -133,7 +134,7 @@ def build_results_dir(base: Path) -> Fixture:
     heat = _heatmap(planted_grid(), BIG)
     write_ome_zarr(heat, big / "attention.ome.zarr", name="attention (label)")
     density = _heatmap(np.full((6, 8), 120.0, np.float32), BIG)
-    write_ome_zarr(density, big / "immune" / "density.ome.zarr", name="immune", unit="cells/mm2")
+    write_ome_zarr(density, big / "immune" / "density.ome.zarr", name="immune", unit=DENSITY_UNIT)
     (big / "immune" / "summary.json").write_text("{}")
 
     # Ultrasound: a PNG frame outside the results (referenced), an exact affine registration.
@@ -270,7 +271,7 @@ def test_slide_json_allow_list_and_overlay_placement(client: TestClient) -> None
     assert att["url"] == "/overlay/S_big/attention.png"
     assert att["colorbar"] == "/overlay/S_big/attention/colorbar.png"
     assert att["label"] == "attention (label)"
-    assert dens["name"] == "immune-density" and dens["unit"] == "cells/mm2"
+    assert dens["name"] == "immune-density" and dens["unit"] == "cells/mm²"
     assert client.get(att["colorbar"]).status_code == 200
 
 
@@ -355,28 +356,41 @@ def test_tiles_on_every_level_are_served(client: TestClient) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def viridis(level: float) -> np.ndarray:
+    """matplotlib's viridis at ``level`` in [0, 1], as 0-255 floats."""
+    from matplotlib import colormaps
+
+    return np.asarray(colormaps["viridis"](level)[:3]) * 255
+
+
 def test_overlay_png_matches_planted_grid(client: TestClient) -> None:
     r = client.get("/overlay/S_big/attention.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = np.asarray(Image.open(io.BytesIO(r.content)))
     assert img.shape == (6, 8, 4)  # one pixel per cell
-    assert tuple(img[2, 3]) == (128, 0, 0, 255)  # max -> jet's dark-red end
-    assert tuple(img[4, 1]) == (0, 0, 128, 255)  # min -> jet's dark-blue end
+    assert np.abs(img[2, 3, :3] - viridis(1.0)).max() <= 1  # max -> viridis' yellow end
+    assert np.abs(img[4, 1, :3] - viridis(0.0)).max() <= 1  # min -> viridis' dark-purple end
     assert img[0, 0, 3] == 0 and img[0, 1, 3] == 0  # NaN -> transparent
     assert (img[1:, :, 3] == 255).all()
-    # Colour follows value: red minus blue grows with the cell value.
+    # Every cell is viridis at its place between the grid's min and max (within one of
+    # matplotlib's 256 steps).
     grid = planted_grid()
-    finite = np.isfinite(grid)
-    score = img[..., 0].astype(int) - img[..., 2].astype(int)
-    order = np.argsort(grid[finite])
-    assert np.corrcoef(np.arange(order.size), score[finite][order])[0, 1] > 0.9
+    lo, hi = np.nanmin(grid), np.nanmax(grid)
+    for r_, c_ in np.argwhere(np.isfinite(grid)):
+        level = (grid[r_, c_] - lo) / (hi - lo)
+        near = [np.abs(img[r_, c_, :3] - viridis(level + d)).max() for d in (-1 / 256, 0, 1 / 256)]
+        assert min(near) <= 1, (r_, c_)
 
 
 def test_colorbar_runs_from_max_to_min(client: TestClient) -> None:
     img = np.asarray(
         Image.open(io.BytesIO(client.get("/overlay/S_big/attention/colorbar.png").content))
     )
-    assert tuple(img[0, 0, :3]) == (128, 0, 0) and tuple(img[-1, 0, :3]) == (0, 0, 128)
+    assert np.abs(img[0, 0, :3] - viridis(1.0)).max() <= 1  # top: vmax
+    assert np.abs(img[-1, 0, :3] - viridis(0.0)).max() <= 1
+    column = img[:, 0, :3].astype(float)  # the same map as the overlay, top to bottom
+    for i in (64, 128, 192):
+        assert np.abs(column[i] - viridis(1 - i / (len(column) - 1))).max() <= 4, i
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +426,7 @@ def test_ultrasound_frame_and_overlay_pixels(client: TestClient, fx: Fixture) ->
     # The centre of the max cell (row 2, col 3) through the planted affine lands on dark red.
     centre_um = (np.array(ORIGIN) + (np.array([3, 2]) + 0.5) * CELL) * MPP
     x, y = np.rint(us_mm_of(centre_um[None])[0] / US_SPACING_MM).astype(int)
-    assert tuple(img[y, x]) == (128, 0, 0, 255)
+    assert np.abs(img[y, x, :3] - viridis(1.0)).max() <= 1 and img[y, x, 3] == 255
     # The frame's top-left corner maps off the slide: transparent.
     assert img[0, 0, 3] == 0
 

@@ -29,7 +29,14 @@ from urllib.parse import quote
 
 import numpy as np
 from numpy.typing import NDArray
-from oncotrace.spatial import Colormap, Heatmap, UltrasoundError, read_ultrasound, value_range
+from oncotrace.spatial import (
+    DEFAULT_COLORMAP,
+    Colormap,
+    Heatmap,
+    UltrasoundError,
+    read_ultrasound,
+    value_range,
+)
 from oncotrace.wsi import SlideError
 from PIL import Image
 from starlette.applications import Starlette
@@ -58,7 +65,7 @@ from ._tiles import DEFAULT_CACHE_MIB, OVERLAP, TILE_SIZE, TileNotFoundError, Ti
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGES = {"cases": "index.html", "slide": "slide.html", "ultrasound": "ultrasound.html"}
 COLORBAR_SIZE = (16, 256)  # (w, h) px; top = vmax
-CMAP: Colormap = "jet"
+CMAP: Colormap = DEFAULT_COLORMAP  # the PNG overlays' map: one colour per value everywhere
 #: Host names a loopback-bound server answers to (a DNS-rebinding page gets 400).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
