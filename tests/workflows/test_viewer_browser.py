@@ -142,11 +142,44 @@ def page(browser: Any, tmp_path: Path) -> Iterator[tuple[Any, Traffic]]:
     assert not failed, f"requests that failed: {failed}"
 
 
+def _three_significant(value: float) -> str:
+    """``value`` to 3 significant digits, as a colour bar's end should read: thousands commas,
+    no trailing zeros (6533.3335 -> "6,530", 0.012345 -> "0.0123")."""
+    if value == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(float(f"{value:.3g}")))))
+    text = f"{float(f'{value:.3g}'):,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def test_three_significant_by_hand() -> None:
+    cases = {6533.3335: "6,530", 0.012345: "0.0123", 1.0: "1", 0.0: "0", 999.7: "1,000"}
+    assert {v: _three_significant(v) for v in cases} == cases
+    assert _three_significant(-42.42) == "-42.4" and _three_significant(123456.0) == "123,000"
+
+
+def _colorbar_shows(pg: Any, ov: dict[str, Any]) -> None:
+    """The colour bar's label is the overlay's label and unit, its ends 3 significant digits."""
+    assert pg.locator("#colorbar-label").inner_text() == (
+        ov["label"] + (f" ({ov['unit']})" if ov.get("unit") else "")
+    )
+    assert pg.locator("#colorbar-max").inner_text() == _three_significant(ov["vmax"])
+    assert pg.locator("#colorbar-min").inner_text() == _three_significant(ov["vmin"])
+
+
 def _ready(pg: Any) -> None:
     """Wait until the page says it has rendered (or shows an error: fail with its text)."""
     pg.wait_for_function("() => document.body.dataset.ready === '1' || document.body.dataset.error")
     error = pg.locator("#error")
     assert error.is_hidden(), f"the page shows an error: {error.inner_text()}"
+
+
+def _get_json(url: str) -> Any:
+    """The server's JSON, fetched outside the page."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=WAIT_MS / 1000) as response:
+        return json.loads(response.read())
 
 
 def _wait_tiles_loaded(pg: Any) -> None:
@@ -354,6 +387,11 @@ def test_slide_view_tiles_zoom_overlays_opacity_position(
     assert colorbar.get_attribute("src") == f"/overlay/{sid}/immune-density/colorbar.png"
     assert colorbar.get_attribute("src") != attention_bar
     assert "attention" not in pg.locator("#colorbar-label").inner_text()
+    overlays = {o["name"]: o for o in _get_json(f"{base_url}/api/slides/{sid}")["overlays"]}
+    density = overlays["immune-density"]
+    assert density["unit"] == "cells/mm²"
+    assert float(f"{density['vmax']:.3g}") != density["vmax"]  # so rounding has work to do
+    _colorbar_shows(pg, density)
     pg.wait_for_function("() => document.getElementById('colorbar').complete")
     assert colorbar.evaluate("img => img.naturalWidth") > 0
     pg.screenshot(path=str(tmp_path / "slide-immune-overlay.png"))
@@ -415,6 +453,29 @@ def test_ultrasound_view_frame_overlay_landmarks_tre(
     assert (base_url + first_overlay, 200) in traffic.responses
     assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(us["size_px"])
 
+    # the millimetre scale bar: its drawn CSS width is its length over the frame's mm/px (from
+    # registration.json) times the CSS px per frame px the page drew the frame at
+    scalebar = pg.locator("#us-scalebar")
+    assert scalebar.is_visible()
+    bar_mm = float(scalebar.get_attribute("data-mm"))
+    shown = frame.bounding_box()
+    drawn = pg.locator("#us-scalebar .bar").bounding_box()
+    assert shown is not None and drawn is not None
+    css_per_frame_px = shown["width"] / us["size_px"][0]
+    assert drawn["width"] == pytest.approx(bar_mm / spacing[0] * css_per_frame_px, abs=0.5)
+    assert 20 < drawn["width"] <= 120
+    mantissa = bar_mm / 10 ** math.floor(math.log10(bar_mm))
+    assert round(mantissa, 6) in (1, 2, 5)
+    assert scalebar.locator(".label").inner_text().replace("\u00a0", " ") in (
+        f"{bar_mm:g} mm",
+        f"{bar_mm * 1000:g} µm",
+    )
+    assert shown["x"] <= drawn["x"] and drawn["x"] + drawn["width"] <= shown["x"] + shown["width"]
+    assert shown["y"] <= drawn["y"] and drawn["y"] + drawn["height"] <= shown["y"] + shown["height"]
+    # the colour bar of the first overlay, against the server's JSON
+    doc = _get_json(f"{base_url}/api/ultrasound/{sid}")
+    _colorbar_shows(pg, doc["overlays"][0])
+
     # landmarks: one marker per point, roles as in the file, at ultrasound_mm / spacing
     markers = pg.locator("#us-landmarks [data-testid=landmark]")
     assert markers.count() == len(points)
@@ -464,6 +525,9 @@ def test_ultrasound_view_frame_overlay_landmarks_tre(
     assert pg.locator("#colorbar").get_attribute("src") == (
         f"/us/{sid}/overlay/immune-density/colorbar.png"
     )
+    density = next(o for o in doc["overlays"] if o["name"] == "immune-density")
+    assert density["unit"] == "cells/mm²"
+    _colorbar_shows(pg, density)
     slider = pg.locator("#opacity")
     slider.focus()
     for _ in range(10):

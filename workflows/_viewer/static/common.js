@@ -60,6 +60,18 @@ export function fmtNumber(value, digits = 2) {
   return value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: 0 });
 }
 
+/**
+ * A number rounded to `digits` significant digits, with thousands separators and no trailing
+ * zeros: 6533.3335 -> "6,530", 0.012345 -> "0.0123", 1 -> "1". For values read off a colour
+ * bar, where more digits than the colours can show only look precise.
+ */
+export function fmtSignificant(value, digits = 3) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value !== "number") return String(value);
+  if (!Number.isFinite(value)) return String(value);
+  return value.toLocaleString("en-US", { maximumSignificantDigits: digits });
+}
+
 /** Largest 1, 2 or 5 × 10^k not above `value` (> 0): the length a scale bar shows. */
 export function niceLength(value) {
   const power = 10 ** Math.floor(Math.log10(value));
@@ -180,6 +192,6 @@ export function showColorbar(ov) {
   img.alt = `colour bar of ${ov.label || ov.name}`;
   const unit = ov.unit ? ` (${ov.unit})` : "";
   document.getElementById("colorbar-label").textContent = `${ov.label || ov.name}${unit}`;
-  document.getElementById("colorbar-min").textContent = fmtNumber(ov.vmin, 4);
-  document.getElementById("colorbar-max").textContent = fmtNumber(ov.vmax, 4);
+  document.getElementById("colorbar-min").textContent = fmtSignificant(ov.vmin, 3);
+  document.getElementById("colorbar-max").textContent = fmtSignificant(ov.vmax, 3);
 }

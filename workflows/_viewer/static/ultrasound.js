@@ -1,10 +1,22 @@
 // Ultrasound view: the frame, the heatmap mapped onto its pixel grid, the landmarks (fit vs
 // hold-out) and the registration's TRE report.
-import { el, fmtNumber, getJSON, idFromPath, overlayChoices, overlayPanel, showColorbar, showError } from "/static/common.js";
+import {
+  el,
+  fmtLengthUm,
+  fmtNumber,
+  getJSON,
+  idFromPath,
+  niceLength,
+  overlayChoices,
+  overlayPanel,
+  showColorbar,
+  showError,
+} from "/static/common.js";
 
 overlayPanel(); // before anything looks up the panel's elements
 
 const SVG = "http://www.w3.org/2000/svg";
+const SCALEBAR_TARGET_PX = 120; // as the slide view: the largest 1-2-5 length not wider than this
 const slideId = idFromPath("/ultrasound/");
 const encodedId = encodeURIComponent(slideId);
 
@@ -126,8 +138,28 @@ function fitStage() {
     main.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom),
   ];
   const scale = Math.max(0.1, Math.min(free[0] / width, free[1] / height));
-  document.getElementById("us-stage").style.width = `${Math.floor(width * scale)}px`;
-  state.scale = scale;
+  const stageWidth = Math.floor(width * scale);
+  document.getElementById("us-stage").style.width = `${stageWidth}px`;
+  state.scale = stageWidth / width; // CSS px per frame px, as drawn
+  updateScalebar();
+}
+
+/** The millimetre scale bar, from the frame's mm/px (x) and the stage's current size. */
+function updateScalebar() {
+  const box = document.getElementById("us-scalebar");
+  const spacing = state.data.spacing_mm;
+  if (!spacing || !(spacing[0] > 0) || !state.scale) {
+    box.hidden = true;
+    return;
+  }
+  const mmPerCssPx = spacing[0] / state.scale;
+  const lengthMm = niceLength(mmPerCssPx * SCALEBAR_TARGET_PX);
+  const widthPx = lengthMm / mmPerCssPx;
+  box.querySelector(".bar").style.width = `${widthPx}px`;
+  box.querySelector(".label").textContent = fmtLengthUm(lengthMm * 1000);
+  box.dataset.mm = String(lengthMm);
+  box.dataset.px = String(widthPx);
+  box.hidden = false;
 }
 
 async function main() {
