@@ -88,17 +88,19 @@ def calibration_sentence(ev: TaskEvaluation) -> str:
     return f"{lead}; no temperature scaling was applied."
 
 
-def plot_reliability(ev: TaskEvaluation, path: str | Path) -> Path:
-    """Reliability diagram: mean predicted probability against the observed frequency."""
+def _reliability_figure(ev: TaskEvaluation) -> Figure:
+    """The reliability diagram of :func:`plot_reliability`, as a Figure (Agg canvas)."""
     fig = _figure()
     ax = fig.add_subplot()
     rel = ev.reliability
     conf, freq, counts = (np.asarray(rel[k]) for k in ("confidence", "frequency", "counts"))
     ok = counts > 0
-    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
     sizes = 20 + 180 * counts[ok] / max(int(counts.max()), 1)
-    ax.scatter(conf[ok], freq[ok], s=sizes, zorder=3, label="bins (area ∝ cases)")
-    ax.plot(conf[ok], freq[ok], "-", lw=1)
+    ax.plot(conf[ok], freq[ok], "-", color="C0", lw=1, zorder=2)
+    ax.scatter(conf[ok], freq[ok], s=sizes, color="C0", zorder=3, label="bins (area ∝ cases)")
+    # Dashed black above the (blue) data: a well-calibrated curve runs along the diagonal and
+    # would hide it, and where the two part the gap between them is what the reader looks at.
+    ax.plot([0, 1], [0, 1], "--", color="black", lw=1.2, zorder=4, label="perfect calibration")
     what = f"P({ev.class_names[1]})" if ev.binary else "confidence of the top class"
     ax.set(
         xlabel=f"predicted {what}",
@@ -108,7 +110,13 @@ def plot_reliability(ev: TaskEvaluation, path: str | Path) -> Path:
         title=f"Reliability — {ev.task} (ECE {ev.ece:.3f})",
     )
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def plot_reliability(ev: TaskEvaluation, path: str | Path) -> Path:
+    """Reliability diagram: mean predicted probability against the observed frequency, with the
+    perfect-calibration diagonal (dashed, above the data)."""
+    return _save(_reliability_figure(ev), path)
 
 
 def plot_confusion(ev: TaskEvaluation, path: str | Path) -> Path:

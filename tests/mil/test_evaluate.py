@@ -220,6 +220,51 @@ def test_calibration_of_separated_binary_validation_by_hand() -> None:
     assert one_class["tasks"]["label"]["threshold"] is None
 
 
+def test_reliability_diagonal_shows_over_a_calibrated_curve(tmp_path: Path) -> None:
+    """A perfectly calibrated model's bins lie on the diagonal; the diagonal must still show:
+    its own colour along it in the rendered picture, dashed, above the data, in the legend."""
+    import dataclasses
+
+    from matplotlib.colors import to_rgb
+    from oncotrace.mil._report import _reliability_figure  # private: the Figure behind the PNG
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    proba = {"t": _two_col(rng.uniform(size=200))}
+    ev = evaluate_predictions({"t": y}, proba, {"t": ("neg", "pos")}, n_boot=10)["t"]
+    assert ev is not None
+    centres = (np.arange(10) + 0.5) / 10
+    ev = dataclasses.replace(
+        ev, reliability={"confidence": centres, "frequency": centres, "counts": np.full(10, 20)}
+    )
+    fig = _reliability_figure(ev)
+    ax = fig.axes[0]
+    (diagonal,) = [ln for ln in ax.get_lines() if ln.get_label() == "perfect calibration"]
+    assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]
+    assert diagonal.get_linestyle() == "--"
+    data = [a for a in (*ax.get_lines(), *ax.collections) if a is not diagonal]
+    assert data and diagonal.get_zorder() > max(a.get_zorder() for a in data)
+    assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
+    assert "perfect calibration" in [t.get_text() for t in ax.get_legend().get_texts()]
+    # In pixels: sample the diagonal between the first and last bin centre (where the data
+    # covers it) and count samples showing the diagonal's own colour.
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+    want = np.array(to_rgb(diagonal.get_color())) * 255
+    t = np.linspace(0.1, 0.9, 400)
+    xy = ax.transData.transform(np.column_stack([t, t]))
+    cols = np.rint(xy[:, 0]).astype(int)
+    rows = np.rint(rgb.shape[0] - xy[:, 1]).astype(int)
+    near = [
+        np.abs(rgb[rows + dr, cols + dc] - want).max(axis=1)
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+    ]
+    hits = np.min(near, axis=0) < 40  # a pixel of that colour at or next to the sample
+    assert hits.mean() > 0.3, f"the diagonal shows at {hits.mean():.0%} of its length"
+    assert mil.plot_reliability(ev, tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG"
+
+
 class _Text(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
