@@ -653,9 +653,11 @@ def run_score(
         on_total(len(jobs), len(report.skipped))
     if todo:
         with _client(workers, scheduler, cfg) as client:
-            if on_dashboard and client.dashboard_link:
-                report.dashboard = client.dashboard_link
-                on_dashboard(client.dashboard_link)
+            if client.dashboard_link:
+                # an own LocalCluster's dashboard dies with the run: shown, not recorded
+                report.dashboard = client.dashboard_link if scheduler else None
+                if on_dashboard:
+                    on_dashboard(client.dashboard_link)
             for job, outcome in _submit_all(client, todo, cfg):
                 ok = outcome.get("status") == "done"
                 (report.done if ok else report.errors).append(outcome)
@@ -690,9 +692,21 @@ class _client:
         return self.client
 
     def __exit__(self, *exc: object) -> None:
+        import logging
+
         self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            # Every result is written by now. A worker still unwinding torch's or the readers'
+            # threads is killed after a grace period, and the nanny says so with a warning
+            # ("Worker process still alive after 4.0 seconds, killing") that asks nothing of
+            # the user: keep it out of the run's output.
+            nanny = logging.getLogger("distributed.nanny")
+            level = nanny.level
+            nanny.setLevel(logging.ERROR)
+            try:
+                self.cluster.close()
+            finally:
+                nanny.setLevel(level)
 
 
 def _memory_per_worker(n: int) -> str:

@@ -102,7 +102,8 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print(f"[yellow]warning:[/yellow] {cli_message(text)}")
 
         def on_dashboard(link: str) -> None:
-            progress.console.print(f"Dask dashboard: {link}")
+            live = "" if scheduler else " (live while this run lasts)"
+            progress.console.print(f"Dask dashboard{live}: {link}")
 
         try:
             run = score_slides(

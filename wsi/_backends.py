@@ -554,8 +554,8 @@ BACKENDS: dict[str, type[Backend]] = {
 
 
 def cucim_available() -> bool:
-    try:
-        import cucim  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether cuCIM is installed (found, not imported: importing it probes cuFile, which
+    :class:`CucimBackend` does quietly)."""
+    import importlib.util
+
+    return importlib.util.find_spec("cucim") is not None

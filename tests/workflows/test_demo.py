@@ -84,7 +84,7 @@ def _check_planted_region_is_hot(out: Path, rows: list[dict[str, str]]) -> None:
     from oncotrace.mil.phantom import Cohort
 
     cohort = Cohort.load(out / "cohort")
-    malignant = [r["slide_id"] for r in rows if r["predicted_class"] == "malignant"]
+    malignant = [r["slide_id"] for r in rows if r["label"] == "malignant"]
     assert malignant
     for sid in malignant:
         here = out / "scores" / "slides" / sid

@@ -137,6 +137,37 @@ def _check_heatmaps(trained: dict[str, Path], out: Path, sid: str) -> None:
     assert scale == pytest.approx([ts * attrs["mpp"][1], ts * attrs["mpp"][0]])
 
 
+def test_a_clean_run_prints_only_oncotraces_lines_and_writes_only_under_out(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Workers slow to shut down (tests/workflows/slow_exit.py) are killed by the nanny, which
+    warns; cuCIM probes cuFile in every worker. Neither reaches the output or the cwd."""
+    import os
+    import subprocess
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "res"
+    env = {
+        **os.environ,
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": repr([str(Path(__file__).with_name("slow_exit.py"))]),
+        "COLUMNS": "200",
+    }
+    proc = subprocess.run(
+        [str(BIN / "oncotrace"), "score", str(trained["slides"]), "--model",
+         str(trained["model"]), "--out", str(out), "--workers", "2", "--no-heatmaps"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    for noise in ("still alive", "distributed.", "cuFile", "libcuda"):
+        assert noise not in text, text
+    assert "6 scored, 0 up to date, 0 failed" in text
+    assert "(live while this run lasts)" in text  # an own cluster's dashboard dies with it
+    assert json.loads((out / "run.json").read_text())["dashboard"] is None
+    assert list(cwd.iterdir()) == []
+
+
 def test_a_real_he_slide_is_flagged_out_of_domain_for_a_phantom_trained_model(
     trained: dict[str, Path], tmp_path: Path, shared_data: Path
 ) -> None:

@@ -12,7 +12,8 @@ import pytest
 SCRIPT = """
 import torch  # torch's CUDA wheels make libcufile loadable, which is what starts the probe
 from oncotrace import wsi
-with wsi.open_slide({path!r}, backend="cucim") as s:
+with wsi.open_slide({path!r}) as s:  # auto: cuCIM, as tiling and scoring open slides
+    assert s.backend == "cucim", s.backend
     print("read", s.read_region((0, 0), 0, (32, 32)).shape)
 """
 
