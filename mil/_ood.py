@@ -1,14 +1,19 @@
 """Out-of-domain checks: how far a new case lies from the cases a model was trained on.
 
 A case is summarised by the mean of its tile embeddings (the encoder's space, so the check does
-not depend on the head). The training summaries are standardised per dimension and their
-covariance is estimated with Ledoit–Wolf shrinkage (scikit-learn), which stays well conditioned
-when there are fewer training cases than dimensions. A new case's Mahalanobis distance to the
-training mean under that covariance is its ``ood_distance``.
+not depend on the head). The training summaries are standardised per dimension and reduced to
+their leading principal components (scikit-learn PCA; one component per five training cases,
+at most :data:`MAX_COMPONENTS`), because a full covariance cannot be estimated from a few dozen
+cases in hundreds of dimensions. A new case's ``ood_distance`` is ``sqrt(T² + Q / Q̄)``: its
+Mahalanobis distance to the training mean within those components (Hotelling's T²) plus what
+they cannot represent (the squared reconstruction error Q, over its training mean Q̄), the
+pair multivariate process monitoring uses. A slide of another stain, scanner or organ moves
+along the training variation (T²), away from it (Q), or both.
 
 The threshold is calibrated on the training cases themselves without reusing a case to judge
 itself: the estimate is refitted ``folds`` times, each time leaving a fold out, and every case
-gets the distance of the fit that did not see it. The threshold is the ``quantile`` of those
+gets the distance of the fit that did not see it. Folds follow patients when ``groups`` are
+given, so a slide is never judged by statistics that saw its sibling slides. The threshold is the ``quantile`` of those
 held-out distances with the finite-sample (conformal) correction — the ``ceil((n + 1) q)``-th
 smallest — capped at the largest when ``n`` is too small for that rank. So about ``1 - q`` of
 new cases like the training ones (and no more) are flagged.
@@ -35,7 +40,7 @@ __all__ = ["OOD_FILE", "OODResult", "OODStats", "case_summary"]
 OOD_FILE = "ood.safetensors"
 #: Fewest training cases a threshold is calibrated from.
 MIN_CASES = 5
-_METHOD = "mahalanobis-ledoit-wolf"
+_METHOD = "pca-t2-q"
 _SUMMARY = "mean tile embedding"
 
 FloatArray = NDArray[np.float64]
@@ -64,25 +69,44 @@ class OODResult:
         return {"distance": self.distance, "threshold": self.threshold, "flagged": self.flagged}
 
 
-def _fit_arrays(x: FloatArray) -> dict[str, FloatArray]:
-    from sklearn.covariance import LedoitWolf
+#: Most principal components the check keeps.
+MAX_COMPONENTS = 20
+
+
+def n_components(n_cases: int, dim: int) -> int:
+    """Components kept for ``n_cases`` training cases: one per five cases, at most
+    :data:`MAX_COMPONENTS` and below both ``n_cases`` and ``dim``."""
+    return max(1, min(MAX_COMPONENTS, n_cases // 5, n_cases - 1, dim))
+
+
+def _fit_arrays(x: FloatArray, k: int) -> dict[str, FloatArray]:
+    from sklearn.decomposition import PCA
 
     center = x.mean(axis=0)
     scale = x.std(axis=0)
     scale = np.where(scale > 1e-12 * max(float(scale.max(initial=0.0)), 1.0), scale, 1.0)
-    lw = LedoitWolf(assume_centered=False).fit((x - center) / scale)
+    z = (x - center) / scale
+    pca = PCA(n_components=min(k, len(z) - 1, z.shape[1])).fit(z)
+    variances = np.maximum(np.asarray(pca.explained_variance_, np.float64), 1e-12)
+    resid = z - pca.inverse_transform(pca.transform(z))
+    resid_ms = float(np.mean(np.sum(resid**2, axis=1)))
     return {
         "center": center,
         "scale": scale,
-        "location": np.asarray(lw.location_, np.float64),
-        "precision": np.asarray(lw.precision_, np.float64),
+        "components": np.asarray(pca.components_, np.float64),
+        "variances": variances,
+        "residual": np.asarray([max(resid_ms, 1e-12)], np.float64),
     }
 
 
 def _distances(arrays: Mapping[str, FloatArray], x: FloatArray) -> FloatArray:
-    z = (x - arrays["center"]) / arrays["scale"] - arrays["location"]
-    d2 = np.einsum("ij,jk,ik->i", z, arrays["precision"], z)
-    return np.sqrt(np.maximum(d2, 0.0))
+    """sqrt(T² + Q / Q̄): Mahalanobis in the principal subspace plus normalised residual."""
+    z = (x - arrays["center"]) / arrays["scale"]
+    w = z @ arrays["components"].T  # z is centred: PCA's mean of standardised data is 0
+    t2 = np.sum(w**2 / arrays["variances"], axis=1)
+    resid = z - w @ arrays["components"]
+    q = np.sum(resid**2, axis=1) / float(arrays["residual"][0])
+    return np.sqrt(t2 + q)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +116,8 @@ class OODStats:
     Attributes
     ----------
     center, scale : (D,) per-dimension mean and standard deviation of the training summaries.
-    location, precision : Ledoit–Wolf location (D,) and precision (D, D) in standardised units.
+    components : (K, D) principal axes of the standardised summaries; variances : (K,) theirs.
+    residual : (1,) mean squared reconstruction error of the training summaries (Q̄).
     threshold : distances above it are flagged.
     quantile : the held-out quantile the threshold was set at.
     heldout : (n,) held-out distances of the training cases (what the threshold came from).
@@ -101,8 +126,9 @@ class OODStats:
 
     center: FloatArray
     scale: FloatArray
-    location: FloatArray
-    precision: FloatArray
+    components: FloatArray
+    variances: FloatArray
+    residual: FloatArray
     threshold: float
     quantile: float
     heldout: FloatArray
@@ -125,7 +151,7 @@ class OODStats:
             and self.folds == other.folds
             and all(
                 np.array_equal(getattr(self, k), getattr(other, k))
-                for k in ("center", "scale", "location", "precision", "heldout")
+                for k in ("center", "scale", "components", "variances", "residual", "heldout")
             )
         )
 
@@ -139,8 +165,11 @@ class OODStats:
         quantile: float = 0.99,
         folds: int = 5,
         seed: int = 0,
+        groups: Sequence[Any] | None = None,
     ) -> OODStats:
         """Fit on the training ``bags`` (each (N_i, D)) and calibrate the threshold.
+
+        ``groups`` (one patient id per bag) keeps a patient's slides in one fold.
 
         Raises
         ------
@@ -148,7 +177,7 @@ class OODStats:
             With fewer than :data:`MIN_CASES` bags, bags of different dims, non-finite values
             or ``quantile`` outside (0, 1).
         """
-        from sklearn.model_selection import KFold
+        from sklearn.model_selection import GroupKFold, KFold
 
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must lie in (0, 1), got {quantile}.")
@@ -164,14 +193,24 @@ class OODStats:
         if not np.isfinite(x).all():
             raise ValueError("NaN/inf in the training embeddings.")
         n = len(x)
-        k = max(2, min(int(folds), n))
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} bags.")
+        n_groups = n if groups is None else len(set(groups))
+        k = max(2, min(int(folds), n_groups))
+        if groups is None:
+            splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(x)
+        else:
+            gkf = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            splits = gkf.split(x, groups=np.asarray(groups))
+        n_comp = n_components(n, x.shape[1])
         heldout = np.empty(n, np.float64)
-        for train, test in KFold(n_splits=k, shuffle=True, random_state=seed).split(x):
-            heldout[test] = _distances(_fit_arrays(x[train]), x[test])
+        for train, test in splits:
+            # the refits keep the final fit's K: T² grows with K, so all must share it
+            heldout[test] = _distances(_fit_arrays(x[train], n_comp), x[test])
         rank = math.ceil((n + 1) * quantile)  # 1-based rank of the conformal quantile
         threshold = float(np.sort(heldout)[min(rank, n) - 1])
         return cls(
-            **_fit_arrays(x),
+            **_fit_arrays(x, n_comp),
             threshold=threshold,
             quantile=float(quantile),
             heldout=heldout,
@@ -196,8 +235,9 @@ class OODStats:
         return {
             "center": self.center,
             "scale": self.scale,
-            "location": self.location,
-            "precision": self.precision,
+            "components": self.components,
+            "variances": self.variances,
+            "residual": self.residual,
             "heldout": self.heldout,
         }
 
@@ -257,8 +297,9 @@ class OODStats:
             stats = cls(
                 center=a["center"],
                 scale=a["scale"],
-                location=a["location"],
-                precision=a["precision"],
+                components=a["components"],
+                variances=a["variances"],
+                residual=a["residual"],
                 threshold=float(record["threshold"]),
                 quantile=float(record["quantile"]),
                 heldout=a["heldout"],
@@ -267,7 +308,8 @@ class OODStats:
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ValueError(f"{path}: malformed ({exc}).{fix}") from exc
         d = stats.dim
-        if stats.precision.shape != (d, d) or stats.scale.shape != (d,):
+        k = stats.variances.shape[0]
+        if stats.components.shape != (k, d) or stats.scale.shape != (d,):
             raise ValueError(f"{path}: arrays of inconsistent shapes.{fix}")
         return stats
 
@@ -276,7 +318,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fit_ood_safely(bags: Sequence[Any], notes: list[str] | None = None) -> OODStats | None:
+def fit_ood_safely(
+    bags: Sequence[Any], groups: Sequence[Any] | None = None, notes: list[str] | None = None
+) -> OODStats | None:
     """:meth:`OODStats.fit` for a training cohort, or None (with a note) when it cannot be fitted:
     multi-modal cases, or too few cases."""
     if any(not isinstance(b, np.ndarray) for b in bags):
@@ -284,7 +328,7 @@ def fit_ood_safely(bags: Sequence[Any], notes: list[str] | None = None) -> OODSt
             notes.append("no out-of-domain statistics: the cases are multi-modal.")
         return None
     try:
-        return OODStats.fit(bags)
+        return OODStats.fit(bags, groups=groups)
     except ValueError as exc:
         if notes is not None:
             notes.append(f"no out-of-domain statistics: {exc}")

@@ -809,7 +809,7 @@ def card_for(
     covariates = CovariateSpec()
     ood = None
     if data is not None:
-        ood = fit_ood_safely(data.bags)
+        ood = fit_ood_safely(data.bags, groups=data.patient_ids.tolist())
         if encoder is not None and encoder != ModelEncoder(data.encoder, data.in_dim):
             raise ValueError(
                 f"encoder={encoder} contradicts the cohort's features ({data.encoder!r}, dim"

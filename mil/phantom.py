@@ -93,7 +93,9 @@ class Cohort:
     ----------
     root : the cohort folder (holds ``cohort.json``).
     slide_ids, slide_paths, patient_ids, sites : per slide.
-    labels : (S,) int64 ndarray, index into ``class_names``.
+    labels : (S,) int64 ndarray, index into ``class_names``: the recorded label (labels.csv).
+    planted_labels : (S,) int64 ndarray, the class whose morphology was planted; differs from
+        ``labels`` for the patients ``label_noise`` relabelled.
     class_names : class of each label index.
     morphologies : planted morphology of each class.
     labels_csv : ``root / "labels.csv"``.
@@ -109,6 +111,7 @@ class Cohort:
     patient_ids: tuple[str, ...]
     sites: tuple[str, ...]
     labels: np.ndarray
+    planted_labels: np.ndarray
     class_names: tuple[str, ...]
     morphologies: tuple[str, ...]
     labels_csv: Path
@@ -138,6 +141,9 @@ class Cohort:
             patient_ids=tuple(s["patient_id"] for s in slides),
             sites=tuple(s["site"] for s in slides),
             labels=np.asarray([s["label_index"] for s in slides], np.int64),
+            planted_labels=np.asarray(
+                [s.get("planted_label_index", s["label_index"]) for s in slides], np.int64
+            ),
             class_names=tuple(meta["classes"]),
             morphologies=tuple(meta["morphologies"]),
             labels_csv=root / "labels.csv",
@@ -227,6 +233,7 @@ def make_cohort(
     mode: Mode = "tissue",
     morphologies: Sequence[Morphology] | None = None,
     workers: int = 2,
+    label_noise: float = 0.0,
 ) -> Cohort:
     """Write a phantom cohort of pyramidal TIFF slides with planted, class-specific regions.
 
@@ -246,6 +253,10 @@ def make_cohort(
     morphologies : morphology per class; default from :data:`DEFAULT_MORPHOLOGY` by name,
         else ``gland, sheet, spindle`` in order.
     workers : slides rendered in parallel worker processes (1: in this process).
+    label_noise : fraction of patients (rounded) whose recorded label is another class than the
+        morphology planted in their slides (the next class in ``classes``), as diagnostic
+        disagreement makes real labels imperfect; the planted class is kept in
+        ``cohort.json`` and :attr:`Cohort.planted_labels`.
 
     Returns
     -------
@@ -258,10 +269,14 @@ def make_cohort(
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
 
-    design_seed, slides_seed = np.random.SeedSequence(seed).spawn(2)
+    # a third stream for the relabelling: the first two (and so the slides) do not change
+    design_seed, slides_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(design_seed)
     rows = _design_patients(rng, n_cases, classes, sites, slides_per_patient)
-    labels = np.asarray([r["label_index"] for r in rows], np.int64)
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise must lie in [0, 0.5), got {label_noise}.")
+    _relabel(np.random.default_rng(noise_seed), rows, classes, round(label_noise * n_cases))
+    labels = np.asarray([r["planted_label_index"] for r in rows], np.int64)
     tf_range = _TISSUE_FRACTION if mode == "tissue" else _SMEAR_FRACTION
     tissue_fracs = _stratified(rng, labels, tf_range)
     region_fracs = _stratified(rng, labels, region_fraction)
@@ -272,7 +287,7 @@ def make_cohort(
             str(row["slide_id"]),
             (size_px[0], size_px[1]),
             mpp,
-            morphs[int(row["label_index"])],  # type: ignore[call-overload]
+            morphs[int(row["planted_label_index"])],  # type: ignore[call-overload]
             slide_seeds[i],
             mode,
             float(tissue_fracs[i]),
@@ -308,11 +323,23 @@ def make_cohort(
             "slides_per_patient": list(slides_per_patient),
             "sites": list(sites),
             "region_fraction": list(region_fraction),
+            "label_noise": label_noise,
             "seed": seed,
         },
         "slides": [
             {
-                **{k: r[k] for k in ("slide_id", "patient_id", "site", "label", "label_index")},
+                **{
+                    k: r[k]
+                    for k in (
+                        "slide_id",
+                        "patient_id",
+                        "site",
+                        "label",
+                        "label_index",
+                        "planted_label",
+                        "planted_label_index",
+                    )
+                },
                 "path": f"slides/{r['slide_id']}.tif",
                 "mask": f"masks/{r['slide_id']}.png",
                 "tissue_fraction_planted": round(float(tissue_fracs[i]), 4),
@@ -389,6 +416,22 @@ def _design_patients(
                 }
             )
     return rows
+
+
+def _relabel(
+    rng: np.random.Generator, rows: list[dict[str, object]], classes: tuple[str, ...], k: int
+) -> None:
+    """Record ``planted_label*`` on every row, then give ``k`` random patients the next class's
+    label (all their slides alike)."""
+    for r in rows:
+        r["planted_label_index"] = r["label_index"]
+        r["planted_label"] = r["label"]
+    patients = sorted({str(r["patient_id"]) for r in rows})
+    flipped = set(rng.choice(patients, size=k, replace=False).tolist()) if k else set()
+    for r in rows:
+        if r["patient_id"] in flipped:
+            j = (int(r["label_index"]) + 1) % len(classes)  # type: ignore[call-overload]
+            r["label_index"], r["label"] = j, classes[j]
 
 
 def _render_all(jobs: Sequence[_Job], workers: int) -> None:

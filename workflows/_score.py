@@ -448,6 +448,8 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "status": "done",
             "slide_id": job.slide_id,
             "path": str(job.path),
+            # the same file from the results folder: found again when both move together
+            "path_from_results": os.path.relpath(job.path, Path(cfg.out_dir).absolute()),
             "source_fingerprint": fingerprint,
             "model_hash": cfg.model_hash,
             "n_tiles": len(coords),

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from oncotrace import mil
-from sklearn.covariance import LedoitWolf
 
 D = 12
 
@@ -23,15 +22,25 @@ def _bags(n: int, rng: np.random.Generator, shift: float = 0.0) -> list[np.ndarr
     return out
 
 
-def test_distance_is_sklearns_mahalanobis_on_the_standardised_case_means() -> None:
+def test_distance_is_t2_plus_normalised_residual_computed_by_svd() -> None:
+    """The check's distance recomputed with numpy's SVD: Hotelling T² in the leading K principal
+    components of the standardised case means, plus the squared reconstruction error over its
+    training mean."""
     rng = np.random.default_rng(0)
     train, new = _bags(40, rng), _bags(7, rng)
     stats = mil.OODStats.fit(train)
     x = np.stack([b.mean(0) for b in train])
     center, scale = x.mean(0), x.std(0)
-    lw = LedoitWolf().fit((x - center) / scale)
-    z = (np.stack([b.mean(0) for b in new]) - center) / scale
-    np.testing.assert_allclose(stats.distance(new), np.sqrt(lw.mahalanobis(z)), rtol=1e-9)
+    z = (x - center) / scale
+    k = 40 // 5
+    _, sv, vt = np.linalg.svd(z, full_matrices=False)
+    axes, var = vt[:k], sv[:k] ** 2 / (len(z) - 1)
+    q_train = np.mean(np.sum((z - z @ axes.T @ axes) ** 2, axis=1))
+    y = (np.stack([b.mean(0) for b in new]) - center) / scale
+    t2 = np.sum((y @ axes.T) ** 2 / var, axis=1)
+    q = np.sum((y - y @ axes.T @ axes) ** 2, axis=1) / q_train
+    np.testing.assert_allclose(stats.distance(new), np.sqrt(t2 + q), rtol=1e-6)
+    assert stats.components.shape == (k, D)
 
 
 def test_the_threshold_flags_about_one_minus_q_of_new_in_domain_cases_and_every_shifted_one() -> (
@@ -89,7 +98,8 @@ def test_a_saved_model_carries_its_statistics_and_a_damaged_file_says_how_to_rec
     directory = _saved_model(tmp_path)
     _, card = mil.load_model(directory)
     # the statistics read back are those of the training bags, refitted here
-    assert card.ood is not None and card.ood == mil.OODStats.fit(_training_bags())
+    groups = [f"p{i}" for i in range(12)]  # save_model folds by patient
+    assert card.ood is not None and card.ood == mil.OODStats.fit(_training_bags(), groups=groups)
     record = json.loads((directory / "model.json").read_text())["ood"]
     assert record["file"] == "ood.safetensors" and record["n_train"] == 12
     assert record["threshold"] == card.ood.threshold
@@ -111,3 +121,18 @@ def test_a_saved_model_carries_its_statistics_and_a_damaged_file_says_how_to_rec
 
 def _training_bags() -> list[np.ndarray]:
     return [b.astype(np.float32) for b in _bags(12, np.random.default_rng(3))]
+
+
+def test_groups_keep_a_patients_sibling_slides_out_of_the_fit_that_judges_them() -> None:
+    """Two near-identical slides per patient: without groups a held-out slide's sibling sits in
+    the fit and its distance looks small; with groups the held-out distances are those of new
+    patients (compared against distances of freshly drawn patients)."""
+    rng = np.random.default_rng(4)
+    patients = _bags(15, rng)
+    bags = [b + rng.normal(scale=1e-3, size=b.shape) for b in patients for _ in range(2)]
+    groups = [i // 2 for i in range(len(bags))]
+    leaky = mil.OODStats.fit(bags, quantile=0.9)
+    grouped = mil.OODStats.fit(bags, quantile=0.9, groups=groups)
+    fresh = grouped.distance(_bags(400, rng))
+    assert np.median(leaky.heldout) < 0.9 * np.median(fresh)  # optimistic
+    assert abs(np.median(grouped.heldout) - np.median(fresh)) < 0.15 * np.median(fresh)

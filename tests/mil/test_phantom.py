@@ -206,3 +206,28 @@ def test_bad_arguments_say_what_to_do(tmp_path: Path) -> None:
     c = make_cohort(tmp_path, n_cases=2, size_px=(768, 768), workers=1)
     with pytest.raises(KeyError, match="not in the cohort"):
         c.region_mask("nope")
+
+
+def test_label_noise_relabels_whole_patients_and_keeps_what_was_planted(tmp_path: Path) -> None:
+    from oncotrace.mil.phantom import make_cohort
+
+    noisy = make_cohort(
+        tmp_path / "noisy", n_cases=8, size_px=(768, 512), seed=1, workers=1, label_noise=0.25
+    )
+    clean = make_cohort(tmp_path / "clean", n_cases=8, size_px=(768, 512), seed=1, workers=1)
+    assert (clean.labels == clean.planted_labels).all()
+    # the slides are the same images; only two patients' (0.25 x 8) recorded labels changed
+    np.testing.assert_array_equal(noisy.planted_labels, clean.labels)
+    flipped = {
+        p
+        for p, a, b in zip(noisy.patient_ids, noisy.labels, noisy.planted_labels, strict=True)
+        if a != b
+    }
+    assert len(flipped) == 2
+    for p, a, b in zip(noisy.patient_ids, noisy.labels, noisy.planted_labels, strict=True):
+        assert (a != b) == (p in flipped)  # every slide of a relabelled patient, none other
+    with open(noisy.labels_csv, newline="") as fh:
+        recorded = {r["slide_id"]: r["label"] for r in csv.DictReader(fh)}
+    assert [recorded[s] for s in noisy.slide_ids] == [noisy.class_names[k] for k in noisy.labels]
+    for a, b in zip(noisy.slide_paths, clean.slide_paths, strict=True):
+        assert a.read_bytes() == b.read_bytes()

@@ -14,14 +14,16 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``oncotrace demo --cases 12 --workers 2`` once per session: (output folder, console text)."""
     from oncotrace.workflows.cli import app
 
-    out = tmp_path_factory.mktemp("demo") / "demo"
+    launch = tmp_path_factory.mktemp("demo")
+    out = launch / "demo"
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "250"  # rich wraps at 80 columns outside a terminal
+    cwd = Path.cwd()
+    os.chdir(launch)  # `--out demo`, relative, as a newcomer types it: results must not care
     try:
-        res = CliRunner().invoke(
-            app, ["demo", "--out", str(out), "--cases", "12", "--workers", "2"]
-        )
+        res = CliRunner().invoke(app, ["demo", "--out", "demo", "--cases", "12", "--workers", "2"])
     finally:
+        os.chdir(cwd)
         if old is None:
             os.environ.pop("COLUMNS", None)
         else:

@@ -629,16 +629,20 @@ def test_setup_viewer_installs_the_pinned_version_atomically(bare_assets: Path) 
 
 
 def test_demo_results_open_in_the_browser(
-    browser: Any, demo_run: tuple[Path, str], tmp_path: Path
+    browser: Any, demo_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What a newcomer does after the README's first command: `oncotrace view DEMO/scores`."""
+    """What a newcomer does after the README's first command: `oncotrace view DEMO/scores`,
+    from another folder than the one the demo ran in (it ran with a relative --out)."""
     import csv
 
     from oncotrace.workflows import start_server
 
+    monkeypatch.chdir(tmp_path)
     results = demo_run[0] / "scores"
     with open(results / "predictions.csv", newline="") as f:
-        predicted = {r["slide_id"]: r["predicted_class"] for r in csv.DictReader(f)}
+        rows_csv = list(csv.DictReader(f))
+    predicted = {r["slide_id"]: r["predicted_class"] for r in rows_csv}
+    out_of_domain = {r["slide_id"]: r["ood"] == "True" for r in rows_csv}
     context = browser.new_context(viewport=VIEWPORT)
     pg = context.new_page()
     pg.set_default_timeout(WAIT_MS)
@@ -655,6 +659,7 @@ def test_demo_results_open_in_the_browser(
         for sid, label in predicted.items():
             row = pg.locator(f"[data-testid=case-row][data-slide-id='{sid}']")
             assert row.locator("[data-testid=predicted-label]").inner_text() == label
+            assert row.locator("[data-testid=ood-badge]").count() == int(out_of_domain[sid])
         pg.screenshot(path=str(tmp_path / "demo-cases.png"))
 
         sid = next(s for s, label in predicted.items() if label == "malignant")
@@ -682,3 +687,38 @@ def test_demo_results_open_in_the_browser(
     finally:
         server.stop()
         context.close()
+
+
+def test_demo_results_moved_with_their_slides_still_show_tiles(
+    browser: Any, demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The demo folder moved elsewhere (its recorded absolute slide paths gone): the viewer finds
+    each slide again relative to the results folder."""
+    import shutil
+
+    from oncotrace.workflows import start_server
+
+    original = demo_run[0]
+    moved = tmp_path / "elsewhere" / "demo"
+    moved.parent.mkdir()
+    shutil.move(original, moved)
+    context = browser.new_context(viewport=VIEWPORT)
+    server = start_server(moved / "scores", port=0)
+    try:
+        sid = json.loads((moved / "scores" / "run.json").read_text())["slides"]
+        sid = sorted(sid)[0]
+        doc = json.loads((moved / "scores" / "slides" / sid / "result.json").read_text())
+        assert not Path(doc["path"]).exists()  # the recorded absolute path is gone
+        pg = context.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        traffic = Traffic()
+        pg.on("response", lambda r: traffic.responses.append((r.url, r.status)))
+        pg.goto(server.url.rstrip("/") + f"/slide/{sid}")
+        _ready(pg)
+        _wait_tiles_loaded(pg)
+        tiles = traffic.tiles()
+        assert len(tiles) >= 4 and all(status == 200 for _, status in tiles)
+    finally:
+        server.stop()
+        context.close()
+        shutil.move(moved, original)  # the session's demo folder, for the tests after this one

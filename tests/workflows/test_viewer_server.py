@@ -259,7 +259,7 @@ def test_slide_json_allow_list_and_overlay_placement(client: TestClient) -> None
     doc = client.get("/api/slides/S_big").json()
     assert set(doc) == {
         "slide_id", "status", "width", "height", "mpp", "mpp_source", "levels", "dz_levels",
-        "dzi", "tile_size", "overlap", "overlays", "unavailable_overlays", "tasks", "error",
+        "dzi", "tile_size", "overlap", "overlays", "unavailable_overlays", "tasks", "error", "ood",
     }  # fmt: skip
     assert (doc["width"], doc["height"], doc["mpp"]) == (2048, 1536, [MPP, MPP])
     assert (doc["levels"], doc["dz_levels"]) == (3, 12)  # 3 TIFF levels; 2^11 = 2048
@@ -525,6 +525,38 @@ def test_safe_file_rejects_a_symlink_out(tmp_path: Path, fx: Fixture) -> None:
     for rel in ("link.txt", "../outside/secret.txt", str(fx.outside / "secret.txt"), "", "."):
         with pytest.raises(NotFoundError):
             safe_file(tmp_path, rel)
+
+
+def test_results_moved_with_their_slide_and_an_ood_flag_reach_the_api(
+    tmp_path: Path, fx: Fixture
+) -> None:
+    """result.json's absolute path is gone (the project folder moved); path_from_results finds
+    the slide again. Its out-of-domain check is passed on, flagged by distance > threshold."""
+    import shutil
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    shutil.copy2(fx.root.parent / "S_big.tif", data / "moved.tif")
+    here = tmp_path / "project" / "results" / "slides" / "M"
+    here.mkdir(parents=True)
+    doc = {
+        **_result("M", tmp_path / "old-place" / "data" / "moved.tif"),
+        "path_from_results": "../data/moved.tif",
+        "ood": {"distance": 14.2, "threshold": 9.5, "flagged": True},
+    }
+    (here / "result.json").write_text(json.dumps(doc))
+    with TestClient(create_app(tmp_path / "project" / "results", cache_mib=8)) as c:
+        case = c.get("/api/cases").json()["cases"][0]
+        assert case["ood"] == {"distance": 14.2, "threshold": 9.5, "flagged": True}
+        info = c.get("/api/slides/M").json()
+        assert info.get("error") is None and info["width"] == fx.images["S_big"].shape[1]
+        assert info["ood"]["flagged"] is True
+        assert c.get("/dzi/M_files/0/0_0.jpeg").status_code == 200
+    # a distance within the threshold is not flagged, whatever the file says
+    doc["ood"] = {"distance": 3.0, "threshold": 9.5, "flagged": True}
+    (here / "result.json").write_text(json.dumps(doc))
+    with TestClient(create_app(tmp_path / "project" / "results", cache_mib=8)) as c:
+        assert c.get("/api/cases").json()["cases"][0]["ood"]["flagged"] is False
 
 
 def test_missing_slide_file_names_it(client: TestClient) -> None:

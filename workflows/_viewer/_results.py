@@ -84,6 +84,8 @@ class Case:
     source : the slide file the result references (may be outside the results folder), or None.
     overlays : name -> slide-grid heatmap store, display order.
     ultrasound : the ``ultrasound/`` folder with a registration.json, or None.
+    ood : ``{"distance", "threshold", "flagged"}`` of the out-of-domain check, or None when
+        the model records no training statistics.
     """
 
     slide_id: str
@@ -94,6 +96,7 @@ class Case:
     source: Path | None
     overlays: dict[str, OverlayFile] = field(default_factory=dict)
     ultrasound: Path | None = None
+    ood: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The ``/api/cases`` entry (no file paths)."""
@@ -104,6 +107,7 @@ class Case:
             "error": self.error,
             "overlays": list(self.overlays),
             "has_ultrasound": self.ultrasound is not None,
+            "ood": self.ood,
         }
 
 
@@ -168,12 +172,18 @@ def _error_of(doc: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def referenced_path(text: Any, root: Path) -> Path | None:
-    """A file path recorded in a results file: absolute as is; relative tried against the
+def referenced_path(text: Any, root: Path, from_results: Any = None) -> Path | None:
+    """A file path recorded in a results file: absolute as is while it exists, else
+    ``from_results`` (the same file relative to the results folder, recorded beside it) when
+    the results were moved together with their inputs; a relative ``text`` is tried against the
     working directory, then the results folder's parent, then the results folder."""
     if not isinstance(text, str) or not text or "\x00" in text:
         return None
     p = Path(text)
+    if isinstance(from_results, str) and from_results and "\x00" not in from_results:
+        moved = root / from_results
+        if not p.exists() and moved.exists():
+            return moved
     if p.is_absolute():
         return p
     for base in (Path.cwd(), root.parent, root):
@@ -242,10 +252,23 @@ def _scan_case(folder: Path, root: Path) -> Case | None:
         status="done" if result is not None else "error",
         tasks=_tasks_of(result) if result is not None else {},
         error=None if result is not None or error is None else _error_of(error),
-        source=referenced_path(doc.get("path"), root),
+        source=referenced_path(doc.get("path"), root, doc.get("path_from_results")),
         overlays=_scan_overlays(folder, root),
         ultrasound=us.resolve() if has_us else None,
+        ood=_ood_of(result),
     )
+
+
+def _ood_of(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The result's out-of-domain check, checked for shape (None when absent or malformed)."""
+    ood = (result or {}).get("ood")
+    if not isinstance(ood, dict):
+        return None
+    try:
+        distance, threshold = float(ood["distance"]), float(ood["threshold"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return {"distance": distance, "threshold": threshold, "flagged": distance > threshold}
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,6 +316,7 @@ class Viewer:
             "unavailable_overlays": unavailable,
             "tasks": case.tasks,
             "error": case.error,
+            "ood": case.ood,
         }
 
     # -- ultrasound --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ function row(c, task, cls) {
     );
   }
   const status = el("td", {}, el("span", { class: `status ${c.status}`, text: c.status === "error" ? "failed" : "scored" }));
+  if (c.ood && c.ood.flagged) status.append(" ", oodBadge(c.ood));
   const attrs = { "data-testid": "case-row", dataset: { slideId: c.slide_id, status: c.status } };
   if (c.status === "error") {
     const e = c.error || {};

@@ -195,3 +195,13 @@ export function showColorbar(ov) {
   document.getElementById("colorbar-min").textContent = fmtSignificant(ov.vmin, 3);
   document.getElementById("colorbar-max").textContent = fmtSignificant(ov.vmax, 3);
 }
+
+// A slide outside the model's training data: a badge with the distance and the threshold.
+export function oodBadge(ood) {
+  return el("span", {
+    class: "ood",
+    "data-testid": "ood-badge",
+    title: `out of domain: distance ${fmtNumber(ood.distance, 1)} to the training slides, above the threshold ${fmtNumber(ood.threshold, 1)}; the prediction is not reliable`,
+    text: "out of domain",
+  });
+}

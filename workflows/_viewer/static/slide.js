@@ -7,6 +7,7 @@ import {
   getJSON,
   idFromPath,
   niceLength,
+  oodBadge,
   overlayChoices,
   overlayPanel,
   showColorbar,
@@ -217,6 +218,11 @@ async function main() {
   state.info = info;
   renderInfo(info);
   renderPredictions(info.tasks);
+  if (info.ood && info.ood.flagged) {
+    document.getElementById("predictions").prepend(
+      el("p", { class: "ood-note" }, oodBadge(info.ood), " this slide lies outside the data the model was trained on (stain, scanner, tissue or resolution); do not trust its prediction."),
+    );
+  }
   const entry = list && (list.cases || []).find((c) => c.slide_id === slideId);
   if (entry && entry.has_ultrasound) {
     const link = document.getElementById("us-link");
