@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -120,6 +121,7 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
                     "the TIFF holds no image directory.",
                     "export the slide again; it is truncated.",
                 )
+            _refuse_multichannel(path, tf)
             safe = True
             for page in pages:
                 if not isinstance(page, tifffile.TiffPage):
@@ -144,6 +146,87 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
             "the file is truncated or damaged; copy or export it again.",
         ) from exc
     return FileInfo(path, "tiff", size, cucim_safe=safe and not is_ome, is_ome=is_ome)
+
+
+#: Photometric interpretations of grey planes (MinIsWhite, MinIsBlack): one channel per sample.
+_GREY = frozenset({0, 1})
+#: ExtraSamples values that are alpha (associated, unassociated), not another channel.
+_ALPHA = frozenset({1, 2})
+#: Channel names quoted in the message, at most; each cut to this many characters.
+MAX_NAMES, MAX_NAME_CHARS = 12, 40
+
+
+def _refuse_multichannel(path: Path, tf: tifffile.TiffFile) -> None:
+    """Refuse a fluorescence / multichannel image: it has no RGB stain colours to tile.
+
+    Its level-0 image holds grey planes (MinIsBlack/White samples): a PerkinElmer/Akoya QPTIFF
+    with such planes, or at least two channels, whether as pages of one size (QPTIFF, plain
+    multi-page), an OME ``C`` axis, or several samples per pixel. One grey plane alone stays
+    allowed (it reads as grey brightfield), and so do RGB QPTIFF/OME files.
+    """
+    page = tf.pages.first
+    if int(page.photometric) not in _GREY:
+        return
+    desc = page.description or ""
+    qpi = (page.software or "").startswith("PerkinElmer-QPI") or "<PerkinElmer-QPI-" in desc
+    extra = tuple(int(e) for e in (page.extrasamples or ()))
+    n = int(page.samplesperpixel) - sum(1 for e in extra if e in _ALPHA)
+    names: list[str] = []
+    if tf.is_ome and tf.ome_metadata:
+        series = tf.series[0]
+        if "C" in series.axes:
+            n = max(n, int(series.shape[series.axes.index("C")]))
+        names = re.findall(r'<(?:\w+:)?Channel\b[^>]*?\bName="([^"]*)"', tf.ome_metadata)[:n]
+    elif n == 1:  # one sample per page: the channels are the full-resolution pages of this size
+        level0 = [
+            p
+            for p in tf.pages
+            if isinstance(p, tifffile.TiffPage)
+            and (p.imagewidth, p.imagelength) == (page.imagewidth, page.imagelength)
+            and not p.is_reduced
+            and int(p.samplesperpixel) == 1
+        ]
+        n = len(level0)
+        if qpi:
+            names = [_qpi_channel(p.description or "") for p in level0]
+    if n < 2 and not qpi:
+        return
+    kind = (
+        "a PerkinElmer/Akoya QPTIFF fluorescence image"
+        if qpi
+        else "a fluorescence / multichannel image"
+    )
+    listed = [_printable(x) for x in names if x.strip()]
+    if listed and len(listed) == n:
+        more = f", … ({n} in all)" if n > MAX_NAMES else ""
+        channels = f"{n} channel{'s' if n > 1 else ''}: {', '.join(listed[:MAX_NAMES])}{more}"
+    else:
+        channels = f"{n} unnamed channel{'s' if n > 1 else ''}"
+    raise UnsupportedSlideError(
+        path,
+        f"it is {kind} ({channels}; {page.dtype} grey planes), not a brightfield RGB slide,"
+        " so there are no stain colours to find tissue in or to tile.",
+        "OncoTrace needs a brightfield RGB scan (H&E or IHC: SVS, NDPI, RGB TIFF/QPTIFF, …):"
+        " tile the brightfield scan of this section instead; fluorescence and multiplex"
+        " images are not supported.",
+    )
+
+
+def _qpi_channel(description: str) -> str:
+    """``"CD8 (Opal 520)"`` from a QPTIFF page's XML (``<Biomarker>`` and ``<Name>``)."""
+    name = re.search(r"<Name>([^<]*)</Name>", description)
+    marker = re.search(r"<Biomarker>([^<]*)</Biomarker>", description)
+    n = name.group(1).strip() if name else ""
+    m = marker.group(1).strip() if marker else ""
+    if m and n and m != n:
+        return f"{m} ({n})"
+    return m or n
+
+
+def _printable(text: str) -> str:
+    """A channel name as quoted in a message: printable characters only, and short."""
+    clean = "".join(c for c in text.strip() if c.isprintable())
+    return clean if len(clean) <= MAX_NAME_CHARS else clean[: MAX_NAME_CHARS - 1] + "…"
 
 
 def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:

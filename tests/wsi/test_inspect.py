@@ -27,7 +27,7 @@ from oncotrace.wsi import inspect_file
 from oncotrace.wsi._backends import cucim_available  # private: open_slide's own cuCIM probe
 from oncotrace.wsi._inspect import sniff  # private: the sniffer inspect_file uses
 
-from tests.wsi import badinput
+from tests.wsi import badinput, multichannel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -371,3 +371,53 @@ def test_input_that_crashed_a_reader_is_refused(
     make: Callable[[Path], badinput.BadInput], tmp_path: Path
 ) -> None:
     _run_in_child(make.__name__, tmp_path)
+
+
+# -- fluorescence / multichannel images are not brightfield slides ------------------------------
+
+MULTICHANNEL = {
+    "qptiff-uint16": (partial(multichannel.write_qptiff), "x.qptiff", 4),
+    "qptiff-uint8": (partial(multichannel.write_qptiff, dtype=np.uint8), "y.qptiff", 4),
+    "ome-channels": (partial(multichannel.write_ome_channels), "z.ome.tif", 3),
+    "plain-pages": (partial(multichannel.write_plain_pages), "pages.tif", 5),
+    "multisample": (partial(multichannel.write_multisample), "samples.tif", 6),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTICHANNEL))
+def test_fluorescence_image_is_refused_naming_the_file_and_its_channels(
+    name: str, tmp_path: Path
+) -> None:
+    write, filename, n = MULTICHANNEL[name]
+    path = tmp_path / filename
+    planted = write(path)
+    for step in (inspect_file, wsi.open_slide):  # the pre-flight already refuses it
+        with pytest.raises(wsi.UnsupportedSlideError) as err:
+            step(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ")
+        assert "fluorescence" in message and "brightfield RGB" in message
+        assert "H&E or IHC" in err.value.fix
+        if planted:  # names as the file records them, in order
+            assert f"{n} channels: {', '.join(planted)};" in message
+        else:
+            assert f"{n} unnamed channels" in message
+    if name.startswith("qptiff"):
+        assert "QPTIFF" in message and "DAPI" in message and "CD8 (Opal 520)" in message
+
+
+def test_brightfield_qptiff_and_single_grey_plane_still_open(tmp_path: Path) -> None:
+    bright = tmp_path / "bright.qptiff"
+    multichannel.write_qptiff(bright, rgb=True)
+    with wsi.open_slide(bright) as slide:
+        assert wsi.detect_tissue(slide).mask.any()  # H&E texture everywhere
+    grey = tmp_path / "grey.tif"
+    tifffile.imwrite(
+        grey,
+        multichannel.fluorescence_planes(1, dtype=np.uint8)[0],
+        photometric="minisblack",
+        resolution=(20_000, 20_000),
+        resolutionunit="CENTIMETER",
+    )
+    with wsi.open_slide(grey) as slide:
+        assert slide.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)
