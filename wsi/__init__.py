@@ -17,6 +17,7 @@ from ._errors import (
     ResolutionError,
     SlideError,
     UnsupportedSlideError,
+    UpsamplingWarning,
 )
 from ._inspect import FileInfo, inspect_file
 from ._io import (
@@ -90,6 +91,7 @@ __all__ = [
     "TilingConfig",
     "TissueMask",
     "UnsupportedSlideError",
+    "UpsamplingWarning",
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",

@@ -76,4 +76,104 @@ class NoTissueError(SlideError):
 
 
 class ResolutionError(SlideError):
-    """The requested target resolution is finer than anything the slide holds."""
+    """The target resolution is finer than the slide holds, by more than the allowed upsampling.
+
+    Attributes
+    ----------
+    finest_mpp : µm/px of the slide's finest level (the mean of x and y).
+    target_mpp : the µm/px asked for.
+    max_upsample : the bound on ``finest_mpp / target_mpp`` that was exceeded.
+
+    The three are None only for an error built without them (by other code). Callers that
+    cannot change the target (a model's fixed tiling) reword the fix from them.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        problem: str,
+        fix: str,
+        *,
+        param: str | None = None,
+        finest_mpp: float | None = None,
+        target_mpp: float | None = None,
+        max_upsample: float | None = None,
+    ) -> None:
+        super().__init__(path, problem, fix, param=param)
+        self.finest_mpp = finest_mpp
+        self.target_mpp = target_mpp
+        self.max_upsample = max_upsample
+
+    @property
+    def upsample(self) -> float | None:
+        """``finest_mpp / target_mpp``: the upsampling the target would have needed."""
+        if self.finest_mpp is None or not self.target_mpp:
+            return None
+        return self.finest_mpp / self.target_mpp
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_resolution_error,
+            (
+                type(self),
+                self.path,
+                self.problem,
+                self.fix,
+                self.param,
+                self.finest_mpp,
+                self.target_mpp,
+                self.max_upsample,
+            ),
+        )
+
+
+def _rebuild_resolution_error(
+    cls: type[ResolutionError],
+    path: str,
+    problem: str,
+    fix: str,
+    param: str | None,
+    finest_mpp: float | None,
+    target_mpp: float | None,
+    max_upsample: float | None,
+) -> ResolutionError:
+    return cls(
+        path,
+        problem,
+        fix,
+        param=param,
+        finest_mpp=finest_mpp,
+        target_mpp=target_mpp,
+        max_upsample=max_upsample,
+    )
+
+
+class UpsamplingWarning(UserWarning):
+    """Tiles were resampled up from a slide coarser than the target (within ``max_upsample``).
+
+    Attributes
+    ----------
+    path : the slide.
+    finest_mpp, target_mpp : µm/px of the slide's finest level and of the tiles.
+    max_upsample : the bound it was within.
+    factor : ``finest_mpp / target_mpp`` (> 1): the tiles hold no detail finer than
+        ``finest_mpp`` although they are cut at ``target_mpp``.
+    """
+
+    def __init__(
+        self, path: str | Path, finest_mpp: float, target_mpp: float, max_upsample: float
+    ) -> None:
+        self.path = str(path)
+        self.finest_mpp = finest_mpp
+        self.target_mpp = target_mpp
+        self.max_upsample = max_upsample
+        self.factor = finest_mpp / target_mpp
+        super().__init__(
+            f"{self.path}: upsampled ×{self.factor:.3g}: its finest level is {finest_mpp:.4g}"
+            f" µm/px, coarser than the {target_mpp:g} µm/px tiles, which therefore hold no detail"
+            f" finer than {finest_mpp:.4g} µm/px (allowed up to ×{max_upsample:g};"
+            " max_upsample=1 refuses such slides instead)."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.path, self.finest_mpp, self.target_mpp, self.max_upsample))

@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from ._io import atomic_dir
+from ._tiling import MAX_UPSAMPLE, check_max_upsample
 from ._tissue import Mode
 
 #: Version of the store layout and attrs written by this package.
@@ -63,7 +64,12 @@ def fast_codecs() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Everything that decides which pixels end up in a store (written into its attrs)."""
+    """Everything that decides which pixels end up in a store (written into its attrs).
+
+    ``max_upsample`` bounds ``finest_mpp / target_mpp`` (≥ 1; 1 refuses any slide coarser than
+    the target): see :func:`tile_geometry`. Configs and stores written before it existed read
+    with the default, the bound a slide of theirs met.
+    """
 
     target_mpp: float = 0.5
     tile_px: int = 224
@@ -72,6 +78,11 @@ class TilingConfig:
     mode: Mode = "tissue"
     min_focus: float | None = None
     focus: bool = False
+    max_upsample: float = MAX_UPSAMPLE
+
+    def __post_init__(self) -> None:
+        # a float always, so that 1 and 1.0 give equal configs (and equal stores to skip)
+        object.__setattr__(self, "max_upsample", check_max_upsample(self.max_upsample))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written into store attrs and model cards; inverse of :meth:`from_dict`."""
@@ -84,7 +95,8 @@ class TilingConfig:
         Raises
         ------
         ValueError
-            Not a mapping, or an unknown key (the message names ``source``).
+            Not a mapping, or an unknown key (the message names ``source``); a
+            :class:`ParameterError` for an invalid ``max_upsample``.
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"{source}: tiling {d!r} is not a mapping of TilingConfig fields")
@@ -135,10 +147,16 @@ class StoreAttrs:
     tile_size_level0 : (tx, ty) tile side in level-0 px.
     n_tiles : N, rows of ``coords``.
     tiling : the :class:`TilingConfig` (tiled stores). The tiler's geometry keys
-        (``mpp_detail``, ``stride_level0``, ``read_level``, ``read_size``, ``tissue_qc``,
-        ``mask_mpp``, ``slide_properties``) are written whenever it is set.
+        (``mpp_detail``, ``stride_level0``, ``read_level``, ``read_size``, ``upsample``,
+        ``edges``, ``tissue_qc``, ``mask_mpp``, ``slide_properties``) are written whenever it
+        is set.
     stride_level0 : (sx, sy) step between tiles in level-0 px.
     read_level, read_size : pyramid level read and the region size read there, (w, h) px.
+    upsample : ``finest µm/px / target_mpp`` the tiles were resampled up by, 1.0 when they were
+        not (None: a store from before it was recorded, or imported).
+    edges : how the partial tiles at the right and bottom edges were cut: ``"padded"`` (tiled,
+        white beyond the slide). None: a store from before it was recorded, whose tiler left
+        that strip untiled; ``tile_slide`` cuts such a store again.
     tissue_qc : mask QC numbers; ``mask_mpp`` µm/px of the mask grid.
     slide_properties : the allow-listed file properties (no PHI).
     source_sha256 : sha256 of the input (imported stores).
@@ -169,6 +187,8 @@ class StoreAttrs:
     stride_level0: tuple[float, float] | None = None
     read_level: int | None = None
     read_size: tuple[int, int] | None = None
+    upsample: float | None = None
+    edges: str | None = None
     tissue_qc: Mapping[str, Any] = field(default_factory=dict)
     mask_mpp: float | None = None
     slide_properties: Mapping[str, Any] = field(default_factory=dict)
@@ -202,6 +222,8 @@ class StoreAttrs:
         "stride_level0",
         "read_level",
         "read_size",
+        "upsample",
+        "edges",
         "tissue_qc",
         "mask_mpp",
         "slide_properties",

@@ -3,7 +3,9 @@
 Layout of ``<out>/<slide_id>.zarr``::
 
     patches         (N, H, W, 3) uint8   chunks (1, H, W, 3) inside shards (64, H, W, 3)
-    coords          (N, 2) int64         level-0 (x, y) of each tile's top-left corner
+    coords          (N, 2) int64         level-0 (x, y) of each tile's top-left corner (tiles
+                                         of the last column / row may overhang the slide: their
+                                         pixels beyond it are white; attrs ``edges="padded"``)
     tissue_fraction (N,) float32         mask coverage of each tile
     focus           (N,) float32         variance of the Laplacian (blur score; opt-in)
     focal_plane     (N,) int16           chosen Z plane (only for multi-plane files)
@@ -39,12 +41,13 @@ from ._io import remove_stale_partials
 from ._slide import BackendChoice, Slide, open_slide, resize_rgb
 from ._storage import STORE_FORMAT, Store, StoreAttrs, TilingConfig, fast_codecs
 from ._tiling import (
+    EDGES,
     MIN_TISSUE,
     TileGeometry,
+    _geometry,
     focus_score,
     read_sharpest,
     tile_coords,
-    tile_geometry,
     tissue_fraction,
 )
 from ._tissue import TissueMask, detect_tissue
@@ -72,12 +75,18 @@ def read_store_attrs(path: str | Path) -> dict[str, Any] | None:
 
 
 def is_complete(path: str | Path, *, fingerprint: str, config: TilingConfig) -> bool:
-    """True if ``path`` is a finished store of the same source and tiling config."""
+    """True if ``path`` is a finished store of the same source and tiling config.
+
+    A store cut before edge tiles were (``StoreAttrs.edges`` unset) is not: it lacks the tiles
+    of the right and bottom edges that the same config now cuts.
+    """
     store = Store.find(path)
+    return store is not None and _up_to_date(store.attrs, fingerprint, config)
+
+
+def _up_to_date(attrs: StoreAttrs, fingerprint: str, config: TilingConfig) -> bool:
     return (
-        store is not None
-        and store.attrs.source_fingerprint == fingerprint
-        and store.attrs.tiling == config
+        attrs.source_fingerprint == fingerprint and attrs.tiling == config and attrs.edges == EDGES
     )
 
 
@@ -102,7 +111,8 @@ def write_patches(
     Parameters
     ----------
     slide : the opened slide.
-    coords : (N, 2) int64 ndarray, level-0 top-left corners (from :func:`tile_coords`).
+    coords : (N, 2) int64 ndarray, level-0 top-left corners (from :func:`tile_coords`, which
+        warns if the slide is upsampled; this function only records the factor in the attrs).
     out_dir : folder of stores; created if missing.
     config : resolution, tile size and filters (default :class:`TilingConfig`).
     mask : the tissue mask (stored with its thumbnail, and used for per-tile coverage).
@@ -122,8 +132,13 @@ def write_patches(
     out.mkdir(parents=True, exist_ok=True)
     final = store_path(out, sid)
     remove_stale_partials(final)
-    geom = tile_geometry(
-        slide, target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, stride_px=cfg.stride_px
+    # No UpsamplingWarning here: tile_coords gave it for these coords; the attrs record the factor.
+    geom = _geometry(
+        slide,
+        target_mpp=cfg.target_mpp,
+        tile_px=cfg.tile_px,
+        stride_px=cfg.stride_px,
+        max_upsample=cfg.max_upsample,
     )
     with Store.create(final) as store:
         with fast_codecs(), _gc_frozen():
@@ -309,6 +324,8 @@ def _attrs(
         stride_level0=(geom.stride_level0[0], geom.stride_level0[1]),
         read_level=geom.read_level,
         read_size=(geom.read_size[0], geom.read_size[1]),
+        upsample=geom.upsample,
+        edges=EDGES,
         n_tiles=n,
         tissue_qc=dict(mask.qc) if mask is not None else {},
         mask_mpp=mask.mpp if mask is not None else None,
@@ -325,6 +342,8 @@ class TileResult:
     n_tiles: int
     skipped: bool
     seconds: float
+    #: ``finest µm/px / target µm/px`` the tiles were resampled up by (1.0: not upsampled)
+    upsample: float = 1.0
 
 
 def tile_slide(
@@ -341,7 +360,8 @@ def tile_slide(
 ) -> TileResult:
     """Open, detect, tile and store one slide; skip it if an identical store is complete.
 
-    Raises the ``wsi`` errors of each stage (open, detect, tile) unchanged.
+    Raises the ``wsi`` errors of each stage (open, detect, tile) unchanged, and warns
+    (:class:`UpsamplingWarning`) when the slide is upsampled to the target.
     """
     import time
 
@@ -351,13 +371,10 @@ def tile_slide(
     target = store_path(out_dir, sid)
     with open_slide(path, backend=backend, mpp=mpp) as slide:
         done = Store.find(target)
-        if (
-            done is not None
-            and done.attrs.source_fingerprint == slide.fingerprint
-            and done.attrs.tiling == cfg
-        ):
+        if done is not None and _up_to_date(done.attrs, slide.fingerprint, cfg):
             n_done = done.attrs.n_tiles or 0
-            return TileResult(sid, target, n_done, True, time.perf_counter() - t0)
+            up = done.attrs.upsample or 1.0
+            return TileResult(sid, target, n_done, True, time.perf_counter() - t0, up)
         mask = detect_tissue(slide, mode=cfg.mode)
         coords = tile_coords(
             slide,
@@ -366,6 +383,7 @@ def tile_slide(
             tile_px=cfg.tile_px,
             stride_px=cfg.stride_px,
             min_tissue=cfg.min_tissue,
+            max_upsample=cfg.max_upsample,
         )
         if len(coords) == 0:
             raise NoTissueError(
@@ -387,7 +405,8 @@ def tile_slide(
             workers=workers,
             progress=progress,
         )
-    n_written = Store.open(store).attrs.n_tiles
+    written = Store.open(store).attrs
+    n_written = len(coords) if written.n_tiles is None else written.n_tiles
     return TileResult(
-        sid, store, len(coords) if n_written is None else n_written, False, time.perf_counter() - t0
+        sid, store, n_written, False, time.perf_counter() - t0, written.upsample or 1.0
     )

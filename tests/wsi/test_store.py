@@ -200,11 +200,13 @@ def test_store_attrs_round_trip_every_field() -> None:
         tile_px=224,
         tile_size_level0=(448.0, 430.0),
         n_tiles=17,
-        tiling=wsi.TilingConfig(target_mpp=0.5, stride_px=112, min_focus=3.0),
+        tiling=wsi.TilingConfig(target_mpp=0.5, stride_px=112, min_focus=3.0, max_upsample=1.5),
         mpp_detail="aperio.MPP",
         stride_level0=(224.0, 215.0),
         read_level=1,
         read_size=(224, 215),
+        upsample=1.24,
+        edges="padded",
         tissue_qc={"tissue_fraction": 0.4},
         mask_mpp=8.0,
         slide_properties={"vendor": "aperio"},
@@ -245,6 +247,28 @@ def test_a_store_without_format_version_opens_and_is_reused(planted, tmp_path: P
     again = wsi.tile_slide(planted.path, out)
     assert again.skipped  # migrated in memory: same source and tiling, so reused
     assert "format" not in _raw_attrs(first.store)  # and nothing rewritten on disk
+
+
+def test_a_store_cut_before_edge_tiles_and_max_upsample_opens_and_is_cut_again(
+    planted, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    first = wsi.tile_slide(planted.path, out)
+    raw = _raw_attrs(first.store)
+    assert raw["edges"] == "padded" and raw["upsample"] == 1.0
+    assert raw["tiling"]["max_upsample"] == 1.3
+    old = {k: v for k, v in raw.items() if k not in ("edges", "upsample")}
+    old["tiling"] = {k: v for k, v in raw["tiling"].items() if k != "max_upsample"}
+    _set_raw_attrs(first.store, old)  # as the previous release wrote it, format 1 as ever
+    st = wsi.Store.open(first.store)
+    assert st.attrs.edges is None and st.attrs.upsample is None
+    assert st.attrs.tiling == wsi.TilingConfig()  # the missing bound reads as the default
+    fp = wsi.open_slide(planted.path).fingerprint
+    # same source and config, but cut without the edge tiles: not up to date
+    assert not wsi.is_complete(first.store, fingerprint=fp, config=wsi.TilingConfig())
+    again = wsi.tile_slide(planted.path, out)
+    assert not again.skipped and _raw_attrs(again.store)["edges"] == "padded"
+    assert wsi.tile_slide(planted.path, out).skipped
 
 
 def test_a_store_of_a_newer_format_is_refused_with_the_fix(planted, tmp_path: Path) -> None:
