@@ -61,6 +61,9 @@ class SlideJob:
     covariates: tuple[float, ...] | None = None
     patient_id: str = ""
     site: str = ""
+    #: a tile store given as the input (``oncotrace tile`` output): reused when it was cut with
+    #: the model's tiling, else the slide it names is tiled again
+    store: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,15 @@ def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -
 
     manifests = [Path(p) for p in inputs if Path(p).suffix.lower() == ".csv"]
     jobs = [j for m in manifests for j in read_manifest(m, covariates)]
-    paths = find_slides([p for p in inputs if Path(p).suffix.lower() != ".csv"])
+    rest = [Path(p) for p in inputs if Path(p).suffix.lower() != ".csv"]
+    stores = [s for p in rest for s in _stores_in(p)]
+    if stores and covariates:
+        raise ValueError(
+            f"the model needs covariates {list(covariates)}; pass a manifest CSV with those"
+            " columns instead of tile stores."
+        )
+    jobs += [_store_job(s) for s in stores]
+    paths = find_slides([p for p in rest if not _stores_in(p)])
     if paths and covariates:
         raise ValueError(
             f"the model needs covariates {list(covariates)}; pass a manifest CSV with those"
@@ -200,10 +211,35 @@ def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -
     if not jobs:
         raise ValueError(
             f"no slides found in {', '.join(map(str, inputs))}. Fix: pass slide files, folders"
-            " holding them, or a manifest .csv."
+            " holding them, tile stores (.zarr, or the folder `oncotrace tile` wrote) or a"
+            " manifest .csv."
         )
     _check_unique(jobs, "the inputs")
     return jobs
+
+
+def _stores_in(p: Path) -> list[Path]:
+    """``p`` itself when it is a ``.zarr`` store, the stores in it when it is a folder of them
+    (``oncotrace tile --out``), else nothing."""
+    if p.suffix.lower() == ".zarr" and p.is_dir():
+        return [p.absolute()]
+    if p.is_dir() and not (p / "zarr.json").exists():
+        found = sorted(c for c in p.glob("*.zarr") if c.is_dir() and not c.name.startswith("."))
+        return [c.absolute() for c in found]
+    return []
+
+
+def _store_job(store: Path) -> SlideJob:
+    """A job scoring a given store: named and fingerprinted by the slide it records."""
+    found = Store.find(store)
+    if found is None:
+        raise ValueError(
+            f"{store}: not a finished OncoTrace tile store (no zarr.json with complete attrs)."
+            " Fix: tile the slide again with `oncotrace tile`, or pass the slide itself."
+        )
+    attrs = found.attrs
+    sid = attrs.slide_id or store.name.removesuffix(".zarr")
+    return SlideJob(sid, attrs.source_path or "", store=str(store))
 
 
 @dataclass(frozen=True)
@@ -413,20 +449,11 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     stage = "load"
     try:
-        fingerprint = source_fingerprint(job.path)
+        fingerprint = job_fingerprint(job)
         model, card, encoder = _load(cfg)
         stage = "tile"
         t = time.perf_counter()
-        from oncotrace.wsi import tile_slide
-
-        tiled = tile_slide(
-            job.path,
-            Path(cfg.out_dir) / _STORES,
-            cfg.tiling,
-            mpp=cfg.mpp,
-            workers=cfg.threads,
-            slide_id=job.slide_id,
-        )
+        tiled = _tiled_store(job, cfg, fingerprint)
         timings["tile_s"] = time.perf_counter() - t
         stage = "embed"
         t = time.perf_counter()
@@ -449,7 +476,9 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "slide_id": job.slide_id,
             "path": str(job.path),
             # the same file from the results folder: found again when both move together
-            "path_from_results": os.path.relpath(job.path, Path(cfg.out_dir).absolute()),
+            "path_from_results": os.path.relpath(job.path, Path(cfg.out_dir).absolute())
+            if job.path
+            else None,
             "source_fingerprint": fingerprint,
             "model_hash": cfg.model_hash,
             "n_tiles": len(coords),
@@ -484,6 +513,48 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         }
         _atomic_json(here / "error.json", error)
         return error
+
+
+@dataclass(frozen=True)
+class _Tiled:
+    store: Path
+    skipped: bool
+
+
+def job_fingerprint(job: SlideJob) -> str:
+    """The slide's :func:`source_fingerprint`; for a store input whose slide is not here (a
+    store moved without it), the fingerprint the store recorded."""
+    if job.store is not None and not Path(job.path).exists():
+        attrs = Store.open(job.store).attrs
+        if attrs.source_fingerprint:
+            return attrs.source_fingerprint
+    return source_fingerprint(job.path)
+
+
+def _tiled_store(job: SlideJob, cfg: ScoreConfig, fingerprint: str) -> _Tiled:
+    """The job's tile store: a given store cut with the model's tiling as it is, else the slide
+    tiled into ``<out>/stores`` (reused there when complete)."""
+    from oncotrace.wsi import is_complete, tile_slide
+
+    if job.store is not None:
+        if is_complete(job.store, fingerprint=fingerprint, config=cfg.tiling):
+            return _Tiled(Path(job.store), True)
+        if not Path(job.path).exists():
+            tiling = Store.open(job.store).attrs.tiling
+            raise ValueError(
+                f"{job.store}: cut with {tiling} but the model needs {cfg.tiling}, and the slide"
+                f" it was cut from ({job.path or 'not recorded'}) is not here to tile again."
+                " Fix: pass the slide file itself (or a store tiled as the model was trained)."
+            )
+    res = tile_slide(
+        job.path,
+        Path(cfg.out_dir) / _STORES,
+        cfg.tiling,
+        mpp=cfg.mpp,
+        workers=cfg.threads,
+        slide_id=job.slide_id,
+    )
+    return _Tiled(res.store, bool(res.skipped))
 
 
 def _peak_rss_mib() -> float:
@@ -610,8 +681,8 @@ def finished(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     try:
-        same = source_fingerprint(job.path) == result.get("source_fingerprint")
-    except OSError:
+        same = job_fingerprint(job) == result.get("source_fingerprint")
+    except (OSError, ValueError):
         return None
     if same and result.get("model_hash") == cfg.model_hash and result.get("status") == "done":
         return dict(result)

@@ -444,3 +444,37 @@ def test_jobs_name_slides_by_absolute_path_whatever_the_working_directory(
     assert {Path(j.path).name for j in jobs} == {p.name for p in slides.iterdir()}
     m1 = next(j for j in jobs if j.slide_id == "m1")
     assert m1.path == str(first) and (m1.patient_id, m1.site) == ("P7", "B")
+
+
+def test_tile_stores_are_inputs_and_reused_when_cut_with_the_models_tiling(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """`oncotrace tile` output given to score: scored from the stores as they are (no new tiles,
+    same predictions as from the slides), and a store cut otherwise is tiled again."""
+    stores = tmp_path / "stores"
+    res = CliRunner().invoke(app, ["tile", str(trained["slides"]), "--out", str(stores)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "res"
+    args = ["--model", str(trained["model"]), "--out", str(out), "--workers", "1"]
+    code, output = _score(str(stores), *args, "--no-heatmaps")
+    assert code == 0, output
+    got, want = _predictions(out), _expected(trained)
+    assert got.keys() == want.keys()
+    for sid in want:
+        np.testing.assert_allclose(got[sid], want[sid], atol=2e-6)
+        doc = json.loads((out / "slides" / sid / "result.json").read_text())
+        assert doc["store_reused"] is True
+    assert not (out / "stores").exists()  # nothing was tiled again
+    # a store cut at another resolution: the slide it names is tiled again, as the model needs
+    other = tmp_path / "coarse"
+    first = sorted(trained["slides"].iterdir())[0]
+    res = CliRunner().invoke(app, ["tile", str(first), "--out", str(other), "--mpp-target", "1"])
+    assert res.exit_code == 0, res.output
+    out2 = tmp_path / "res2"
+    code, output = _score(
+        str(other / f"{first.stem}.zarr"), "--model", str(trained["model"]), "--out", str(out2),
+        "--workers", "1", "--no-heatmaps",
+    )  # fmt: skip
+    assert code == 0, output
+    assert (out2 / "stores" / f"{first.stem}.zarr").is_dir()
+    np.testing.assert_allclose(_predictions(out2)[first.stem], want[first.stem], atol=2e-6)
