@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from oncotrace import __version__
 from oncotrace.wsi import (
+    ResolutionError,
     SlideError,
     Store,
     TilingConfig,
@@ -546,15 +547,39 @@ def _tiled_store(job: SlideJob, cfg: ScoreConfig, fingerprint: str) -> _Tiled:
                 f" it was cut from ({job.path or 'not recorded'}) is not here to tile again."
                 " Fix: pass the slide file itself (or a store tiled as the model was trained)."
             )
-    res = tile_slide(
-        job.path,
-        Path(cfg.out_dir) / _STORES,
-        cfg.tiling,
-        mpp=cfg.mpp,
-        workers=cfg.threads,
-        slide_id=job.slide_id,
-    )
+    try:
+        res = tile_slide(
+            job.path,
+            Path(cfg.out_dir) / _STORES,
+            cfg.tiling,
+            mpp=cfg.mpp,
+            workers=cfg.threads,
+            slide_id=job.slide_id,
+        )
+    except ResolutionError as exc:
+        raise _model_resolution_error(exc, cfg) from exc
     return _Tiled(res.store, bool(res.skipped))
+
+
+def _model_resolution_error(exc: ResolutionError, cfg: ScoreConfig) -> ResolutionError:
+    """The tiler's refusal reworded for scoring, where the tiling is the model's: the tiler's
+    own fixes (a coarser target, more upsampling) would feed the model tiles unlike the ones it
+    was trained on, and a later step would refuse them."""
+    if exc.finest_mpp is None or exc.target_mpp is None or exc.max_upsample is None:
+        return exc
+    finest, target, limit = exc.finest_mpp, exc.target_mpp, exc.max_upsample
+    return ResolutionError(
+        exc.path,
+        f"its finest level is {finest:.4g} µm/px, but the model takes tiles at {target:g} µm/px"
+        f" (the tiling it was trained with), which would need ×{finest / target:.3g}"
+        f" upsampling, beyond the ×{limit:g} allowed.",
+        f"score it with a model trained on tiles of {finest / limit:.3g} µm/px or coarser, or"
+        f" scan the slide at {target * limit:.3g} µm/px or finer. Changing the tiling here"
+        " (--mpp-target) would give the model tiles unlike those it learnt from.",
+        finest_mpp=finest,
+        target_mpp=target,
+        max_upsample=limit,
+    )
 
 
 def _peak_rss_mib() -> float:

@@ -478,3 +478,28 @@ def test_tile_stores_are_inputs_and_reused_when_cut_with_the_models_tiling(
     assert code == 0, output
     assert (out2 / "stores" / f"{first.stem}.zarr").is_dir()
     np.testing.assert_allclose(_predictions(out2)[first.stem], want[first.stem], atol=2e-6)
+
+
+def test_a_coarse_dicom_wsi_gets_a_fix_that_fits_scoring_not_the_tilers(
+    trained: dict[str, Path], tmp_path: Path, shared_data: Path
+) -> None:
+    """The camelyon DICOM-WSI's finest level is ~29 µm/px. Scoring cannot change the model's
+    tiling, so the message must not send the user to --mpp-target 29 (which a later step would
+    refuse as unlike the training tiles): it names what does work."""
+    slide = shared_data / "dicom-wsi" / "camelyon-lymph-node"
+    out = tmp_path / "res"
+    args = [str(slide), "--model", str(trained["model"]), "--out", str(out), "--workers", "1"]
+    res = CliRunner().invoke(app, ["score", *args, "--no-heatmaps"])
+    assert res.exit_code == 1, res.output
+    with open(out / "errors.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["error_type"] == "ResolutionError" and row["stage"] == "tile"
+    msg = row["message"]
+    assert "the model takes tiles at 0.5 µm/px" in msg and "Fix: score it with a model" in msg
+    assert "--max-upsample" not in msg and "tile at a coarser target" not in msg
+    # the suggested coarser training tiling does tile this slide
+    coarse = float(msg.split("tiles of ")[1].split(" µm/px")[0])
+    tiled = CliRunner().invoke(
+        app, ["tile", str(slide), "--out", str(tmp_path / "st"), "--mpp-target", str(coarse)]
+    )
+    assert tiled.exit_code == 0, tiled.output
