@@ -47,6 +47,7 @@ FLAGS: dict[str, str] = {
     "min_tissue": "--min-tissue",
     "mode": "--mode",
     "mpp": "--mpp",
+    "max_upsample": "--max-upsample",
     "name": "--name",
     "out_dir": "--out",
     "overwrite": "--overwrite",

@@ -108,6 +108,13 @@ def register(app: typer.Typer, console: Console) -> None:
             float, typer.Option("--mpp-target", help="Tile resolution in µm/px.")
         ] = 0.5,
         tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 224,
+        max_upsample: Annotated[
+            float,
+            typer.Option(
+                "--max-upsample",
+                help="Largest finest-level µm/px ÷ target µm/px a slide may be upsampled by.",
+            ),
+        ] = TilingConfig().max_upsample,
         stride_px: Annotated[
             int | None,
             typer.Option("--stride-px", help="Grid step in pixels (< tile-px overlaps)."),
@@ -148,6 +155,7 @@ def register(app: typer.Typer, console: Console) -> None:
             mode=mode,
             min_focus=min_focus,
             focus=focus,
+            max_upsample=max_upsample,
         )
         paths = find_slides(slides)
         if not paths:

@@ -128,6 +128,34 @@ def test_mpp_override_lets_a_slide_without_mpp_through(tmp_path: Path) -> None:
     )
 
 
+def test_a_slightly_coarse_slide_is_upsampled_and_a_coarser_one_gets_a_fix_that_works(
+    tmp_path: Path,
+) -> None:
+    """0.62 µm/px (GlaS-like) at --mpp-target 0.5 is ×1.24: within the default ×1.3, tiled and
+    recorded. 0.8 µm/px is ×1.6: refused, and the --max-upsample the message names tiles it."""
+    rng = np.random.default_rng(5)
+    img = np.full((1200, 1200, 3), BACKGROUND, np.uint8)
+    img[200:1000, 200:1000] = wsi.synthetic.he_texture((800, 800), rng, mpp=0.62)
+    ok = write_pyramid_tiff(tmp_path / "s062.tiff", img, mpp=0.62, levels=1)
+    coarse = write_pyramid_tiff(tmp_path / "s080.tiff", img, mpp=0.8, levels=1)
+    runner = CliRunner()
+    res = runner.invoke(app, ["tile", str(ok), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    store = wsi.Store.open(tmp_path / "a" / "s062.zarr").attrs
+    assert store.upsample == pytest.approx(0.62 / 0.5, rel=1e-3)
+    res = runner.invoke(app, ["tile", str(coarse), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 1
+    with open(tmp_path / "b" / "errors.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["error_type"] == "ResolutionError" and "--max-upsample" in row["message"]
+    factor = row["message"].rsplit("--max-upsample ", 1)[1].split()[0].rstrip(".;")
+    res = runner.invoke(
+        app, ["tile", str(coarse), "--out", str(tmp_path / "b"), "--max-upsample", factor]
+    )
+    assert res.exit_code == 0, res.output
+    assert wsi.Store.open(tmp_path / "b" / "s080.zarr").attrs.upsample == pytest.approx(1.6)
+
+
 def test_dicom_wsi_folder_and_smear_mode_from_the_cli(tmp_path: Path) -> None:
     folder = DATA / "dicom-wsi" / "bone-marrow"
     if not folder.exists():
