@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oncotrace import __version__
-from oncotrace.wsi import SlideError, TilingConfig, slide_id_for, tile_slide
+from oncotrace.wsi import SlideError, TilingConfig, UpsamplingWarning, slide_id_for, tile_slide
 
 from ._flags import cli_message
 
@@ -43,6 +44,7 @@ class BatchReport:
     done: list[dict[str, object]] = field(default_factory=list)
     skipped: list[dict[str, object]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -118,6 +120,7 @@ def tile_batch(
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_done: Callable[[str, bool], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> BatchReport:
     """Tile every slide; a failure becomes one ``errors.csv`` row and the rest go on.
 
@@ -146,16 +149,26 @@ def tile_batch(
         else:
             ids[sid] = path
             try:
-                res = tile_slide(
-                    path,
-                    out_dir,
-                    config,
-                    mpp=mpp,
-                    workers=workers,
-                    slide_id=sid,
-                    progress=on_progress,
-                    on_total=on_total,
-                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", UpsamplingWarning)
+                    res = tile_slide(
+                        path,
+                        out_dir,
+                        config,
+                        mpp=mpp,
+                        workers=workers,
+                        slide_id=sid,
+                        progress=on_progress,
+                        on_total=on_total,
+                    )
+                for w in caught:  # upsampled slides: said once, in tiling.json too
+                    if isinstance(w.message, UpsamplingWarning):
+                        text = cli_message(str(w.message))
+                        report.warnings.append({"slide": str(path), "message": text})
+                        if on_warning:
+                            on_warning(text)
+                    else:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             except SlideError as exc:
                 report.errors.append(
                     _error_row(path, _stage_of(exc), type(exc).__name__, cli_message(exc))

@@ -71,6 +71,7 @@ def run_with_progress(
             on_total=on_total,
             on_progress=on_progress,
             on_done=on_done,
+            on_warning=lambda text: progress.console.print(f"[yellow]warning:[/yellow] {text}"),
         )
 
 

@@ -143,6 +143,10 @@ def test_a_slightly_coarse_slide_is_upsampled_and_a_coarser_one_gets_a_fix_that_
     assert res.exit_code == 0, res.output
     store = wsi.Store.open(tmp_path / "a" / "s062.zarr").attrs
     assert store.upsample == pytest.approx(0.62 / 0.5, rel=1e-3)
+    assert "warning:" in res.output and "×1.24" in res.output  # said as one line, not a traceback
+    assert "UpsamplingWarning" not in res.output
+    report = json.loads((tmp_path / "a" / "tiling.json").read_text())
+    assert [Path(w["slide"]).name for w in report["warnings"]] == ["s062.tiff"]
     res = runner.invoke(app, ["tile", str(coarse), "--out", str(tmp_path / "b")])
     assert res.exit_code == 1
     with open(tmp_path / "b" / "errors.csv", newline="") as fh:
