@@ -257,8 +257,11 @@ SLOW = {
 
 
 def _start_cluster(tmp_path: Path, extra_env: dict[str, str]) -> Iterator[dict[str, object]]:
-    """`dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1, the workers started in a
+    folder of their own (as on a cluster node: nothing may depend on the client's cwd)."""
     sched_file = tmp_path / "scheduler.json"
+    worker_cwd = tmp_path / "worker-cwd"
+    worker_cwd.mkdir()
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", **extra_env}
     procs = [
         subprocess.Popen(
@@ -275,7 +278,7 @@ def _start_cluster(tmp_path: Path, extra_env: dict[str, str]) -> Iterator[dict[s
         subprocess.Popen(
             [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
              "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=worker_cwd,
         )
         for _ in range(2)
     ]  # fmt: skip
@@ -301,9 +304,14 @@ def slow_cluster(tmp_path: Path) -> Iterator[dict[str, object]]:
 
 
 def test_scheduler_run_matches_local_cluster(
-    trained: dict[str, Path], cluster: dict[str, object], tmp_path: Path
+    trained: dict[str, Path],
+    cluster: dict[str, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    base = [str(trained["slides"]), "--model", str(trained["model"]), "--no-heatmaps"]
+    # relative inputs from the client's folder; the workers run elsewhere
+    monkeypatch.chdir(trained["slides"].parent)
+    base = [trained["slides"].name, "--model", str(trained["model"]), "--no-heatmaps"]
     code, output = _score(*base, "--out", str(tmp_path / "local"), "--workers", "1")
     assert code == 0, output
     code, output = _score(
