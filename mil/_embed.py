@@ -84,10 +84,21 @@ def embed(
         raise StoreError(f"{store}: its attrs give no target_mpp. Fix: tile the slide again.")
     tile_mpp = float(st.attrs.target_mpp)
     if abs(tile_mpp - enc.config.native_mpp) / enc.config.native_mpp > 0.25:
+        native = enc.config.native_mpp
+        limit = st.attrs.tiling.max_upsample if st.attrs.tiling is not None else 1.3
+        finest = None if st.attrs.mpp is None else min(st.attrs.mpp)
+        if finest is not None and finest / native > limit * 1.001:
+            # tiling again at the encoder's resolution would be refused: say what works
+            raise ParameterError(
+                f"{store}: tiles are at {tile_mpp} µm/px but encoder {name!r} expects"
+                f" {native} µm/px, and the slide's finest level ({finest:.4g} µm/px) is too"
+                f" coarse to tile at {native} µm/px. Fix: use a scan of this slide at"
+                f" {native * limit:.3g} µm/px or finer.",
+                param="target_mpp",
+            )
         raise ParameterError(
             f"{store}: tiles are at {tile_mpp} µm/px but encoder {name!r} expects"
-            f" {enc.config.native_mpp} µm/px. Fix: tile again with"
-            f" target_mpp={enc.config.native_mpp}.",
+            f" {native} µm/px. Fix: tile again with target_mpp={native}.",
             param="target_mpp",
         )
     done = st.feature_attrs(name)

@@ -236,3 +236,31 @@ def test_embed_shows_totals_and_says_what_it_wrote_and_skipped(tmp_path: Path) -
     text = " ".join(res.output.split())
     assert res.exit_code == 0 and "0 store(s) embedded (0 tiles), 1 already embedded" in text
     assert "features/pathomics" in text
+
+
+def test_embed_never_suggests_a_tiling_the_slide_cannot_have(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The ~29 µm/px DICOM-WSI tiled at its own resolution: embed must not say "tile again with
+    --mpp-target 0.5" (tile refuses that); a fine slide tiled coarse gets that fix, and it works."""
+    runner = CliRunner()
+    coarse = shared_data / "dicom-wsi" / "camelyon-lymph-node"
+    res = runner.invoke(
+        app, ["tile", str(coarse), "--out", str(tmp_path / "c"), "--mpp-target", "29"]
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["embed", str(tmp_path / "c"), "--encoder", "pathomics"])
+    assert res.exit_code == 1
+    assert "too coarse" in res.stderr and "--mpp-target 0.5" not in res.stderr
+    # a slide fine enough: tiled at 1 µm/px, told to tile at 0.5, which then embeds
+    fine = shared_data / "slides" / "cmu-1-small-region.svs"
+    res = runner.invoke(app, ["tile", str(fine), "--out", str(tmp_path / "f"), "--mpp-target", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["embed", str(tmp_path / "f"), "--encoder", "pathomics"])
+    assert res.exit_code == 1 and "tile again with --mpp-target 0.5" in " ".join(res.stderr.split())
+    res = runner.invoke(
+        app, ["tile", str(fine), "--out", str(tmp_path / "f"), "--mpp-target", "0.5"]
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["embed", str(tmp_path / "f"), "--encoder", "pathomics"])
+    assert res.exit_code == 0, res.output
