@@ -240,7 +240,7 @@ def _read_image(
         region=None,
         frame=index,
         n_frames=n_frames,
-        source=str(path),
+        source=str(Path(path).absolute()),  # resolves from any working directory
     )
 
 
@@ -371,7 +371,7 @@ def _read_dicom(
         region=chosen,
         frame=index,
         n_frames=n_frames,
-        source=str(path),
+        source=str(Path(path).absolute()),  # resolves from any working directory
     )
 
 

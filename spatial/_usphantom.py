@@ -99,7 +99,7 @@ def render_ultrasound_phantom(
     source = "<phantom>"
     if path is not None:
         Image.fromarray(image).save(path)
-        source = str(path)
+        source = str(Path(path).absolute())  # resolves from any working directory
     ultrasound = Ultrasound(
         image=image,
         spacing_mm=(spacing_mm, spacing_mm),

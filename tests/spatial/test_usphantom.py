@@ -12,7 +12,7 @@ def test_phantom_frame_holds_the_specimen_at_its_true_pose(tmp_path: Path) -> No
     size_um = (1024.0, 768.0)
     ph = spatial.render_ultrasound_phantom(size_um, angle_deg=20, seed=3, path=tmp_path / "f.png")
     us = ph.ultrasound
-    assert (tmp_path / "f.png").is_file() and us.source == str(tmp_path / "f.png")
+    assert (tmp_path / "f.png").is_file() and us.source == str((tmp_path / "f.png").absolute())
     # the slide's centre maps inside the frame, onto hypoechoic (dark) pixels
     centre_px = us.mm_to_px(ph.truth(np.array([[512.0, 384.0]])))[0]
     w, h = us.size_px

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``oncotrace demo --cases 12 --workers 2`` once per session: (output folder, console text)."""
+    """``oncotrace demo --workers 2`` once per session: (output folder, console text)."""
     from oncotrace.workflows.cli import app
 
     launch = tmp_path_factory.mktemp("demo")
@@ -21,7 +21,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     cwd = Path.cwd()
     os.chdir(launch)  # `--out demo`, relative, as a newcomer types it: results must not care
     try:
-        res = CliRunner().invoke(app, ["demo", "--out", "demo", "--cases", "12", "--workers", "2"])
+        # as README runs it, default cases
+        res = CliRunner().invoke(app, ["demo", "--out", "demo", "--workers", "2"])
     finally:
         os.chdir(cwd)
         if old is None:

@@ -1,5 +1,5 @@
 // Case list: one row per slide with the chosen task's prediction; filter and sort in the page.
-import { el, fmtProb, getJSON, showError, topKList } from "/static/common.js";
+import { el, fmtProb, getJSON, oodBadge, showError, topKList } from "/static/common.js";
 
 const controls = {
   task: document.getElementById("task"),
