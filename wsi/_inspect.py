@@ -270,27 +270,47 @@ def _expected_segments(page: tifffile.TiffPage) -> int:
     return -(-page.imagelength // max(1, rows)) * depth * planes
 
 
-#: JPEG tiles checked for SOI/EOI markers and SOF size before cuCIM may read a level. cuCIM
-#: crashes on tiles larger than declared and silently returns garbage for undecodable ones;
-#: checking every tile would read the whole file, so a spread sample guards the common cases.
+#: JPEG tiles whose SOF size is compared with the header before cuCIM may read a level: cuCIM
+#: crashes on tiles larger than declared. Parsing the header of every tile would cost more than
+#: the markers below, so a spread sample guards the common case of one wrong TileWidth.
 JPEG_SAMPLE_TILES = 16
+#: Bytes read at the end of a JPEG tile to find its EOI marker past any zero padding.
+JPEG_TAIL_BYTES = 64
+#: Fewest bytes of a decodable JPEG tile: SOI, a minimal SOF and SOS segment, one byte, EOI.
+MIN_JPEG_TILE_BYTES = 2 + 13 + 10 + 1 + 2
 
 
 def _jpeg_tiles_sane(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> bool:
+    """Whether every JPEG tile of ``page`` is framed as one (SOI … EOI, plausible length).
+
+    cuCIM neither raises nor warns the caller on a tile it cannot decode: it hands back stale
+    or grey pixels. So *every* tile's markers are checked (two short reads per tile, in file
+    order through one handle), not a sample; a tile that fails sends the file to the readers
+    that refuse it when that region is read.
+    """
     if int(page.compression) != 7:
         return True
     if page.tilewidth % 16 or page.tilelength % 16:
         return False
     offsets, counts = page.dataoffsets, page.databytecounts
+    for offset, count in sorted(zip(offsets, counts, strict=False)):
+        if count == 0:
+            continue  # sparse tile: readers fill it with background
+        if count < MIN_JPEG_TILE_BYTES:
+            return False
+        fh.seek(offset)
+        if fh.read(2) != b"\xff\xd8":
+            return False
+        tail = min(JPEG_TAIL_BYTES, count - 2)
+        fh.seek(offset + count - tail)
+        if fh.read(tail).rstrip(b"\x00")[-2:] != b"\xff\xd9":
+            return False
     step = max(1, len(offsets) // JPEG_SAMPLE_TILES)
     for i in range(0, len(offsets), step):
         if counts[i] == 0:
-            continue  # sparse tile: readers fill it with background
+            continue
         fh.seek(offsets[i])
-        data = fh.read(counts[i])
-        if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-            return False
-        sof = _jpeg_frame_size(data)
+        sof = _jpeg_frame_size(fh.read(counts[i]))
         if sof is not None and sof != (page.tilelength, page.tilewidth):
             return False
     return True
