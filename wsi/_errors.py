@@ -9,7 +9,89 @@ the error carries it as ``param``; the CLI renders its own flag (``--mpp 0.25``)
 
 from __future__ import annotations
 
+import math
+import re
+from numbers import Real
 from pathlib import Path
+
+#: Said in place of a value read from a file's metadata that is not a plain number. Scanners
+#: and converters put patient names and record numbers in any text field (an Aperio ``MPP``, a
+#: TIFF tag written as text, an OME attribute), so free text from a file is never quoted.
+WITHHELD = "value withheld: file metadata may hold patient data"
+
+# A plain decimal number, as scanners write µm/px, magnifications and tag values.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_MAX_NUMBER_CHARS = 24
+_MAX_NUMBERS = 4
+
+
+def metadata_value(value: object) -> str:
+    """How a value read from a file's metadata may appear in a message: a number, or withheld.
+
+    A finite number (or a string that is one, or a short tuple of them, such as a TIFF
+    rational) is shown; anything else becomes ``"(value withheld: …)"``. Use it for every
+    metadata value put in an exception, a warning or a report.
+    """
+    if isinstance(value, tuple | list) and 0 < len(value) <= _MAX_NUMBERS:
+        shown = [_number_text(v) for v in value]
+        if all(shown):
+            return ", ".join(s for s in shown if s)
+    else:
+        text = _number_text(value)
+        if text:
+            return text
+    return f"({WITHHELD})"
+
+
+def _number_text(value: object) -> str | None:
+    if isinstance(value, bool):  # a flag is no measurement; True would read as 1
+        return None
+    if isinstance(value, Real):
+        v = float(value)
+        if not math.isfinite(v):
+            return None
+        return str(value) if isinstance(value, int) else f"{v:.6g}"
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) <= _MAX_NUMBER_CHARS and _NUMBER.fullmatch(text):
+            return text if math.isfinite(float(text)) else None
+    return None
+
+
+class MetadataValueError(ValueError):
+    """A metadata field does not hold the number it should; the message withholds the value."""
+
+
+def metadata_float(value: object, field: str) -> float:
+    """``value`` (a metadata field named ``field``, e.g. ``"Aperio MPP"``) as a finite float.
+
+    Raises
+    ------
+    MetadataValueError
+        Saying which field is not a number, with the value shown only if it is one (``"inf"``).
+    """
+    if not isinstance(value, bool):
+        text = value.strip() if isinstance(value, str) else value
+        if isinstance(text, Real) or (isinstance(text, str) and _NUMBER.fullmatch(text)):
+            number = float(text)
+            if math.isfinite(number):
+                return number
+    raise MetadataValueError(f"the file's {field} field is not a number {metadata_value(value)}")
+
+
+def reader_failure(exc: BaseException) -> str:
+    """``"ValueError: …"`` for a message about an exception raised inside a reader library.
+
+    Libraries quote the value they reject (``could not convert string to float: 'DOE^JOHN'``),
+    and that value comes from the file, so the text is cut at its first quote. A
+    :class:`MetadataValueError` is safe as it stands.
+    """
+    text = str(exc)
+    if not isinstance(exc, MetadataValueError):
+        quote = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
+        if quote >= 0:
+            text = f"{text[:quote].rstrip()} ({WITHHELD})"
+    return f"{type(exc).__name__}: {text.strip()}"
 
 
 class SlideError(ValueError):

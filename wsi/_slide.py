@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from ._backends import BACKENDS, Backend, BackendName, cucim_available
-from ._errors import CorruptSlideError, MppError, SlideError, UnsupportedSlideError
+from ._errors import (
+    CorruptSlideError,
+    MppError,
+    SlideError,
+    UnsupportedSlideError,
+    reader_failure,
+)
 from ._inspect import FileInfo, inspect_file
 from ._io import source_fingerprint
 
@@ -39,6 +45,35 @@ EXPORTED_PROPERTIES = (
     "level_dimensions",
     "level_downsamples",
     "n_focal_planes",
+)
+
+#: What ``Mpp.detail`` may say about a resolution read from the file. It is stored in every
+#: tile store and printed by ``info``, so it is one of these fixed phrases, never file text.
+MPP_DETAILS = frozenset(
+    {
+        "Aperio ImageDescription MPP",
+        "OME PhysicalSizeX/Y",
+        "Philips DICOM_PIXEL_SPACING",
+        "TIFF resolution tags",
+        "image DPI",
+    }
+    | {
+        f"OpenSlide {vendor} metadata"
+        for vendor in (
+            "aperio",
+            "dicom",
+            "generic-tiff",
+            "hamamatsu",
+            "leica",
+            "mirax",
+            "philips",
+            "sakura",
+            "synthetic",
+            "trestle",
+            "ventana",
+            "zeiss",
+        )
+    }
 )
 
 
@@ -203,7 +238,7 @@ class Slide:
     def _decode_error(self, exc: BaseException, where: str) -> CorruptSlideError:
         return CorruptSlideError(
             self.path,
-            f"the {self.backend} reader failed to decode {where} ({type(exc).__name__}: {exc}).",
+            f"the {self.backend} reader failed to decode {where} ({reader_failure(exc)}).",
             "the file is damaged; export it again (or try backend='openslide').",
         )
 
@@ -356,7 +391,7 @@ def open_slide(
             errors.append((name, exc))
             continue
         except Exception as exc:
-            problem = f"{name} failed ({type(exc).__name__}: {exc})."
+            problem = f"{name} failed ({reader_failure(exc)})."
             errors.append((name, CorruptSlideError(path, problem, "export it again.")))
             continue
         try:
@@ -414,10 +449,13 @@ def _resolve_mpp(
                 )
         return Mpp(float(mx), float(my), "override", "given by the user"), None
     found = be.file_mpp
+    detail = _mpp_detail(be)
     if found is None:
+        # a reader that found a resolution field it cannot parse says which (never its value)
+        unreadable = getattr(be, "file_mpp_problem", None)
         missing = MppError(
             path,
-            "the file records no physical pixel size (µm/px).",
+            f"{unreadable}." if unreadable else "the file records no physical pixel size (µm/px).",
             "pass it explicitly: mpp=0.25 (40× scan) or mpp=0.5 (20×); ask the scanner operator if unsure.",
             param="mpp",
         )
@@ -428,7 +466,7 @@ def _resolve_mpp(
     if not all(math.isfinite(v) and lo <= v <= hi for v in (mx, my)):
         implausible = MppError(
             path,
-            f"the file's resolution ({be.file_mpp_detail}) reads as {mx:.6g}×{my:.6g} µm/px,"
+            f"the file's resolution ({detail}) reads as {mx:.6g}×{my:.6g} µm/px,"
             f" outside the plausible {lo}–{hi} µm/px, so its metadata is wrong.",
             "pass the real value explicitly: mpp=0.25 (40×) or mpp=0.5 (20×).",
             param="mpp",
@@ -443,4 +481,10 @@ def _resolve_mpp(
             "pass mpp=<µm/px> to override.",
             param="mpp",
         )
-    return Mpp(mx, my, "file", be.file_mpp_detail or "file"), None
+    return Mpp(mx, my, "file", detail), None
+
+
+def _mpp_detail(be: Backend) -> str:
+    """Where the reader found the resolution, as one of :data:`MPP_DETAILS` (or ``"file"``)."""
+    detail = be.file_mpp_detail
+    return detail if detail in MPP_DETAILS else "file"
