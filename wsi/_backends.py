@@ -20,6 +20,7 @@ import tifffile
 from PIL import Image
 
 from ._errors import CorruptSlideError, UnsupportedSlideError
+from ._inspect import PYRAMID_FIX, check_pyramid
 
 BackendName = Literal["cucim", "openslide", "tifffile", "pillow"]
 WHITE = 255
@@ -288,6 +289,19 @@ class CucimBackend(Backend):
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
         with tifffile.TiffFile(path) as tf:
             meta = tiff_metadata(tf)
+            first = tf.pages.first
+            first_dims = (int(first.imagewidth), int(first.imagelength))
+            if first.is_tiled and self.level_dimensions[0] != first_dims:
+                # cuCIM sorts the pages by size, so a larger later page becomes its level 0
+                w, h = self.level_dimensions[0]
+                raise CorruptSlideError(
+                    path,
+                    f"its pyramid is out of order: a later image ({w}×{h} px) is larger than the"
+                    f" first, full-resolution one ({first_dims[0]}×{first_dims[1]} px), so tiles"
+                    " would be cut at the wrong scale.",
+                    PYRAMID_FIX,
+                )
+        check_pyramid(path, self.level_dimensions, self.level_downsamples)
         self.vendor = meta["vendor"]
         self.objective_power = meta["objective_power"]
         self.file_mpp = meta["mpp"]
@@ -365,6 +379,11 @@ class OpenSlideBackend(Backend):
         if "openslide.mpp-x" in props and "openslide.mpp-y" in props:
             self.file_mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
             self.file_mpp_detail = f"OpenSlide {self.vendor} metadata"
+        try:
+            check_pyramid(path, self.level_dimensions, self.level_downsamples)
+        except CorruptSlideError:
+            self._osr.close()
+            raise
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
@@ -439,6 +458,11 @@ class TifffileBackend(Backend):
         w0, h0 = dims[0]
         # the mean of both axes' ratios, as OpenSlide and cuCIM define it
         self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in dims)
+        try:
+            check_pyramid(path, self.level_dimensions)
+        except CorruptSlideError:
+            self._tf.close()
+            raise
         self.n_focal_planes = int(series.shape[self._axes.index("Z")]) if "Z" in self._axes else 1
         self._lock = threading.Lock()  # aszarr file handles are not thread-safe
 

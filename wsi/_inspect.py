@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -122,6 +123,7 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
                     "export the slide again; it is truncated.",
                 )
             _refuse_multichannel(path, tf)
+            check_pyramid(path, _pyramid_pages(tf))
             safe = True
             for page in pages:
                 if not isinstance(page, tifffile.TiffPage):
@@ -227,6 +229,91 @@ def _printable(text: str) -> str:
     """A channel name as quoted in a message: printable characters only, and short."""
     clean = "".join(c for c in text.strip() if c.isprintable())
     return clean if len(clean) <= MAX_NAME_CHARS else clean[: MAX_NAME_CHARS - 1] + "…"
+
+
+def _pyramid_pages(tf: tifffile.TiffFile) -> list[tuple[int, int]]:
+    """(width, height) of the levels cuCIM and OpenSlide build, in file order; level 0 first.
+
+    An SVS's levels are its tiled pages; a generic TIFF's are page 0 and the tiled reduced-
+    resolution pages after it. Both readers sort them by size, so a later page larger than
+    page 0 silently becomes level 0. Vendor formats with their own layout are left out.
+    """
+    tiled = [p for p in tf.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
+    if tf.is_svs:
+        return [(p.imagewidth, p.imagelength) for p in tiled]
+    vendor = tf.is_ome or tf.is_scn or tf.is_ndpi or tf.is_philips or tf.is_bif or tf.is_qpi
+    first = tf.pages.first
+    if vendor or not first.is_tiled:
+        return []
+    reduced = [p for p in tiled if p.index != 0 and p.is_reduced]
+    return [(p.imagewidth, p.imagelength) for p in (first, *reduced)]
+
+
+#: Fix for a pyramid whose levels do not shrink from level 0 down.
+PYRAMID_FIX = (
+    "re-export the slide with a proper pyramid (full resolution first, each level smaller), from"
+    " the scanner software or with `vips tiffsave in.svs out.tif --tile --pyramid"
+    " --compression jpeg`."
+)
+
+
+def check_pyramid(
+    path: Path,
+    dims: Sequence[tuple[int, int]],
+    downsamples: Sequence[float] | None = None,
+) -> None:
+    """Refuse levels that do not shrink or whose downsample disagrees with their size.
+
+    Parameters
+    ----------
+    path : the slide, for the message.
+    dims : (width, height) of each level, level 0 first, as the file or a reader orders them.
+    downsamples : a reader's downsample per level, checked against ``dims`` when given.
+
+    Raises
+    ------
+    CorruptSlideError
+        A level no smaller than the one before (level 0 would not be the finest: readers that
+        re-sort read an upsampled page at the file's µm/px), a level stretched differently
+        along x and y, or a downsample that does not match the level's size.
+    """
+    if not dims:
+        return
+    w0, h0 = dims[0]
+    for i in range(1, len(dims)):
+        (pw, ph), (w, h) = dims[i - 1], dims[i]
+        # each side shrinks (one already 1 px wide cannot), and the level is not a repeat
+        if not (_shrinks(w, pw) and _shrinks(h, ph)) or (w, h) == (pw, ph):
+            raise CorruptSlideError(
+                path,
+                f"its pyramid is out of order: level {i} is {w}×{h} px, not smaller than level"
+                f" {i - 1} ({pw}×{ph} px), so level 0 is not the full-resolution image and"
+                " tiles would be cut at the wrong scale.",
+                PYRAMID_FIX,
+            )
+        dx, dy = w0 / w, h0 / h
+        # each side is rounded to whole pixels: dx and dy differ by at most that rounding
+        if abs(dx - dy) > dx / w + dy / h + 1e-9:
+            raise CorruptSlideError(
+                path,
+                f"level {i} ({w}×{h} px) is downsampled ×{dx:.4g} in x but ×{dy:.4g} in y"
+                f" from level 0 ({w0}×{h0} px); it is not a scaled copy of level 0.",
+                PYRAMID_FIX,
+            )
+    for i, ds in enumerate(downsamples or ()):
+        w, h = dims[i]
+        expect = (w0 / w + h0 / h) / 2
+        if not abs(ds - expect) <= 0.01 * expect:
+            raise CorruptSlideError(
+                path,
+                f"the reader gives level {i} ({w}×{h} px) a downsample of {ds:.4g}, but its size"
+                f" says ×{expect:.4g} from level 0 ({w0}×{h0} px).",
+                PYRAMID_FIX,
+            )
+
+
+def _shrinks(side: int, previous: int) -> bool:
+    return side < previous or side == previous == 1
 
 
 def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:

@@ -7,6 +7,7 @@ scale. The bad files are generated here from valid ones, never shipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,103 @@ def test_every_reader_refuses_a_garbage_tile(backend: str, tmp_path: Path) -> No
         with pytest.raises(wsi.CorruptSlideError) as info:
             slide.read_region((x, y), 0, (TILE, TILE))
     assert str(path) in str(info.value)
+
+
+# -- a pyramid out of order ----------------------------------------------------------------------
+
+APERIO = "Aperio Image Library v12.0.15\r\n{0}x{0} [0,0 {0}x{0}] (256x256) JPEG/RGB Q=70"
+
+
+def make_pyramid_out_of_order_svs(directory: Path) -> Path:
+    """An Aperio SVS (MPP 0.499 on page 0, 512² px) whose second page is 1024² px."""
+    path = directory / "pyramid-out-of-order.svs"
+    big = badinput.tissue_like_rgb(1024, 1024, salt=30)
+    with tifffile.TiffWriter(path) as tw:
+        for image, desc in (
+            (big[::2, ::2].copy(), APERIO.format(512) + "|AppMag = 20|MPP = 0.499"),
+            (big, APERIO.format(1024)),
+        ):
+            tw.write(image, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     description=desc, metadata=None)  # fmt: skip
+    return path
+
+
+def make_pyramid_out_of_order_tiff(directory: Path) -> Path:
+    """A generic tiled TIFF at 0.5 µm/px, 512² px, whose reduced-resolution page is 1024² px."""
+    path = directory / "pyramid-out-of-order.tif"
+    big = badinput.tissue_like_rgb(1024, 1024, salt=31)
+    with tifffile.TiffWriter(path) as tw:
+        for image, subfiletype in ((big[::2, ::2].copy(), 0), (big, 1)):
+            tw.write(image, subfiletype=subfiletype, tile=(256, 256), photometric="rgb",
+                     compression="jpeg", resolution=(20_000, 20_000),
+                     resolutionunit="CENTIMETER", metadata=None)  # fmt: skip
+    return path
+
+
+def _assert_pyramid_refusal(exc: BaseException, path: Path) -> None:
+    assert type(exc) is wsi.CorruptSlideError
+    message = str(exc)
+    assert str(path) in message
+    assert "out of order" in message and "1024×1024" in message
+    assert "re-export the slide with a proper pyramid" in message
+
+
+@pytest.mark.parametrize("make", [make_pyramid_out_of_order_svs, make_pyramid_out_of_order_tiff])
+def test_preflight_refuses_a_level_larger_than_level_0(
+    make: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    path = make(tmp_path)
+    with tifffile.TiffFile(path) as tf:  # the file is what it claims: page 1 twice page 0
+        assert [p.shape[:2] for p in tf.pages] == [(512, 512), (1024, 1024)]
+    with pytest.raises(wsi.CorruptSlideError) as info:
+        inspect_file(path)
+    _assert_pyramid_refusal(info.value, path)
+
+
+@pytest.mark.parametrize("make", [make_pyramid_out_of_order_svs, make_pyramid_out_of_order_tiff])
+@pytest.mark.parametrize("backend", ["auto", *_backends()])
+def test_no_reader_opens_a_pyramid_out_of_order(
+    make: Callable[[Path], Path], backend: str, tmp_path: Path
+) -> None:
+    """Before the fix cuCIM gave the 1024² page as level 0 at the file's 0.499 µm/px."""
+    path = make(tmp_path)
+    with pytest.raises(wsi.SlideError) as info:
+        wsi.open_slide(path, backend=backend)  # type: ignore[arg-type]
+    _assert_pyramid_refusal(info.value, path)
+
+
+@pytest.mark.skipif(not cucim_available(), reason="cuCIM not installed")
+def test_the_cucim_reader_itself_refuses_a_page_larger_than_the_first(tmp_path: Path) -> None:
+    """Opened without the pre-flight, cuCIM's size-sorted levels are compared with page 0."""
+    from oncotrace.wsi._backends import CucimBackend  # private: the reader under test
+
+    path = make_pyramid_out_of_order_svs(tmp_path)
+    with pytest.raises(wsi.CorruptSlideError) as info:
+        CucimBackend(path)
+    _assert_pyramid_refusal(info.value, path)
+
+
+@pytest.mark.parametrize(
+    ("dims", "downsamples", "match"),
+    [
+        ([(1000, 800), (1000, 400)], None, "out of order"),  # width does not shrink
+        ([(1000, 800), (500, 400), (500, 400)], None, "out of order"),  # a level repeated
+        ([(1000, 800), (500, 200)], None, "×2 in x but ×4 in y"),  # stretched
+        ([(1000, 800), (500, 400)], [1.0, 4.0], "downsample of 4"),  # reader's factor is wrong
+    ],
+)
+def test_check_pyramid_refuses_inconsistent_levels(
+    dims: list[tuple[int, int]], downsamples: list[float] | None, match: str
+) -> None:
+    from oncotrace.wsi._inspect import check_pyramid  # private: the shared level check
+
+    with pytest.raises(wsi.CorruptSlideError, match=match):
+        check_pyramid(Path("slide.svs"), dims, downsamples)
+
+
+def test_check_pyramid_accepts_rounded_levels() -> None:
+    """Real pyramids round odd sides (tcga-cr-7395: 4443×3567 → 2221×1783; 75×62 → 37×31)."""
+    from oncotrace.wsi._inspect import check_pyramid  # private: the shared level check
+
+    check_pyramid(Path("a.svs"), [(4443, 3567), (2221, 1783)], [1.0, 2.0005])
+    check_pyramid(Path("b.tif"), [(300, 250), (150, 125), (75, 62), (37, 31)])
