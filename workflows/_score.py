@@ -33,6 +33,7 @@ from oncotrace.wsi import (
     Store,
     TilingConfig,
     atomic_write_json,
+    check_slide_id,
     slide_id_for,
     source_fingerprint,
 )
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from oncotrace.mil import MILHead, ModelCard
 
 RESULT_FORMAT = 1
+#: An own LocalCluster's dashboard: loopback, a free port (``:0`` would listen on every
+#: interface, and task keys and worker logs name slide files).
+DASHBOARD = "127.0.0.1:0"
 _SLIDES = "slides"
 _STORES = "stores"
 
@@ -122,7 +126,8 @@ def model_hash(model_dir: str | Path) -> str:
 
 
 def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
-    return Path(out_dir) / _SLIDES / slide_id
+    """``<out>/slides/<slide_id>``; the id must be a plain name (:func:`wsi.check_slide_id`)."""
+    return Path(out_dir) / _SLIDES / check_slide_id(slide_id)
 
 
 def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
@@ -151,7 +156,7 @@ def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
                 cov = tuple(_covariate_value(c, r[c]) for c in covariates)
             except ValueError as exc:
                 raise ValueError(f"{path} line {i}: {exc}") from exc
-        sid = r.get("slide_id") or slide_id_for(p)
+        sid = check_slide_id(r.get("slide_id") or slide_id_for(p), f"{path} line {i}")
         jobs.append(
             SlideJob(sid, str(p), cov, r.get("patient_id") or "", (r.get("site") or "").strip())
         )
@@ -208,7 +213,9 @@ def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -
             f"the model needs covariates {list(covariates)}; pass a manifest CSV with those"
             " columns instead of slide files."
         )
-    jobs += [SlideJob(slide_id_for(p), str(Path(p).absolute())) for p in paths]
+    jobs += [
+        SlideJob(check_slide_id(slide_id_for(p), str(p)), str(Path(p).absolute())) for p in paths
+    ]
     if not jobs:
         raise ValueError(
             f"no slides found in {', '.join(map(str, inputs))}. Fix: pass slide files, folders"
@@ -239,7 +246,7 @@ def _store_job(store: Path) -> SlideJob:
             " Fix: tile the slide again with `oncotrace tile`, or pass the slide itself."
         )
     attrs = found.attrs
-    sid = attrs.slide_id or store.name.removesuffix(".zarr")
+    sid = check_slide_id(attrs.slide_id or store.name.removesuffix(".zarr"), str(store))
     return SlideJob(sid, attrs.source_path or "", store=str(store))
 
 
@@ -266,6 +273,7 @@ def score_slides(
     mpp: float | None = None,
     weights: str | None = None,
     heatmaps: bool = True,
+    dashboard: str | None = DASHBOARD,
     on_warning: Callable[[str], None] | None = None,
     on_total: Callable[[int, int], None] | None = None,
     on_done: Callable[[str, bool], None] | None = None,
@@ -287,6 +295,8 @@ def score_slides(
         through ``on_warning``.
     mpp : level-0 µm/px for slides whose files lack it.
     weights : encoder weights file or folder.
+    dashboard : address of an own LocalCluster's dashboard (default loopback only: task keys
+        and worker logs name slide files); None for no dashboard.
     on_total, on_done, on_dashboard : progress callbacks (see :func:`run_score`).
 
     Raises
@@ -335,6 +345,7 @@ def score_slides(
         on_total=on_total,
         on_done=on_done,
         on_dashboard=on_dashboard,
+        dashboard=dashboard,
     )
     files = write_outputs(jobs, cfg, report, {"inputs": [str(Path(p).absolute()) for p in inputs]})
     warning = ood_warning([*report.done, *report.skipped])
@@ -732,6 +743,7 @@ def run_score(
     on_total: Callable[[int, int], None] | None = None,
     on_done: Callable[[str, bool], None] | None = None,
     on_dashboard: Callable[[str], None] | None = None,
+    dashboard: str | None = DASHBOARD,
 ) -> ScoreReport:
     """Score ``jobs`` on a LocalCluster (``workers`` processes) or on ``scheduler``.
 
@@ -750,12 +762,17 @@ def run_score(
     if on_total:
         on_total(len(jobs), len(report.skipped))
     if todo:
-        with _client(workers, scheduler, cfg) as client:
-            if client.dashboard_link:
+        with _client(workers, scheduler, cfg, dashboard) as client:
+            link = (
+                dashboard_link(client, None)
+                if scheduler
+                else (dashboard_link(client, dashboard) if dashboard else None)
+            )
+            if link:
                 # an own LocalCluster's dashboard dies with the run: shown, not recorded
-                report.dashboard = client.dashboard_link if scheduler else None
+                report.dashboard = link if scheduler else None
                 if on_dashboard:
-                    on_dashboard(client.dashboard_link)
+                    on_dashboard(link)
             for job, outcome in _submit_all(client, todo, cfg):
                 ok = outcome.get("status") == "done"
                 (report.done if ok else report.errors).append(outcome)
@@ -765,11 +782,32 @@ def run_score(
     return report
 
 
+def dashboard_link(client: Any, bound: str | None) -> str | None:
+    """The dashboard's URL as reachable: Dask names the machine's address in it, which is wrong
+    for a dashboard ``bound`` to loopback (then 127.0.0.1, same port)."""
+    link = getattr(client, "dashboard_link", None)
+    if not link:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    if bound is not None and bound.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        parts = urlsplit(link)
+        return urlunsplit(parts._replace(netloc=f"127.0.0.1:{parts.port}"))
+    return str(link)
+
+
 class _client:
     """A distributed Client on the given scheduler, or on a LocalCluster it owns."""
 
-    def __init__(self, workers: int | None, scheduler: str | None, cfg: ScoreConfig) -> None:
+    def __init__(
+        self,
+        workers: int | None,
+        scheduler: str | None,
+        cfg: ScoreConfig,
+        dashboard: str | None = DASHBOARD,
+    ) -> None:
         self.workers, self.scheduler, self.cfg = workers, scheduler, cfg
+        self.dashboard = dashboard
 
     def __enter__(self) -> Any:
         from distributed import Client, LocalCluster
@@ -783,8 +821,11 @@ class _client:
                 n_workers=n,
                 threads_per_worker=1,  # one slide at a time per process; it uses cfg.threads
                 processes=True,
-                dashboard_address=":0",
                 memory_limit=_memory_per_worker(n),
+                # the scheduler's HTTP server listens even without a dashboard (health and
+                # metrics routes), by default on every interface: loopback when "none"
+                dashboard_address=self.dashboard or DASHBOARD,
+                scheduler_kwargs={"dashboard": bool(self.dashboard)},
             )
             self.client = Client(self.cluster)
         return self.client

@@ -19,6 +19,7 @@ from rich.progress import (
 
 from ._failures import finish
 from ._flags import Device, cli_message
+from ._score import DASHBOARD
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -70,6 +71,13 @@ def register(app: typer.Typer, console: Console) -> None:
         heatmaps: Annotated[
             bool, typer.Option("--heatmaps/--no-heatmaps", help="Write attention heatmaps.")
         ] = True,
+        dashboard: Annotated[
+            str,
+            typer.Option(
+                "--dashboard",
+                help="Own cluster's dashboard: HOST:PORT, or none (default: loopback only).",
+            ),
+        ] = DASHBOARD,
     ) -> None:
         """Tile → embed → predict → heatmaps for every slide; one Dask task per slide, resumable."""
         from oncotrace.workflows._score import score_slides
@@ -118,6 +126,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 mpp=mpp,
                 weights=weights,
                 heatmaps=heatmaps,
+                dashboard=None if dashboard.lower() == "none" else dashboard,
                 on_warning=on_warning,
                 on_total=on_total,
                 on_done=on_done,

@@ -45,6 +45,7 @@ from ._storage import (
 )
 from ._store import (
     TileResult,
+    check_slide_id,
     is_complete,
     read_store_attrs,
     slide_id_for,
@@ -95,6 +96,7 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "check_slide_id",
     "detect_tissue",
     "fast_codecs",
     "focus_score",

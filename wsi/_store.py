@@ -36,7 +36,7 @@ import zarr
 from oncotrace import __version__
 from zarr.codecs import BloscCodec
 
-from ._errors import NoTissueError
+from ._errors import NoTissueError, ParameterError
 from ._io import remove_stale_partials
 from ._slide import BackendChoice, Slide, open_slide, resize_rgb
 from ._storage import STORE_FORMAT, Store, StoreAttrs, TilingConfig, fast_codecs
@@ -61,8 +61,48 @@ def slide_id_for(path: str | Path) -> str:
     return p.name if p.is_dir() else p.stem
 
 
+#: Longest slide id (file systems take 255 bytes per name; ``.zarr`` and partial suffixes).
+MAX_SLIDE_ID = 200
+
+
+def check_slide_id(slide_id: str, where: str = "slide id") -> str:
+    """``slide_id`` when it is a plain name usable as one folder or file name; raises otherwise.
+
+    Ids name stores and result folders, so they are never paths: no ``/`` or ``\\``, not
+    ``.``/``..`` or hidden (a leading dot, which the atomic writers' temporaries use), no control
+    characters, not empty, at most :data:`MAX_SLIDE_ID` characters.
+
+    Raises
+    ------
+    ParameterError
+        Naming ``where`` (e.g. ``manifest.csv line 3``), the id and the fix; ``param`` is
+        ``"slide_id"``.
+    """
+    sid = str(slide_id)
+    problem = None
+    if not sid.strip():
+        problem = "is empty"
+    elif "/" in sid or "\\" in sid or Path(sid).is_absolute():
+        problem = "contains a path separator"
+    elif sid.startswith("."):
+        problem = "starts with a dot (., .. and hidden names are not slide ids)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in sid):
+        problem = "contains control characters"
+    elif len(sid) > MAX_SLIDE_ID:
+        problem = f"is longer than {MAX_SLIDE_ID} characters"
+    if problem is not None:
+        raise ParameterError(
+            f"{where}: slide id {sid!r} {problem}; ids name result folders and stores, so they"
+            " must be plain names. Fix: use letters, digits, '-', '_' and inner dots"
+            " (e.g. 'TCGA-AB-1234_S1').",
+            param="slide_id",
+        )
+    return sid
+
+
 def store_path(out_dir: str | Path, slide_id: str) -> Path:
-    return Path(out_dir) / f"{slide_id}.zarr"
+    """``<out_dir>/<slide_id>.zarr``; ``slide_id`` must pass :func:`check_slide_id`."""
+    return Path(out_dir) / f"{check_slide_id(slide_id)}.zarr"
 
 
 def read_store_attrs(path: str | Path) -> dict[str, Any] | None:

@@ -1,0 +1,90 @@
+"""Issue 12's hostile inputs at the command line: each is one clear error, nothing outside --out
+is touched, and the rest of a batch goes on. Every bad input is generated here."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+from oncotrace import wsi
+from oncotrace.workflows.cli import app
+from oncotrace.wsi.synthetic import make_tissue_squares
+from typer.testing import CliRunner
+
+from tests.workflows.test_score import trained  # noqa: F401  (the module fixture)
+
+#: manifest slide ids that are paths, not names
+BAD_IDS = ["../../../victim", "/tmp/abs-victim", ".", "..", "a/b", ".hidden", "x\\y", "tab\tid"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_a_manifest_slide_id_is_a_name_never_a_path(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    bad: str,
+) -> None:
+    slide = sorted(trained["slides"].iterdir())[0]
+    # a store that a path-like id would reach (and once removed) outside --out
+    victim = tmp_path / "victim.zarr"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not yours")
+    out = tmp_path / "a" / "b" / "c" / "res"
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "slide_id"])
+        w.writerow([str(slide), bad])
+    res = CliRunner().invoke(
+        app, ["score", str(manifest), "--model", str(trained["model"]), "--out", str(out)]
+    )
+    assert res.exit_code == 2, res.output
+    assert f"{manifest} line 2" in res.stderr and "slide id" in res.stderr
+    assert "Fix:" in res.stderr
+    assert (victim / "keep.txt").read_text() == "not yours"
+    assert not out.exists()  # refused before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "victim.zarr"]
+
+
+def test_a_slide_file_whose_stem_is_not_a_name_is_one_row_and_the_batch_goes_on(
+    tmp_path: Path,
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = make_tissue_squares(slides / "good.tiff", size=(1024, 1024), squares=[(0, 0, 896, 896)])
+    shutil.copy2(good.path, slides / "tab\tname.tiff")  # a control character in the stem
+    out = tmp_path / "stores"
+    res = CliRunner().invoke(app, ["tile", str(slides), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    with open(out / "errors.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [Path(r["slide"]).name for r in rows] == ["tab\tname.tiff"]
+    assert "slide id" in rows[0]["message"] and "Fix:" in rows[0]["message"]
+    assert (out / "good.zarr").is_dir() and not (tmp_path / ".zarr").exists()
+    with pytest.raises(ValueError, match="path separator"):
+        wsi.store_path(out, "../x")
+
+
+def test_an_own_clusters_dashboard_listens_on_loopback_only_and_its_link_works(
+    trained: dict[str, Path],  # noqa: F811
+) -> None:
+    import httpx
+    from oncotrace.workflows import ScoreConfig
+    from oncotrace.workflows._score import (  # private: the cluster
+        DASHBOARD,
+        _client,
+        dashboard_link,
+    )
+
+    cfg = ScoreConfig(str(trained["model"]), "x", "out", wsi.TilingConfig())
+    with _client(1, None, cfg, DASHBOARD) as client:
+        server = client.cluster.scheduler.http_server
+        hosts = {sock.getsockname()[0] for sock in server._sockets.values()}
+        assert hosts == {"127.0.0.1"}  # was 0.0.0.0: every interface
+        link = dashboard_link(client, DASHBOARD)
+        assert link is not None and link.startswith("http://127.0.0.1:")
+        assert httpx.get(link, timeout=10, follow_redirects=True).status_code == 200
+    with _client(1, None, cfg, None) as client:  # --dashboard none: the scheduler's HTTP
+        server = client.cluster.scheduler.http_server  # routes (health, metrics) stay local
+        assert {sock.getsockname()[0] for sock in server._sockets.values()} == {"127.0.0.1"}
