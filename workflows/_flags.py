@@ -58,6 +58,7 @@ FLAGS: dict[str, str] = {
     "stain": "--stain",
     "stride_px": "--stride-px",
     "target_mpp": "--mpp-target",
+    "threads": "--threads",
     "tile_px": "--tile-px",
     "us_spacing_mm": "--spacing-mm",
     "weights": "--weights",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from oncotrace import __version__
 from oncotrace.wsi import (
+    ParameterError,
     ResolutionError,
     SlideError,
     Store,
@@ -306,7 +307,6 @@ def score_slides(
         manifests, ``workers`` with ``scheduler`` (the error carries ``param``).
     """
     from oncotrace.mil import ModelCard
-    from oncotrace.wsi import ParameterError
 
     if workers is not None and scheduler is not None:
         raise ParameterError(
@@ -325,6 +325,13 @@ def score_slides(
             )
     cores = os.cpu_count() or 2
     n_workers = workers if workers is not None else max(1, cores // 2)
+    for name, value in (("workers", n_workers), ("threads", threads)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ParameterError(
+                f"{name}= must be a whole number ≥ 1, got {value!r}. Fix: pass one.", param=name
+            )
     cfg = ScoreConfig(
         model_dir=str(Path(model_dir).resolve()),
         model_hash=digest,

@@ -148,16 +148,20 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = default_threads(),
     ) -> None:
         """Cut tissue (or smear) tiles at an exact µm/px into one Zarr store per slide."""
-        config = TilingConfig(
-            target_mpp=mpp_target,
-            tile_px=tile_px,
-            stride_px=stride_px,
-            min_tissue=min_tissue,
-            mode=mode,
-            min_focus=min_focus,
-            focus=focus,
-            max_upsample=max_upsample,
-        )
+        try:  # every number checked once, before any slide is read
+            config = TilingConfig(
+                target_mpp=mpp_target,
+                tile_px=tile_px,
+                stride_px=stride_px,
+                min_tissue=min_tissue,
+                mode=mode,
+                min_focus=min_focus,
+                focus=focus,
+                max_upsample=max_upsample,
+            )
+        except ValueError as exc:
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(2) from exc
         paths = find_slides(slides)
         if not paths:
             console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")

@@ -15,6 +15,7 @@ Format versions (attrs key ``format``):
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import zarr
 
+from ._errors import ParameterError
 from ._io import atomic_dir
 from ._tiling import MAX_UPSAMPLE, check_max_upsample
 from ._tissue import Mode
@@ -83,6 +85,16 @@ class TilingConfig:
     def __post_init__(self) -> None:
         # a float always, so that 1 and 1.0 give equal configs (and equal stores to skip)
         object.__setattr__(self, "max_upsample", check_max_upsample(self.max_upsample))
+        # numbers are checked once, here, at the boundary: inf/nan/0 would otherwise fail per
+        # slide deep in the tiler (OverflowError, NaN to int) or give empty "complete" stores
+        _check_number("target_mpp", self.target_mpp, low=0.0, low_open=True, high=1000.0)
+        _check_int("tile_px", self.tile_px, low=8, high=16384)
+        if self.stride_px is not None:
+            _check_int("stride_px", self.stride_px, low=1, high=16384)
+        if self.min_tissue is not None:
+            _check_number("min_tissue", self.min_tissue, low=0.0, high=1.0)
+        if self.min_focus is not None:
+            _check_number("min_focus", self.min_focus, low=0.0, high=math.inf)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written into store attrs and model cards; inverse of :meth:`from_dict`."""
@@ -108,6 +120,32 @@ class TilingConfig:
                 " Fix: remove them, or read the file with the OncoTrace that wrote it."
             )
         return cls(**dict(d))
+
+
+def _check_number(
+    name: str, value: object, *, low: float, high: float, low_open: bool = False
+) -> None:
+    """``value`` is a finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    ok = False
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '≥'} {low:g}" + (
+            "" if high == math.inf else f" and ≤ {high:g}"
+        )
+        raise ParameterError(
+            f"{name}= must be a finite number {bound}, got {value!r}. Fix: pass such a value.",
+            param=name,
+        )
+
+
+def _check_int(name: str, value: object, *, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ParameterError(
+            f"{name}= must be a whole number from {low} to {high}, got {value!r}. Fix: pass such"
+            " a value.",
+            param=name,
+        )
 
 
 def _pair(v: Any) -> tuple[Any, Any] | None:

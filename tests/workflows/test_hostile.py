@@ -88,3 +88,43 @@ def test_an_own_clusters_dashboard_listens_on_loopback_only_and_its_link_works(
     with _client(1, None, cfg, None) as client:  # --dashboard none: the scheduler's HTTP
         server = client.cluster.scheduler.http_server  # routes (health, metrics) stay local
         assert {sock.getsockname()[0] for sock in server._sockets.values()} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--mpp-target", "inf"], "--mpp-target"),  # was OverflowError
+        (["--mpp-target", "nan"], "--mpp-target"),  # was one row per slide
+        (["--mpp-target", "0"], "--mpp-target"),
+        (["--min-focus", "nan"], "--min-focus"),  # was a "complete" store of 0 tiles
+        (["--tile-px", "0"], "--tile-px"),
+        (["--min-tissue", "1.5"], "--min-tissue"),
+        (["--stride-px", "0"], "--stride-px"),
+    ],
+)
+def test_numbers_are_checked_once_before_any_slide(
+    tmp_path: Path, args: list[str], flag: str
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    make_tissue_squares(slides / "a.tiff", size=(1024, 1024), squares=[(0, 0, 896, 896)])
+    out = tmp_path / "stores"
+    res = CliRunner().invoke(app, ["tile", str(slides), "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and flag in res.stderr and "Fix:" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_score_workers_below_one_is_a_usage_error(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    workers: str,
+) -> None:
+    res = CliRunner().invoke(
+        app,
+        ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+         str(tmp_path / "o"), "--workers", workers],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output  # was ZeroDivisionError
+    assert "--workers" in res.stderr and "Fix:" in res.stderr
