@@ -53,7 +53,6 @@ FLAGS: dict[str, str] = {
     "overwrite": "--overwrite",
     "precision": "--precision",
     "region": "--region",
-    "scheduler": "--scheduler",
     "slide_mpp": "--heatmap-mpp",
     "spacing_mm": "--spacing-mm",
     "stain": "--stain",
