@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.wsi import Store, TilingConfig, read_csv_rows
+from oncotrace.wsi import Store, TilingConfig
 
 from ._card import ModelCard
 from ._splits import grouped_kfold, inner_validation, site_holdout
@@ -149,7 +150,8 @@ def load_cohort(
     stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
     if not labels_csv.is_file():
         raise FileNotFoundError(f"{labels_csv}: labels file not found.")
-    _, rows = read_csv_rows(labels_csv)  # a UTF-8 BOM (Excel) is fine; UTF-16 is refused
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{labels_csv}: no data rows.")
     columns = list(rows[0])

@@ -35,7 +35,6 @@ from oncotrace.wsi import (
     TilingConfig,
     atomic_write_json,
     check_slide_id,
-    read_csv_rows,
     slide_id_for,
     source_fingerprint,
 )
@@ -136,7 +135,8 @@ def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
     """``manifest.csv``: ``path`` (relative to the CSV or absolute), optional ``slide_id``,
     ``patient_id`` and ``site`` (carried into ``predictions.csv``) and the model's covariate
     columns."""
-    _, rows = read_csv_rows(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no rows. Fix: one row per slide with a 'path' column.")
     cols = set(rows[0])

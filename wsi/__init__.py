@@ -26,7 +26,6 @@ from ._io import (
     atomic_write_json,
     atomic_write_text,
     read_ahead,
-    read_csv_rows,
     remove_stale_partials,
     source_fingerprint,
 )
@@ -106,7 +105,6 @@ __all__ = [
     "is_complete",
     "open_slide",
     "read_ahead",
-    "read_csv_rows",
     "read_store_attrs",
     "read_tile",
     "remove_stale_partials",
