@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 
 import typer
 
+from ._flags import cli_message
+
 #: Exit status when every input is done.
 EXIT_OK = 0
 #: Exit status when at least one input failed and the others were finished.
@@ -38,3 +40,9 @@ def finish(rows: Iterable[Mapping[str, object]], *, errors_csv: object | None = 
         where = f" (also in {errors_csv})" if errors_csv is not None else ""
         typer.echo(f"{len(rows)} input(s) failed{where}.", err=True)
         raise typer.Exit(EXIT_FAILED)
+
+
+def usage_error(exc: BaseException) -> typer.Exit:
+    """Print ``error: <message>`` (library parameters as CLI flags) on stderr; the exit to raise."""
+    typer.echo(f"error: {cli_message(exc)}", err=True)
+    return typer.Exit(EXIT_USAGE)

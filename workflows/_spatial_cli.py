@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from ._failures import finish
+from ._failures import finish, usage_error
 from ._flags import (
     Fallback,
     GeometryKind,
@@ -37,11 +37,6 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 
 #: ``--out``, the output folder every spatial command writes into.
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    typer.echo(f"error: {cli_message(exc)}", err=True)
-    return typer.Exit(2)
 
 
 def _parse_region(text: str | None) -> tuple[int, int, int, int] | None:
@@ -163,7 +158,7 @@ def _register_immune(app: typer.Typer, console: Console) -> None:
             try:
                 positive_class, summary_path = _run_immune(paths[0], out, **options)
             except _USER_ERRORS as exc:
-                raise _fail(exc) from exc
+                raise usage_error(exc) from exc
             console.print(_immune_line(positive_class, summary_path, time.perf_counter() - t0))
             return
         errors = _immune_batch(console, paths, out, options)
@@ -320,7 +315,7 @@ def _register_map_us(app: typer.Typer, console: Console) -> None:
                     alpha=alpha,
                 )
             except _USER_ERRORS as exc:
-                raise _fail(exc) from exc
+                raise usage_error(exc) from exc
         console.print(_map_us_summary(reg, mapped, out, time.perf_counter() - t0))
         for warning in dict.fromkeys(
             [str(w.message) for w in caught] + list(reg.report.get("warnings") or [])
@@ -450,7 +445,7 @@ def _register_st_validate(app: typer.Typer, console: Console) -> None:
                 seed=seed,
             )
         except _USER_ERRORS as exc:
-            raise _fail(exc) from exc
+            raise usage_error(exc) from exc
         rho = report.get("spearman", {})
         console.print(
             f"{report['n_spots']} spots, {n_cells} cells: Spearman ρ = "

@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._batch import BatchReport, find_slides, tile_batch
-from ._failures import finish
+from ._failures import finish, usage_error
 from ._flags import cli_message
 
 
@@ -160,8 +160,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 max_upsample=max_upsample,
             )
         except ValueError as exc:
-            typer.echo(f"error: {cli_message(exc)}", err=True)
-            raise typer.Exit(2) from exc
+            raise usage_error(exc) from exc
         paths = find_slides(slides)
         if not paths:
             console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")
