@@ -19,7 +19,13 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from ._errors import CorruptSlideError, UnsupportedSlideError
+from ._errors import (
+    WITHHELD,
+    CorruptSlideError,
+    MetadataValueError,
+    UnsupportedSlideError,
+    metadata_float,
+)
 from ._inspect import PYRAMID_FIX, check_pyramid
 
 BackendName = Literal["cucim", "openslide", "tifffile", "pillow"]
@@ -42,14 +48,21 @@ def _tiff_resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
     tags = page.tags
     if "XResolution" not in tags or "YResolution" not in tags:
         return None
-    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    unit = (
+        int(metadata_float(tags["ResolutionUnit"].value, "TIFF ResolutionUnit"))
+        if "ResolutionUnit" in tags
+        else 2
+    )
     # 2 inch, 3 cm (TIFF 6); 4 mm and 5 µm are tifffile's extensions, seen in the wild
     per_unit_um = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}.get(unit)
     if per_unit_um is None:
         return None
     out = []
     for name in ("XResolution", "YResolution"):
-        num, den = tags[name].value
+        value = tags[name].value
+        if not (isinstance(value, tuple) and len(value) == 2):
+            raise MetadataValueError(f"the file's TIFF {name} field is not a rational ({WITHHELD})")
+        num, den = (metadata_float(v, f"TIFF {name}") for v in value)
         if num == 0 or den == 0:
             return None
         out.append(per_unit_um * den / num)
@@ -74,17 +87,31 @@ def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
         "objective_power": None,
         "mpp": None,
         "mpp_detail": None,
+        "mpp_problem": None,  # which field could not be read as a number (never its value)
     }
+    try:
+        _fill_tiff_metadata(tf, page, desc, meta)
+    except MetadataValueError as exc:  # a field holding text: no mpp, and say which field
+        meta["mpp"], meta["mpp_detail"], meta["mpp_problem"] = None, None, str(exc)
+    return meta
+
+
+def _fill_tiff_metadata(
+    tf: tifffile.TiffFile, page: tifffile.TiffPage, desc: str, meta: dict[str, Any]
+) -> None:
     if tf.is_svs or desc.startswith("Aperio"):
         fields = _aperio_fields(desc)
         meta["vendor"] = "aperio"
         if "AppMag" in fields:
-            meta["objective_power"] = float(fields["AppMag"])
+            try:
+                meta["objective_power"] = metadata_float(fields["AppMag"], "Aperio AppMag")
+            except MetadataValueError:
+                meta["objective_power"] = None  # a magnification is only a hint
         if "MPP" in fields:
-            mpp = float(fields["MPP"])
+            mpp = metadata_float(fields["MPP"], "Aperio MPP")
             meta["mpp"] = (mpp, mpp)
             meta["mpp_detail"] = "Aperio ImageDescription MPP"
-        return meta
+        return
     if tf.is_ome and tf.ome_metadata:
         meta["vendor"] = "ome"
         ome_mpp = _ome_mpp(tf.ome_metadata)
@@ -94,7 +121,7 @@ def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
         mag = re.search(r'NominalMagnification="([0-9.]+)"', tf.ome_metadata)
         if mag:
             meta["objective_power"] = float(mag.group(1))
-        return meta
+        return
     if tf.is_philips:
         meta["vendor"] = "philips"
         match = re.search(
@@ -105,12 +132,11 @@ def tiff_metadata(tf: tifffile.TiffFile) -> dict[str, Any]:
         if match:  # Philips stores (row, column) spacing in millimetres
             meta["mpp"] = (float(match.group(2)) * 1000, float(match.group(1)) * 1000)
             meta["mpp_detail"] = "Philips DICOM_PIXEL_SPACING"
-            return meta
+            return
     res = _tiff_resolution_mpp(page)
     if res is not None:
         meta["mpp"] = res
         meta["mpp_detail"] = "TIFF resolution tags"
-    return meta
 
 
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
@@ -127,7 +153,9 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
     fy = _OME_UNITS_UM.get(attrs.get("PhysicalSizeYUnit", "µm"))
     if fx is None or fy is None:
         return None
-    return float(attrs["PhysicalSizeX"]) * fx, float(attrs["PhysicalSizeY"]) * fy
+    sx = metadata_float(attrs["PhysicalSizeX"], "OME PhysicalSizeX")
+    sy = metadata_float(attrs["PhysicalSizeY"], "OME PhysicalSizeY")
+    return sx * fx, sy * fy
 
 
 class Backend:
@@ -144,6 +172,8 @@ class Backend:
     objective_power: float | None = None
     file_mpp: tuple[float, float] | None = None
     file_mpp_detail: str | None = None
+    #: which metadata field could not be read as a number (never its value), or None
+    file_mpp_problem: str | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -306,6 +336,7 @@ class CucimBackend(Backend):
         self.objective_power = meta["objective_power"]
         self.file_mpp = meta["mpp"]
         self.file_mpp_detail = meta["mpp_detail"]
+        self.file_mpp_problem = meta["mpp_problem"]
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
@@ -433,6 +464,7 @@ class TifffileBackend(Backend):
         meta = tiff_metadata(self._tf)
         self.vendor, self.objective_power = meta["vendor"], meta["objective_power"]
         self.file_mpp, self.file_mpp_detail = meta["mpp"], meta["mpp_detail"]
+        self.file_mpp_problem = meta["mpp_problem"]
         self._axes = series.axes
         if np.dtype(series.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
             raise UnsupportedSlideError(

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from oncotrace.workflows import cli_message
 from oncotrace.workflows.cli import app
 from oncotrace.wsi import SlideError, open_slide
 from oncotrace.wsi._backends import Backend
@@ -241,3 +242,24 @@ def test_unreadable_mpp_field_is_named_in_the_mpp_problem() -> None:
     assert "Aperio MPP field is not a number" in str(problem)
     assert WITHHELD in str(problem)
     _assert_clean("mpp_problem", str(problem))
+
+
+@pytest.mark.parametrize(
+    "make", [_svs_stripped_mpp, _tiff_text_unit, _tiff_text_xres, _ome_text_size]
+)
+def test_a_text_resolution_field_opens_without_mpp_and_the_fix_works(
+    make: object, tmp_path: Path
+) -> None:
+    """The field is named (not its value), the slide opens without an mpp, and following the
+    message — pass --mpp — tiles it."""
+    path = make(tmp_path)  # type: ignore[operator]
+    with open_slide(path, backend="tifffile", require_mpp=False) as s:
+        assert s.mpp is None and s.mpp_problem is not None
+        assert "field" in str(s.mpp_problem) and "--mpp" in cli_message(s.mpp_problem)
+        _assert_clean("mpp_problem", str(s.mpp_problem))
+    out = tmp_path / "tiles"
+    res = CliRunner().invoke(
+        app, ["tile", str(path), "--out", str(out), "--tile-px", "128", "--mpp", "0.5"]
+    )
+    assert res.exit_code == 0, res.output
+    _assert_clean("tile output", res.output)
