@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.wsi import Store, TilingConfig
+from oncotrace.wsi import Store, TilingConfig, read_csv_rows
 
 from ._card import ModelCard
 from ._splits import grouped_kfold, inner_validation, site_holdout
@@ -150,8 +149,7 @@ def load_cohort(
     stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
     if not labels_csv.is_file():
         raise FileNotFoundError(f"{labels_csv}: labels file not found.")
-    with open(labels_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = read_csv_rows(labels_csv)  # a UTF-8 BOM (Excel) is fine; UTF-16 is refused
     if not rows:
         raise ValueError(f"{labels_csv}: no data rows.")
     columns = list(rows[0])

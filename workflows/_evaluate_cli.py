@@ -6,7 +6,6 @@ Outputs in ``--out``: ``metrics.json``, ``predictions.csv``, ``roc_<task>.png``,
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
+from oncotrace.wsi import read_csv_rows
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -259,8 +259,7 @@ def _check_encoder(stores: Path, labels: Path, encoder: str, model_dir: Path) ->
     """Refuse stores embedded only with another encoder than the model's, naming both."""
     if not labels.is_file():
         raise EvaluationInputError(f"{labels}: labels file not found.")
-    with open(labels, newline="") as fh:
-        ids = [r.get("slide_id", "") for r in csv.DictReader(fh)]
+    ids = [r.get("slide_id", "") for r in read_csv_rows(labels)[1]]
     for sid in ids:
         features = stores / f"{sid}.zarr" / "features"
         if not features.is_dir():
@@ -378,10 +377,7 @@ def _read_readers(
     """``(reader, task, unit) -> {case id: (call, score)}``, every value checked."""
     if not path.is_file():
         raise EvaluationInputError(f"{path}: readers file not found.")
-    with open(path, newline="") as fh:
-        reader_csv = csv.DictReader(fh)
-        columns = list(reader_csv.fieldnames or [])
-        records = list(reader_csv)
+    columns, records = read_csv_rows(path)
     id_col = next((c for c in ("slide_id", "patient_id") if c in columns), None)
     missing = [c for c in ("reader", "call") if c not in columns]
     if id_col is None or missing:

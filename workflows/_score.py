@@ -35,6 +35,7 @@ from oncotrace.wsi import (
     TilingConfig,
     atomic_write_json,
     check_slide_id,
+    read_csv_rows,
     slide_id_for,
     source_fingerprint,
 )
@@ -135,8 +136,7 @@ def read_manifest(path: Path, covariates: Sequence[str] = ()) -> list[SlideJob]:
     """``manifest.csv``: ``path`` (relative to the CSV or absolute), optional ``slide_id``,
     ``patient_id`` and ``site`` (carried into ``predictions.csv``) and the model's covariate
     columns."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = read_csv_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows. Fix: one row per slide with a 'path' column.")
     cols = set(rows[0])

@@ -26,6 +26,7 @@ from ._io import (
     atomic_write_json,
     atomic_write_text,
     read_ahead,
+    read_csv_rows,
     remove_stale_partials,
     source_fingerprint,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "is_complete",
     "open_slide",
     "read_ahead",
+    "read_csv_rows",
     "read_store_attrs",
     "read_tile",
     "remove_stale_partials",

@@ -278,3 +278,28 @@ def read_ahead(source: Iterable[T], depth: int = 2, *, name: str = "read-ahead")
                     ...
     """
     return ReadAhead(source, depth, name=name)
+
+
+def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """``(columns, rows)`` of a CSV table, as spreadsheets write them.
+
+    A UTF-8 byte-order mark (what Excel's "CSV UTF-8" writes) is accepted and dropped. A file in
+    another encoding (UTF-16, Latin-1 with accents) or not a table raises one ``ValueError``
+    naming the file and the fix, instead of a decoding error deep in the reader.
+    """
+    import csv
+
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); spreadsheets saving 'Unicode"
+            " text' write UTF-16. Fix: save it as 'CSV UTF-8 (comma delimited)'."
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(f"{p}: not a readable CSV table ({exc}). Fix: save it as CSV.") from None
+    return columns, rows

@@ -128,3 +128,24 @@ def test_score_workers_below_one_is_a_usage_error(
     )  # fmt: skip
     assert res.exit_code == 2, res.output  # was ZeroDivisionError
     assert "--workers" in res.stderr and "Fix:" in res.stderr
+
+
+def test_a_manifest_with_excels_byte_order_mark_is_read_and_utf16_is_named(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from oncotrace.workflows import collect_jobs
+
+    slide = sorted(trained["slides"].iterdir())[0]
+    text = f"path,slide_id\n{slide},s1\n"
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # "CSV UTF-8" from Excel
+    (job,) = collect_jobs([bom])
+    assert (job.slide_id, job.path) == ("s1", str(slide))  # was: "missing column 'path'"
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes(text.encode("utf-16"))
+    res = CliRunner().invoke(
+        app, ["score", str(utf16), "--model", str(trained["model"]), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2, res.output
+    assert str(utf16) in res.stderr and "UTF-8" in res.stderr and "Fix:" in res.stderr
