@@ -720,6 +720,8 @@ def finished(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any] | None:
     """The slide's result when it is complete for the same source and model, else None."""
     path = slide_dir(cfg.out_dir, job.slide_id) / "result.json"
     try:
+        if not path.is_file():  # only regular files: a FIFO would block the rerun
+            return None
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -924,6 +926,8 @@ def write_outputs(
             results.append(done)
             continue
         try:
+            if not (here / "error.json").is_file():
+                raise OSError("no regular error.json")
             errors.append(json.loads((here / "error.json").read_text()))
         except (OSError, ValueError):
             errors.append(

@@ -149,3 +149,36 @@ def test_a_manifest_with_excels_byte_order_mark_is_read_and_utf16_is_named(
     )
     assert res.exit_code == 2, res.output
     assert str(utf16) in res.stderr and "UTF-8" in res.stderr and "Fix:" in res.stderr
+
+
+def test_a_fifo_named_result_json_blocks_neither_the_viewer_nor_a_rerun(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import os
+    import threading
+
+    from oncotrace.workflows import ScoreConfig, SlideJob, create_app
+    from oncotrace.workflows._score import finished  # private: the rerun check itself
+
+    root = tmp_path / "res"
+    fifo_dir = root / "slides" / "s1"
+    fifo_dir.mkdir(parents=True)
+    os.mkfifo(fifo_dir / "result.json")  # reading it would wait for a writer, for ever
+    os.mkfifo(fifo_dir / "error.json")
+    slide = sorted(trained["slides"].iterdir())[0]
+    cfg = ScoreConfig(str(trained["model"]), "x", str(root), wsi.TilingConfig())
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        outcome["finished"] = finished(SlideJob("s1", str(slide)), cfg)
+        from starlette.testclient import TestClient
+
+        with TestClient(create_app(root, cache_mib=8)) as c:
+            outcome["cases"] = c.get("/api/cases").json()["cases"]
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "blocked on a FIFO"
+    assert outcome["finished"] is None and outcome["cases"] == []

@@ -136,7 +136,10 @@ def tree_inside(path: Path, root: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a regular file (a FIFO or device would block the server), else None."""
     try:
+        if not path.is_file():
+            return None
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
