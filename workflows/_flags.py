@@ -53,6 +53,7 @@ FLAGS: dict[str, str] = {
     "overwrite": "--overwrite",
     "precision": "--precision",
     "region": "--region",
+    "scheduler": "--scheduler",
     "slide_mpp": "--heatmap-mpp",
     "spacing_mm": "--spacing-mm",
     "stain": "--stain",

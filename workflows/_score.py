@@ -50,6 +50,8 @@ RESULT_FORMAT = 1
 #: An own LocalCluster's dashboard: loopback, a free port (``:0`` would listen on every
 #: interface, and task keys and worker logs name slide files).
 DASHBOARD = "127.0.0.1:0"
+#: How long to try reaching a ``--scheduler`` before giving up.
+SCHEDULER_TIMEOUT = "30s"
 _SLIDES = "slides"
 _STORES = "stores"
 
@@ -823,7 +825,15 @@ class _client:
 
         if self.scheduler:
             self.cluster = None
-            self.client = Client(self.scheduler, timeout="30s")
+            try:
+                self.client = Client(self.scheduler, timeout=SCHEDULER_TIMEOUT)
+            except (OSError, TimeoutError) as exc:  # refused, unreachable, or not Dask
+                raise ValueError(
+                    f"cannot reach the Dask scheduler at {self.scheduler} within"
+                    f" {SCHEDULER_TIMEOUT} ({type(exc).__name__}). Fix: start it there"
+                    " (`dask scheduler`), check the address and port, or leave out"
+                    " scheduler= to score on a local cluster."
+                ) from None
         else:
             n = max(1, self.workers or 1)
             self.cluster = LocalCluster(

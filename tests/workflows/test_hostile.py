@@ -182,3 +182,21 @@ def test_a_fifo_named_result_json_blocks_neither_the_viewer_nor_a_rerun(
     t.join(timeout=60)
     assert not t.is_alive(), "blocked on a FIFO"
     assert outcome["finished"] is None and outcome["cases"] == []
+
+
+def test_an_unreachable_scheduler_is_one_usage_error(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from oncotrace.workflows import _score  # private: a shorter wait than a real cluster's
+
+    monkeypatch.setattr(_score, "SCHEDULER_TIMEOUT", "3s")
+    res = CliRunner().invoke(
+        app,
+        ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+         str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:1"],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output  # was an OSError traceback
+    assert "tcp://127.0.0.1:1" in res.stderr and "--scheduler" in res.stderr
+    assert "Fix:" in res.stderr and "Traceback" not in res.output
