@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -847,11 +848,10 @@ class _client:
                 scheduler_kwargs={"dashboard": bool(self.dashboard)},
             )
             self.client = Client(self.cluster)
+            _drop_late_comm_closed()
         return self.client
 
     def __exit__(self, *exc: object) -> None:
-        import logging
-
         self.client.close()
         if self.cluster is not None:
             # Every result is written by now. A worker still unwinding torch's or the readers'
@@ -865,6 +865,31 @@ class _client:
                 self.cluster.close()
             finally:
                 nanny.setLevel(level)
+
+
+class _LateCommClosed:
+    """Drops distributed's INFO record "Batched Comm Closed <TCP (closed) …>" with its traceback.
+
+    LocalCluster keeps distributed's INFO records off the console while it runs and restores the
+    console handler's level as the last step of ``close()``; the scheduler's batched stream to a
+    worker that has just exited can still report the closed connection from the event-loop thread
+    after that, which put a CommClosedError traceback after a clean run's summary now and then.
+    A connection closing is what shutting a cluster down means, at INFO level: nothing to show.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno <= logging.INFO and str(record.msg).startswith("Batched Comm Closed")
+        )
+
+
+_LATE_COMM_CLOSED = _LateCommClosed()
+
+
+def _drop_late_comm_closed() -> None:
+    logger = logging.getLogger("distributed.batched")
+    if _LATE_COMM_CLOSED not in logger.filters:
+        logger.addFilter(_LATE_COMM_CLOSED)
 
 
 def _memory_per_worker(n: int) -> str:
