@@ -9,8 +9,9 @@ For one list of tile coordinates (224-px tiles at 0.5 µm/px on the tiler's tiss
 (a) an OpenSlide ``read_region`` loop into numpy, single thread, RGBA → RGB;
 (b) a bare cuCIM ``read_region`` loop, no writes, with as many threads as (c) (a
     ThreadPoolExecutor over batches of 64 tiles, the tiler's shard size), cuCIM as installed;
-(b') the same loop given the per-process tile cache that the tiler turns on for itself
-    (``wsi._backends.CUCIM_CACHE_MIB``), reported for transparency (c/b' has no target).
+(b') only with ``--cucim-cache N``: the same loop given cuCIM's own per-process tile cache.
+    The tiler keeps that cache off (it can return another file's or level's tile: see
+    ``wsi._tilecache``) and caches decoded tiles itself, so (b') is for comparison only.
 
 Prints tiles/s for each, the ratios c/a and c/b, the peak RSS of (c) (kernel high-water mark of the
 child, from ``os.wait4``), and one JSON line with every figure. If a baseline would
@@ -459,7 +460,8 @@ def tiler_fingerprint() -> dict[str, str]:
 
 
 def tiler_cucim_cache_mib() -> int:
-    """The cuCIM cache size the tiler sets up for itself (0 if it sets none). Imports no cuCIM."""
+    """The cuCIM cache size the tiler sets up for itself (0: it keeps cuCIM's own cache off since
+    the cache moved into ``wsi._tilecache``). Imports no cuCIM."""
     try:
         from oncotrace.wsi import _backends  # private: the tiler's own cache setting
     except ImportError:

@@ -27,6 +27,7 @@ from ._errors import (
     metadata_float,
 )
 from ._inspect import PYRAMID_FIX, check_pyramid
+from ._tilecache import TILES, new_owner
 
 BackendName = Literal["cucim", "openslide", "tifffile", "pillow"]
 WHITE = 255
@@ -228,64 +229,56 @@ class Backend:
         return {}
 
 
-#: cuCIM's per-process tile cache. Tiles of 224 px straddle up to four 256-px JPEG tiles;
-#: without the cache each JPEG tile is decoded ~2.3 times (measured: 2x faster reads with it).
-CUCIM_CACHE_MIB = 256
-
-
-def _configure_cucim_cache() -> None:
-    """Point cuCIM at a config enabling its tile cache, unless the user has their own.
+def _configure_cucim() -> None:
+    """Point cuCIM at a config with its own tile cache off (see :mod:`wsi._tilecache` for why).
 
     The CPU wheel's reader plugin reads its cache settings from ``CUCIM_CONFIG_PATH`` when the
-    first image is opened; ``CuImage.cache(...)`` from Python does not reach it (measured).
+    first image of the process is opened; ``CuImage.cache(...)`` from Python does not reach it
+    (measured). A user's own config is kept, with only its cache turned off.
     """
+    import hashlib
     import json
     import os
     import tempfile
 
-    if os.environ.get("CUCIM_CONFIG_PATH"):
-        return
+    want: dict[str, Any] = {}
+    theirs = os.environ.get("CUCIM_CONFIG_PATH")
+    if theirs:
+        try:
+            want = json.loads(Path(theirs).read_text() or "{}")
+        except (OSError, ValueError):
+            return  # cuCIM reports its own config problems
+        if not isinstance(want, dict) or want.get("cache", {}).get("type", "nocache") == "nocache":
+            return
+    want["cache"] = {**want.get("cache", {}), "type": "nocache"}
+    text = json.dumps(want, sort_keys=True)
     folder = Path(tempfile.gettempdir()) / f"oncotrace-cucim-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / ".cucim.json"
-    want = {"cache": {"type": "per_process", "memory_capacity": CUCIM_CACHE_MIB}}
-    if not cfg.exists() or json.loads(cfg.read_text() or "{}") != want:
+    cfg = folder / f"cucim-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not cfg.exists() or cfg.read_text() != text:
         tmp = cfg.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(want))
+        tmp.write_text(text)
         os.replace(tmp, cfg)
     os.environ["CUCIM_CONFIG_PATH"] = str(cfg)
 
 
-#: Files this process has opened with cuCIM, by the key of cuCIM's tile cache.
-_CUCIM_SEEN: dict[tuple[int, int, int], tuple[str, int, int, int]] = {}
-_CUCIM_SEEN_LOCK = threading.Lock()
+#: A region spanning more file tiles than this is decoded by cuCIM in one call, not tile by tile
+#: through the cache (overviews and large viewer reads touch each file tile once anyway).
+MAX_CACHED_SPAN = 16
 
 
-def _claim_cucim_cache(path: Path) -> None:
-    """Refuse a file whose cuCIM cache key is already held by a different file.
-
-    cuCIM keys its process-wide tile cache on (st_dev, st_ino, the *nanosecond part* of the
-    mtime) and never invalidates it. A slide deleted and another written in its place (the inode
-    is reused) or a slide rewritten in place can share that key, above all on file systems with
-    coarse timestamps, and cuCIM then returns the old file's tiles (reproduced). A file is
-    identified here by its path, size, full mtime and ctime; a second identity under one key is
-    refused, so ``open_slide`` falls back to the next reader.
-    """
-    import os
-
-    st = os.stat(path)
-    key = (int(st.st_dev), int(st.st_ino), int(st.st_mtime_ns % 1_000_000_000))
-    ident = (os.path.realpath(path), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns))
-    with _CUCIM_SEEN_LOCK:
-        held = _CUCIM_SEEN.setdefault(key, ident)
-    if held != ident:
-        raise UnsupportedSlideError(
-            path,
-            "cuCIM's tile cache in this process already holds tiles of another file with the same"
-            f" device, inode and mtime nanoseconds ({held[0]}); cuCIM would return stale pixels.",
-            "let backend='auto' pick another reader, use backend='openslide', or open it in a"
-            " new process.",
-        )
+def _level0_origin(a: int, ds: float) -> int | None:
+    """A level-0 coordinate that cuCIM maps to level coordinate ``a`` (it takes ``floor(c / ds)``,
+    measured), clear of the pixel's edges in both float64 and float32 arithmetic; None if none
+    is (a level whose downsample is within a hair of 1)."""
+    if a == 0:
+        return 0
+    base = math.ceil(a * ds)
+    for c in (base, base + 1):
+        q, q32 = c / ds, float(np.float32(c) / np.float32(ds))
+        if math.floor(q) == a == math.floor(q32) and 1e-6 < q - a < 1 - 1e-6:
+            return c
+    return None
 
 
 class CucimBackend(Backend):
@@ -298,8 +291,8 @@ class CucimBackend(Backend):
         from ._quiet import cucim_first_use
 
         self.path = path
-        _configure_cucim_cache()
-        _claim_cucim_cache(path)
+        self._owner = new_owner()
+        _configure_cucim()
         with cucim_first_use():  # the import and the first open print cuFile probes on CPUs
             try:
                 from cucim import CuImage  # type: ignore[attr-defined]
@@ -317,6 +310,10 @@ class CucimBackend(Backend):
         res = self._img.resolutions
         self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
+        self._tile_sizes = tuple(
+            (int(w), int(h))
+            for w, h in res.get("level_tile_sizes", ((0, 0),) * len(self.level_dimensions))
+        )
         with tifffile.TiffFile(path) as tf:
             meta = tiff_metadata(tf)
             first = tf.pages.first
@@ -341,6 +338,56 @@ class CucimBackend(Backend):
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
     ) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        w_l, h_l = self.level_dimensions[level]
+        x, y = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        w, h = int(size[0]), int(size[1])
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(w_l, x + w), min(h_l, y + h)
+        if x1 <= x0 or y1 <= y0:  # wholly past the slide's edge
+            return np.full((h, w, 3), WHITE, np.uint8)
+        tw, th = self._tile_sizes[level] if level < len(self._tile_sizes) else (0, 0)
+        if tw > 0 and th > 0:
+            cols = range(x0 // tw, (x1 - 1) // tw + 1)
+            rows = range(y0 // th, (y1 - 1) // th + 1)
+            ox = [_level0_origin(c * tw, ds) for c in cols]
+            oy = [_level0_origin(r * th, ds) for r in rows]
+            if len(cols) * len(rows) <= MAX_CACHED_SPAN and None not in ox + oy:
+                out = np.empty((h, w, 3), np.uint8)
+                if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+                    out[...] = WHITE  # the Slide API promises white past the slide's edge
+                for r, o_y in zip(rows, oy, strict=True):
+                    for c, o_x in zip(cols, ox, strict=True):
+                        assert o_x is not None and o_y is not None
+                        tile = self._tile(level, c, r, (o_x, o_y), (tw, th))
+                        tx, ty = c * tw, r * th
+                        ix0, iy0 = max(x0, tx), max(y0, ty)
+                        ix1, iy1 = min(x1, tx + tile.shape[1]), min(y1, ty + tile.shape[0])
+                        out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = tile[
+                            iy0 - ty : iy1 - ty, ix0 - tx : ix1 - tx
+                        ]
+                return out
+        return self._read_direct((x, y), location, level, (w, h))
+
+    def _tile(
+        self, level: int, col: int, row: int, origin0: tuple[int, int], tile: tuple[int, int]
+    ) -> np.ndarray:
+        """File tile (col, row) of ``level``, clipped to the level, from the cache or cuCIM."""
+        w_l, h_l = self.level_dimensions[level]
+
+        def decode() -> np.ndarray:
+            size = (min(tile[0], w_l - col * tile[0]), min(tile[1], h_l - row * tile[1]))
+            arr = np.asarray(self._img.read_region(location=origin0, size=size, level=level))
+            return composite_on_white(arr) if arr.shape[-1] == 4 else np.array(arr, copy=True)
+
+        return TILES.get((self._owner, level, col, row), decode)
+
+    def _read_direct(
+        self,
+        xy: tuple[int, int],
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+    ) -> np.ndarray:
         region = self._img.read_region(
             location=(int(location[0]), int(location[1])), size=size, level=level
         )
@@ -349,9 +396,8 @@ class CucimBackend(Backend):
             arr = composite_on_white(arr)
         # cuCIM fills the area past the slide's edge with black; the Slide API promises white
         # there, as OpenSlide (transparent) and the other readers give it.
-        ds = self.level_downsamples[level]
         w_l, h_l = self.level_dimensions[level]
-        x, y = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        x, y = xy
         if x < 0 or y < 0 or x + size[0] > w_l or y + size[1] > h_l:
             arr = np.array(arr, copy=True)
             arr[:, : max(0, -x)] = WHITE
@@ -360,8 +406,11 @@ class CucimBackend(Backend):
             arr[max(0, h_l - y) :] = WHITE
         return arr
 
-    # No iter_regions override: with the tile cache on, per-tile reads from reader threads
-    # run 1.7x faster than cuCIM's native batch loader (which also hands out reused buffers).
+    def close(self) -> None:
+        TILES.drop(self._owner)
+
+    # No iter_regions override: with the tile cache, per-tile reads from reader threads run
+    # 1.7x faster than cuCIM's native batch loader (which also hands out reused buffers).
 
     @property
     def raw_properties(self) -> Mapping[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -562,40 +561,6 @@ def test_forced_backend_that_cannot_read_the_container_is_unsupported(
         f"the problem does not say the file is {container}: {exc.problem}"
     )
     assert_names_file_and_fix(exc, path)
-
-
-@needs_cucim
-def test_cucim_never_serves_tiles_of_a_file_that_shared_its_cache_key(tmp_path: Path) -> None:
-    """cuCIM keys its tile cache on (device, inode, mtime nanoseconds): a slide rewritten in place
-    with the same nanoseconds must not come back with the previous slide's pixels."""
-    from oncotrace.wsi.synthetic import write_pyramid_tiff
-
-    path, other = tmp_path / "a.tif", tmp_path / "b.tif"
-    for value, target in ((50, path), (200, other)):
-        write_pyramid_tiff(
-            target,
-            np.full((1024, 1024, 3), value, np.uint8),
-            mpp=0.5,
-            levels=2,
-            factor=4,
-            compression="jpeg",
-        )
-    os.utime(path, ns=(10**18 + 123, 10**18 + 123))
-    with wsi.open_slide(path) as s:
-        assert s.backend == "cucim"
-        assert s.read_region((0, 0), 0, (64, 64)).mean() == pytest.approx(50, abs=2)
-    inode = os.stat(path).st_ino
-    with open(path, "r+b") as f:  # same inode, new content, same mtime nanoseconds
-        f.truncate(0)
-        f.write(other.read_bytes())
-    os.utime(path, ns=(2 * 10**18 + 123, 2 * 10**18 + 123))
-    assert os.stat(path).st_ino == inode
-    with wsi.open_slide(path) as s:
-        assert s.backend != "cucim"
-        assert s.read_region((0, 0), 0, (64, 64)).mean() == pytest.approx(200, abs=2)
-    with pytest.raises(wsi.SlideError, match="stale pixels") as err:
-        wsi.open_slide(path, backend="cucim")
-    assert_names_file_and_fix(err.value, path)
 
 
 def test_a_slide_opened_without_mpp_keeps_the_reason(tmp_path: Path) -> None:
