@@ -127,8 +127,7 @@ def run_tiler(
         "tissue",
         "--threads",
         str(workers),
-        "--strict",
-    ]
+    ]  # exit status 1 when the slide failed (issue 11 replaced --strict)
     log = out_dir.with_name(out_dir.name + ".log")
     mon = CpuMonitor()
     t0 = time.perf_counter()

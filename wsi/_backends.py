@@ -269,10 +269,12 @@ MAX_CACHED_SPAN = 16
 
 def _level0_origin(a: int, ds: float) -> int | None:
     """A level-0 coordinate that cuCIM maps to level coordinate ``a`` (it takes ``floor(c / ds)``,
-    measured), clear of the pixel's edges in both float64 and float32 arithmetic; None if none
-    is (a level whose downsample is within a hair of 1)."""
+    measured): exact for an integer downsample, else clear of the pixel's edges in both float64
+    and float32 arithmetic; None if no coordinate is (a downsample within a hair of 1)."""
     if a == 0:
         return 0
+    if ds == int(ds):  # an integer downsample maps a * ds to a exactly in any arithmetic
+        return a * int(ds)
     base = math.ceil(a * ds)
     for c in (base, base + 1):
         q, q32 = c / ds, float(np.float32(c) / np.float32(ds))

@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from oncotrace import wsi
 from oncotrace.wsi._backends import cucim_available  # private: open_slide's own cuCIM probe
+from oncotrace.wsi._tilecache import TILES  # private: whether regions came from the cache
 
 pytestmark = pytest.mark.skipif(not cucim_available(), reason="cuCIM is not installed")
 
@@ -68,6 +69,7 @@ def test_regions_equal_the_pages_on_a_pyramid_with_uneven_downsamples(shared_dat
     with wsi.open_slide(path, backend="cucim", mpp=0.25) as s:  # its tags are bogus
         assert s.level_count == 3
         for level, page in enumerate(pages):
+            cached = len(TILES)
             ds = s.level_downsamples[level]
             ph, pw = page.shape[:2]
             spots = [(0, 0), (-40, -40), (pw - 10, ph - 10), (250, 250), (pw + 5, 0)]
@@ -79,6 +81,7 @@ def test_regions_equal_the_pages_on_a_pyramid_with_uneven_downsamples(shared_dat
                     x, y = math.floor(loc[0] / ds), math.floor(loc[1] / ds)
                     got = s.read_region(loc, level, (w, h))
                     np.testing.assert_array_equal(got, _truth(page, x, y, w, h), f"{level} {x} {y}")
+            assert len(TILES) > cached  # the regions were composed from cached file tiles
 
 
 def test_jpeg_regions_equal_cucims_own_uncached_reads(tmp_path: Path) -> None:
@@ -95,6 +98,7 @@ def test_jpeg_regions_equal_cucims_own_uncached_reads(tmp_path: Path) -> None:
     raw = CuImage(str(path))
     with wsi.open_slide(path, backend="cucim") as s:
         for level in range(s.level_count):
+            cached = len(TILES)
             ds = s.level_downsamples[level]
             w_l, h_l = s.level_dimensions[level]
             for _ in range(30):
@@ -105,6 +109,7 @@ def test_jpeg_regions_equal_cucims_own_uncached_reads(tmp_path: Path) -> None:
                 loc = (math.ceil(lx * ds), math.ceil(ly * ds))
                 want = np.asarray(raw.read_region(location=loc, size=(w, h), level=level))
                 np.testing.assert_array_equal(s.read_region(loc, level, (w, h)), want[..., :3])
+            assert len(TILES) > cached
 
 
 def test_a_slide_rewritten_in_place_reads_its_new_pixels(tmp_path: Path) -> None:
@@ -134,7 +139,7 @@ def test_a_slide_rewritten_in_place_reads_its_new_pixels(tmp_path: Path) -> None
 
 
 def test_the_tile_cache_is_bounded_least_recently_used_and_per_slide() -> None:
-    from oncotrace.wsi._tilecache import TileCache  # private: the cache behind CucimBackend
+    from oncotrace.wsi._tilecache import TileCache
 
     tile = np.zeros((10, 10, 3), np.uint8)  # 300 bytes
     cache = TileCache(1000)
