@@ -46,3 +46,99 @@ def usage_error(exc: BaseException) -> typer.Exit:
     """Print ``error: <message>`` (library parameters as CLI flags) on stderr; the exit to raise."""
     typer.echo(f"error: {cli_message(exc)}", err=True)
     return typer.Exit(EXIT_USAGE)
+
+
+_DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux)
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is an out-of-space or over-quota failure.
+
+    Python raises ``OSError`` with errno ENOSPC/EDQUOT; the Zarr codec pipeline (Rust) raises a
+    ``RuntimeError`` whose text says "No space left on device (os error 28)".
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_space_text(folder: object) -> str:
+    """``"12.3 MB free"`` for the file system holding ``folder`` (or its nearest parent)."""
+    import shutil
+    from pathlib import Path
+
+    p = Path(str(folder)).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e6:.1f} MB free"
+
+
+def disk_full_message(folder: object, what: str) -> str:
+    """One sentence: what could not be written, where, how much room is left, and the fix."""
+    return (
+        f"no space left on the disk holding {folder} ({free_space_text(folder)}) while writing"
+        f" {what}. Fix: free space there, or pass --out on a disk with room, then rerun the"
+        " same command: finished work is kept and only the rest is redone."
+    )
+
+
+class DiskFullError(OSError):
+    """The output disk is full (or over quota); the message names the folder and the fix."""
+
+    def __init__(self, folder: object, what: str) -> None:
+        super().__init__(28, disk_full_message(folder, what))
+        self.folder = folder
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: object) -> list[str]:
+    """Remove temporary files an earlier run left in ``folder`` and its ``slides/*`` folders.
+
+    Atomic writes go through ``.<name>.tmp-<pid>-<random>`` siblings (``wsi.atomic_write_text``)
+    that are removed when a write fails; a process killed mid-write (or a disk that filled up
+    under an older version) leaves them. Those of a process still running are kept. Returns the
+    names removed.
+    """
+    import re
+    from pathlib import Path
+
+    root = Path(str(folder))
+    pattern = re.compile(r"^\..+\.tmp(?:-(\d+)-[0-9a-f]+)?$")
+    removed = []
+    for here in (root, *sorted(root.glob("slides/*"))):
+        if not here.is_dir():
+            continue
+        for p in here.iterdir():
+            m = pattern.match(p.name)
+            if m is None or not p.is_file() or p.is_symlink():
+                continue
+            if m.group(1) and _pid_alive(int(m.group(1))):
+                continue
+            p.unlink(missing_ok=True)
+            removed.append(str(p))
+    return removed

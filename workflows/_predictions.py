@@ -28,12 +28,13 @@ One row per slide and task. Columns, in order:
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from oncotrace.wsi import atomic_write_text
 
 #: Classes listed in ``top_k``.
 TOP_K = 3
@@ -80,32 +81,32 @@ def header_for(rows: Sequence[PredictionRow]) -> list[str]:
 
 
 def write_predictions(path: Path, rows: Sequence[PredictionRow]) -> Path:
-    """Write ``rows`` to ``path`` atomically (a temporary file renamed into place)."""
+    """Write ``rows`` to ``path`` atomically (a temporary file renamed into place; removed again
+    if the write fails, e.g. on a full disk, so the previous table stays as it was)."""
     header = header_for(rows)
     classes = [h.removeprefix("p_") for h in header if h.startswith("p_")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for r in rows:
-            p = dict(zip(r.classes, r.proba, strict=True))
-            raw = dict(zip(r.classes, r.uncalibrated, strict=True)) if r.uncalibrated else {}
-            w.writerow(
-                [
-                    r.slide_id,
-                    r.patient_id,
-                    r.site,
-                    r.task,
-                    r.true_class,
-                    r.predicted_class,
-                    *(f"{p[c]:.6f}" if c in p else "" for c in classes),
-                    *(f"{raw[c]:.6f}" if c in raw else "" for c in classes),
-                    "|".join(r.top_k),
-                    "" if r.conformal_set is None else "|".join(r.conformal_set),
-                    "" if r.n_tiles is None else r.n_tiles,
-                    "" if r.ood_distance is None else f"{r.ood_distance:.4f}",
-                    "" if r.ood is None else r.ood,
-                ]
-            )
-    os.replace(tmp, path)
+    fh = io.StringIO(newline="")  # small: built in memory, written in one go
+    w = csv.writer(fh)
+    w.writerow(header)
+    for r in rows:
+        p = dict(zip(r.classes, r.proba, strict=True))
+        raw = dict(zip(r.classes, r.uncalibrated, strict=True)) if r.uncalibrated else {}
+        w.writerow(
+            [
+                r.slide_id,
+                r.patient_id,
+                r.site,
+                r.task,
+                r.true_class,
+                r.predicted_class,
+                *(f"{p[c]:.6f}" if c in p else "" for c in classes),
+                *(f"{raw[c]:.6f}" if c in raw else "" for c in classes),
+                "|".join(r.top_k),
+                "" if r.conformal_set is None else "|".join(r.conformal_set),
+                "" if r.n_tiles is None else r.n_tiles,
+                "" if r.ood_distance is None else f"{r.ood_distance:.4f}",
+                "" if r.ood is None else r.ood,
+            ]
+        )
+    atomic_write_text(path, fh.getvalue())
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import re
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,13 +36,16 @@ from oncotrace.wsi import (
     SlideError,
     Store,
     TilingConfig,
+    UpsamplingWarning,
     atomic_write_json,
+    atomic_write_text,
     check_slide_id,
     read_csv_rows,
     slide_id_for,
     source_fingerprint,
 )
 
+from ._failures import DiskFullError, disk_full_message, is_disk_full, remove_stale_temporaries
 from ._flags import Device, cli_message
 from ._predictions import TOP_K, PredictionRow, write_predictions
 
@@ -347,6 +352,7 @@ def score_slides(
         heatmaps=heatmaps,
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     report = run_score(
         jobs,
         cfg,
@@ -358,6 +364,10 @@ def score_slides(
         dashboard=dashboard,
     )
     files = write_outputs(jobs, cfg, report, {"inputs": [str(Path(p).absolute()) for p in inputs]})
+    if on_warning:
+        for r in report.done:  # said in the worker (upsampled tiles): shown here, once each
+            for text in r.get("warnings") or ():
+                on_warning(text)
     warning = ood_warning([*report.done, *report.skipped])
     if warning and on_warning:
         on_warning(warning)
@@ -469,13 +479,21 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
     (here / "error.json").unlink(missing_ok=True)
     started = time.time()
     timings: dict[str, float] = {}
+    said: list[str] = []
     stage = "load"
     try:
         fingerprint = job_fingerprint(job)
         model, card, encoder = _load(cfg)
         stage = "tile"
         t = time.perf_counter()
-        tiled = _tiled_store(job, cfg, fingerprint)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UpsamplingWarning)
+            tiled = _tiled_store(job, cfg, fingerprint)
+        for w in caught:  # said by the client: a worker's stderr is seen by nobody
+            if isinstance(w.message, UpsamplingWarning):
+                said.append(cli_message(str(w.message)))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         timings["tile_s"] = time.perf_counter() - t
         stage = "embed"
         t = time.perf_counter()
@@ -514,18 +532,22 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "pid": os.getpid(),
             "model_loads_in_this_process": _LOADS["model"],
             "worker_peak_rss_mib": _peak_rss_mib(),
+            "warnings": said,
         }
         _atomic_json(here / "result.json", result)
         return result
     except Exception as exc:  # one slide's failure is one row; the run goes on
+        full = is_disk_full(exc)
         error = {
             "format": RESULT_FORMAT,
             "status": "error",
             "slide_id": job.slide_id,
             "path": str(job.path),
             "stage": _stage_name(exc, stage),
-            "error_type": type(exc).__name__,
-            "message": str(exc)
+            "error_type": DISK_FULL if full else type(exc).__name__,
+            "message": disk_full_message(cfg.out_dir, f"the slide's {stage} output")
+            if full
+            else str(exc)
             if isinstance(exc, SlideError | ValueError | KeyError)
             else f"{exc} ({traceback.format_exception_only(exc)[-1].strip()})",
             "model_hash": cfg.model_hash,
@@ -533,8 +555,22 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "finished_at": time.time(),
             "worker": _worker_name(),
         }
-        _atomic_json(here / "error.json", error)
+        _try_write_error(here, error)
         return error
+
+
+#: ``error_type`` of a slide that failed, or was not started, because the output disk is full.
+DISK_FULL = "DiskFull"
+
+
+def _try_write_error(here: Path, error: Mapping[str, Any]) -> None:
+    """Write ``error.json``; on a full disk the record still reaches the client (which reports
+    it) and no temporary file is left behind."""
+    try:
+        _atomic_json(here / "error.json", error)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
 
 
 @dataclass(frozen=True)
@@ -923,8 +959,13 @@ def _submit_all(
             resources=resources,
         )
         futures[fut] = job
+    full: dict[str, Any] | None = None
     for fut in as_completed(futures):
         job = futures[fut]
+        if full is not None:  # the disk is full: what has not finished is not started
+            fut.cancel()
+            yield job, {**full, "slide_id": job.slide_id, "path": job.path, "stage": "run"}
+            continue
         try:
             outcome = fut.result()
         except Exception as exc:  # KilledWorker: the slide took down workers repeatedly
@@ -939,7 +980,14 @@ def _submit_all(
             }
             here = slide_dir(cfg.out_dir, job.slide_id)
             here.mkdir(parents=True, exist_ok=True)
-            _atomic_json(here / "error.json", outcome)
+            _try_write_error(here, outcome)
+        if outcome.get("error_type") == DISK_FULL:
+            full = {
+                "status": "error",
+                "error_type": DISK_FULL,
+                "message": disk_full_message(cfg.out_dir, "results")
+                + " (not started: the disk filled up during the run)",
+            }
         yield job, outcome
 
 
@@ -993,16 +1041,20 @@ def write_outputs(
         for r in sorted(results, key=lambda r: r["slide_id"])
         for task, t in r["tasks"].items()
     ]
-    pred_path = write_predictions(out / "predictions.csv", rows)
     err_path = out / "errors.csv"
-    tmp = err_path.with_name(".errors.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "stage", "error_type", "message"])
-        for e in sorted(errors, key=lambda e: e["slide_id"]):
-            msg = cli_message(e["message"])  # errors.csv is read next to the CLI's flags
-            w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], msg])
-    os.replace(tmp, err_path)
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["slide", "stage", "error_type", "message"])
+    for e in sorted(errors, key=lambda e: e["slide_id"]):
+        msg = cli_message(e["message"])  # errors.csv is read next to the CLI's flags
+        w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], msg])
+    try:  # errors.csv first: on a disk with room for one table, it is the one to keep
+        atomic_write_text(err_path, table.getvalue())
+        pred_path = write_predictions(out / "predictions.csv", rows)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "predictions.csv and errors.csv") from exc
+        raise
     run = {
         "oncotrace": __version__,
         "versions": _versions(),
@@ -1026,7 +1078,12 @@ def write_outputs(
             for r in results
         },
     }
-    _atomic_json(out / "run.json", run)
+    try:
+        _atomic_json(out / "run.json", run)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "run.json") from exc
+        raise
     return {"predictions": pred_path, "errors": err_path, "run": out / "run.json"}
 
 

@@ -17,9 +17,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ._failures import finish
+from ._failures import EXIT_FAILED, DiskFullError, finish
 from ._flags import Device, cli_message
-from ._score import DASHBOARD
+from ._score import DASHBOARD, DISK_FULL
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -132,6 +132,10 @@ def register(app: typer.Typer, console: Console) -> None:
                 on_done=on_done,
                 on_dashboard=on_dashboard,
             )
+        except DiskFullError as exc:  # the tables could not be written; the slides' files were
+            progress.stop()
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(EXIT_FAILED) from exc
         except (ValueError, FileNotFoundError) as exc:
             progress.stop()  # before the message, so the bar does not draw over it
             typer.echo(f"error: {cli_message(exc)}", err=True)
@@ -144,6 +148,12 @@ def register(app: typer.Typer, console: Console) -> None:
             f"{len(report.done)} scored, {len(report.skipped)} up to date, {n_err} failed in"
             f" {report.seconds:.1f} s → {files['predictions']}"
         )
+        full = [e for e in report.errors if e.get("error_type") == DISK_FULL]
+        if full:  # one cause, said once: every other slide would fail the same way
+            typer.echo(
+                f"error: {len(full)} slide(s) not scored: {cli_message(full[0]['message'])}",
+                err=True,
+            )
         finish(
             (
                 {
@@ -152,6 +162,9 @@ def register(app: typer.Typer, console: Console) -> None:
                     "message": cli_message(e["message"]),
                 }
                 for e in report.errors
+                if e.get("error_type") != DISK_FULL
             ),
             errors_csv=files["errors"],
         )
+        if full:
+            raise typer.Exit(EXIT_FAILED)

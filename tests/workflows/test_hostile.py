@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,119 @@ def test_an_unreachable_scheduler_is_one_usage_error(
     assert res.exit_code == 2, res.output  # was an OSError traceback
     assert "tcp://127.0.0.1:1" in res.stderr and "--scheduler" in res.stderr
     assert "Fix:" in res.stderr and "Traceback" not in res.output
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_disk("600k")``: a folder on a tmpfs of that size (a real full disk: ENOSPC from
+    the kernel, for Python and for the Rust Zarr writer alike). Needs the right to mount."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        where = tmp_path / f"disk-{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if ".tmp" in p.name or ".partial" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("size", "what"),
+    [("600k", "the slide's tile output"), ("8k", "predictions.csv and errors.csv")],
+)
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(
+    trained: dict[str, Path],  # noqa: F811
+    small_disk: Callable[[str], Path],
+    size: str,
+    what: str,
+) -> None:
+    """600 kB: the first slide's store does not fit, the others are not started; 8 kB: not even
+    the tables fit. Either way one error line, exit 1, no traceback, nothing half-written."""
+    out = small_disk(size) / "res"
+    res = CliRunner().invoke(
+        app, ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+              str(out), "--workers", "1", "--no-heatmaps"],
+    )  # fmt: skip
+    text = res.output
+    assert res.exit_code == 1, text
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, text
+    assert f"no space left on the disk holding {out}" in errors[0]
+    assert f"while writing {what}" in errors[0]
+    assert "Fix: free space there, or pass --out on a disk with room" in errors[0]
+    assert "Traceback" not in text and "failed:" not in text
+    assert _temporaries(out) == []
+    if (out / "errors.csv").is_file():  # what fitted is whole: a header and one row per slide
+        with open(out / "errors.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 6 and {r["error_type"] for r in rows} == {"DiskFull"}
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Temporary siblings of a dead writer go; one of a live process (this one) stays."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    out = tmp_path / "res"
+    first = sorted(trained["slides"].iterdir())[0].stem
+    (out / "slides" / first).mkdir(parents=True)
+    stale = [
+        out / f".errors.csv.tmp-{dead.stdout.strip()}-0a1b2c3d",
+        out / ".predictions.csv.tmp",  # the fixed name older versions used
+        out / "slides" / first / f".result.json.tmp-{dead.stdout.strip()}-deadbeef",
+    ]
+    live = out / f".run.json.tmp-{os.getpid()}-12345678"
+    for p in [*stale, live]:
+        p.write_text("{half")
+    res = CliRunner().invoke(
+        app, ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+              str(out), "--workers", "1", "--no-heatmaps"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert [p for p in stale if p.exists()] == []
+    assert live.exists()
+
+
+def test_upsampling_said_in_a_dask_worker_reaches_the_console(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The tiler warns in the worker process, whose stderr nobody reads; the client says it."""
+    from oncotrace.mil import ModelCard
+
+    tiling = ModelCard.read(trained["model"]).tiling or wsi.TilingConfig()  # as score resolves it
+    target = tiling.target_mpp
+    mpp = round(target * 1.1, 4)  # every slide ×1.1 coarser than the model's tiles
+    res = CliRunner().invoke(
+        app, ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+              str(tmp_path / "res"), "--workers", "1", "--no-heatmaps", "--mpp", str(mpp)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # the console wraps long lines
+    said = [w for w in text.split("warning: ")[1:] if ": upsampled ×1.1:" in w]
+    assert len(said) == 6, res.output
+    assert {p.name for p in trained["slides"].iterdir()} == {
+        Path(w.split(": upsampled", 1)[0]).name for w in said
+    }
