@@ -23,7 +23,8 @@ or left empty per row; unknown columns are an error)::
 Pixel convention: pixel coordinates are continuous, integer values at pixel centres, and
 ``µm = px * mpp`` / ``mm = px * spacing_mm`` (no offset). A point is inside an image of
 ``(width, height)`` pixels when ``-0.5 <= x <= width`` (and the same in y): the half-pixel
-margins accept both centre- and corner-based clicks.
+margins accept both centre- and corner-based clicks. A position farther than
+:data:`MAX_COORDINATE_MM` (1 m) from its image's origin is refused as a typo or a unit mix-up.
 
 Registration
 ------------
@@ -79,6 +80,11 @@ PREFER_AFFINE_MARGIN = 0.05
 SMOOTHING_GRID = (0.0, *(10.0 ** np.arange(-4.0, 3.01, 0.5)))
 _FOLD_GRID = 48
 _UM_PER_MM = 1000.0
+#: No landmark lies farther than this from its image's origin: a glass slide is 75 mm long and an
+#: ultrasound field of view well under 1 m, so a larger coordinate is a typo or a unit mix-up
+#: (and squaring one near 1e154 overflows every distance the fit and its checks compute).
+MAX_COORDINATE_MM = 1000.0
+_MAX_ABS = {"um": MAX_COORDINATE_MM * _UM_PER_MM, "mm": MAX_COORDINATE_MM}
 
 _POINT_FIELDS = ("id", "pathology_px", "pathology_um", "ultrasound_px", "ultrasound_mm", "role")
 _UNIT_HINTS = {
@@ -161,6 +167,7 @@ class Landmarks:
                         f"{src}: point {pid!r} has a non-finite {name} {arr[i].tolist()}; "
                         "fix or remove the point."
                     )
+                _check_extent(arr[i], src, f"point {pid!r} (#{i + 1})", name)
         for name, arr in (("pathology", path_um), ("ultrasound", us_mm)):
             _reject_duplicates(arr, ids, name, src)
         path_um.flags.writeable = False
@@ -210,17 +217,56 @@ class Landmarks:
         )
 
 
+def _check_extent(
+    value: NDArray[np.float64],
+    src: str,
+    where: str,
+    name: str,
+    *,
+    scale: NDArray[np.float64] | None = None,
+    flag: str = "",
+) -> None:
+    """Refuse a coordinate beyond :data:`MAX_COORDINATE_MM` from the origin.
+
+    ``name`` ends in the unit (``pathology_um``, ``ultrasound_mm``); with ``scale`` (unit per
+    pixel), ``value`` is in pixels and is compared before it is multiplied (``px * scale``
+    overflows to inf for px near 1e308).
+    """
+    unit = name.rsplit("_", 1)[-1]
+    limit = _MAX_ABS[unit]
+    bound = limit if scale is None else limit / scale
+    if np.all(np.abs(value) <= bound):
+        return
+    shown = "µm" if unit == "um" else unit
+    numbers = [float(f"{v:.6g}") for v in value.tolist()]
+    if scale is None:
+        what, check = f"{name} {numbers}", f"its unit ({name} is in {shown}) and decimal point"
+    else:
+        px_name = name.rsplit("_", 1)[0] + "_px"
+        what = f"{px_name} {numbers} at {flag} {scale.tolist()}"
+        check = f"its decimal point and {flag}"
+    image = "slide" if name.startswith("pathology") else "ultrasound image"
+    raise LandmarkError(
+        f"{src}: {where}: {what} lies more than {limit:,.0f} {shown} from the image origin, "
+        f"beyond any {image} ({MAX_COORDINATE_MM / 1000:g} m). Fix the point (check {check}) "
+        "or remove it."
+    )
+
+
 def _reject_duplicates(arr: NDArray[np.float64], ids: tuple[str, ...], name: str, src: str) -> None:
+    from scipy.spatial import KDTree
+
     if len(arr) < 2:
         return
+    # relative to the spread, which _check_extent bounds (an unbounded spread made every pair
+    # of points "the same" within its tolerance)
     tol = 1e-9 * max(float(np.ptp(arr, axis=0).max()), 1.0)
-    diff = np.linalg.norm(arr[:, None, :] - arr[None, :, :], axis=-1)
-    i, j = np.nonzero(np.triu(diff <= tol, k=1))
-    if i.size:
-        a, b = ids[int(i[0])], ids[int(j[0])]
+    pairs = sorted(KDTree(arr).query_pairs(tol))
+    if pairs:
+        i, j = pairs[0]
         raise LandmarkError(
-            f"{src}: points {a!r} and {b!r} have the same {name} position "
-            f"{arr[int(i[0])].tolist()}; remove the duplicate or correct one of them."
+            f"{src}: points {ids[i]!r} and {ids[j]!r} have the same {name} position "
+            f"{arr[i].tolist()}; remove the duplicate or correct one of them."
         )
 
 
@@ -389,7 +435,11 @@ def _physical(
             f"{src}: {where} gives {side}_px but the pixel size is unknown; pass {flag} "
             f"or give {side}_{unit}."
         )
+    if phys is not None:
+        _check_extent(phys, src, where, f"{side}_{unit}")
     if px is not None and scale is not None:
+        # compared before multiplying: px * scale overflows to inf for px near 1e308
+        _check_extent(px, src, where, f"{side}_{unit}", scale=scale, flag=flag)
         from_px = px * scale
         if phys is not None and np.any(np.abs(from_px - phys) > scale):
             raise LandmarkError(

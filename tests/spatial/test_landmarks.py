@@ -197,6 +197,67 @@ def test_every_bad_file_is_rejected_with_file_and_point(tmp_path: Path, case: st
     assert "bad.json" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("pathology_um", [1e308, 2000.0], "pathology_um [1e+308, 2000.0]"),
+        ("pathology_um", [1e200, 2000.0], "pathology_um [1e+200, 2000.0]"),
+        ("pathology_px", [1e308, 400.0], "pathology_px [1e+308, 400.0]"),  # overflows × mpp
+        ("ultrasound_mm", [3.0, -2e6], "ultrasound_mm [3.0, -2000000.0]"),  # µm typed as mm
+        ("ultrasound_px", [40.0, 1e308], "ultrasound_px [40.0, 1e+308]"),
+    ],
+)
+def test_an_absurd_coordinate_is_refused_naming_the_point(
+    tmp_path: Path, field: str, value: list[float], named: str
+) -> None:
+    # was: a point at 1e308 µm made every pair of the *other* points "the same position"
+    points = _mutate(basic_points(), 2, **{field: value})
+    if field.endswith("_px"):  # only the pixel position, so nothing disagrees with it
+        points[2].pop(field.replace("_px", "_um" if "pathology" in field else "_mm"), None)
+    path = write_json(tmp_path / "huge.json", points)
+    for kwargs in ({}, {"slide_size_px": (20_000, 20_000), "us_size_px": (200, 200)}):
+        with pytest.raises(LandmarkError) as info:
+            load_landmarks(path, slide_mpp=MPP, us_spacing_mm=SPACING, **kwargs)
+        text = str(info.value)
+        assert "huge.json" in text and "'p3'" in text and named in text, text
+        assert "same" not in text and "Fix" in text
+
+
+def test_an_absurd_csv_coordinate_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "l.csv"
+    path.write_text(
+        "id,pathology_um_x,pathology_um_y,ultrasound_mm_x,ultrasound_mm_y\n"
+        "a,100,100,1,1\nb,9000,200,9,1.2\nc,300,8000,1.3,8\nd,1e308,50,5,5\n"
+    )
+    with pytest.raises(LandmarkError, match=r"l\.csv: point 'd' \(line 5\): pathology_um"):
+        load_landmarks(path)
+
+
+def test_landmarks_built_directly_are_bounded_too() -> None:
+    from oncotrace.spatial import Landmarks
+
+    good = landmarks_from_arrays(
+        pathology_um=[[0, 0], [1000, 0], [0, 1000]], ultrasound_mm=[[0, 0], [1, 0], [0, 1]]
+    )
+    doc = good.to_dict()
+    doc["points"][1]["ultrasound_mm"] = [1e308, 0.0]
+    with pytest.raises(LandmarkError, match=r"point 'p2' \(#2\): ultrasound_mm \[1e\+308"):
+        Landmarks.from_dict(doc)
+
+
+def test_duplicates_are_still_found_among_points_a_metre_apart() -> None:
+    # the duplicate tolerance is relative to the spread: the largest spread allowed keeps it
+    # far below a pixel, so two distinct points 1 µm apart are not "the same"
+    far = [[-999_000.0, 0.0], [999_000.0, 5.0], [0.0, 900_000.0]]
+    us = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    assert (
+        len(landmarks_from_arrays(pathology_um=[*far, [1.0, 1.0]], ultrasound_mm=[*us, [2, 2]]))
+        == 4
+    )
+    with pytest.raises(LandmarkError, match="'p1' and 'p4' have the same pathology position"):
+        landmarks_from_arrays(pathology_um=[*far, far[0]], ultrasound_mm=[*us, [2, 2]])
+
+
 def test_malformed_files_are_rejected(tmp_path: Path) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")
@@ -382,9 +443,10 @@ def _rejection_case(name: str) -> tuple[Any, dict[str, Any], str]:
     elif name == "reflection":
         q = apply(truth, p * [1, -1])
         match = "mirror"
-    elif name == "ultrasound in µm":
-        q = q * 1000
-        match = "spacing"
+    elif name == "ultrasound in cm":
+        # (in µm, 1000x, the positions lie beyond 1 m and are refused on reading)
+        q = q / 10
+        match = "ultrasound_mm is not in cm"
     elif name == "slide in pixels of a 0.25 mpp scan given as µm":
         p = p * 4
         q = apply(truth, p / 4)
@@ -406,7 +468,7 @@ def _rejection_case(name: str) -> tuple[Any, dict[str, Any], str]:
         "five pairs for tps",
         "collinear slide",
         "reflection",
-        "ultrasound in µm",
+        "ultrasound in cm",
         "slide in pixels of a 0.25 mpp scan given as µm",
         "smoothing with affine",
     ],
