@@ -314,14 +314,13 @@ def score_slides(
         Before anything runs: a model folder or card that cannot score, bad inputs or
         manifests, ``workers`` with ``scheduler`` (the error carries ``param``).
     """
-    from oncotrace.mil import ModelCard
 
     if workers is not None and scheduler is not None:
         raise ParameterError(
             "choose workers= (a LocalCluster) or scheduler=, not both", param="workers"
         )
     digest = model_hash(model_dir)
-    card = ModelCard.read(model_dir)
+    card = _loadable_card(model_dir)
     scoring_encoder(card, model_dir)
     jobs = collect_jobs(inputs, card.covariates.names)
     resolved, differs = resolve_tiling(card.tiling, dict(tiling or {}))
@@ -372,6 +371,25 @@ def score_slides(
     if warning and on_warning:
         on_warning(warning)
     return ScoreRun(tuple(jobs), cfg, report, files)
+
+
+def _loadable_card(model_dir: str | Path) -> ModelCard:
+    """The model's card, once the whole model has been loaded here, before any slide is sent:
+    a model that cannot load fails the run once, up front (it used to fail every slide in the
+    workers, one row each). Nothing is unpickled: weights are read as safetensors only."""
+    from oncotrace import mil
+
+    try:
+        _, card = mil.load_model(model_dir)
+    except (ValueError, FileNotFoundError):
+        raise  # the loader's own message names the file and the fix
+    except Exception as exc:  # a loader failure it did not put into words
+        raise ValueError(
+            f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {exc}). Fix: point"
+            " --model at a folder written by `oncotrace train` (model.json and"
+            " model.safetensors), or copy that folder again if it was damaged in transit."
+        ) from exc
+    return card
 
 
 def ood_warning(results: Sequence[Mapping[str, Any]]) -> str | None:

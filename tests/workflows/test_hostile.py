@@ -317,3 +317,41 @@ def test_upsampling_said_in_a_dask_worker_reaches_the_console(
     assert {p.name for p in trained["slides"].iterdir()} == {
         Path(w.split(": upsampled", 1)[0]).name for w in said
     }
+
+
+def _spoil(model: Path, how: str) -> None:
+    import pickle
+
+    weights = model / "model.safetensors"
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "pickle as weights":
+        weights.write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
+    elif how == "json list card":
+        (model / "model.json").write_text("[1, 2, 3]")
+    elif how == "invalid json card":
+        (model / "model.json").write_text('{"format": 3,')
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated weights", "pickle as weights", "json list card", "invalid json card"]
+)
+def test_a_model_that_cannot_load_fails_the_run_once_up_front(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    how: str,
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(trained["model"], model)
+    _spoil(model, how)
+    out = tmp_path / "res"
+    res = CliRunner().invoke(
+        app, ["score", str(trained["slides"]), "--model", str(model), "--out", str(out)]
+    )
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    text = " ".join(res.output.split())
+    assert text.startswith("error: ") and text.count("error:") == 1, res.output
+    assert str(model) in text and "Fix:" in text
+    assert "Traceback" not in text
+    assert not (out / "slides").exists()  # no slide was sent anywhere
