@@ -85,6 +85,7 @@ from ._pathomics import FEATURE_NAMES, pathomics_features
 from ._protocol import TrainConfig, TrainConfigError, TrainResult, train_model
 from ._report import plot_confusion, plot_reliability, plot_roc, render_html
 from ._splits import grouped_kfold, grouped_split, inner_validation, site_holdout
+from ._state import ModelFileError
 from ._train import (
     CohortData,
     Evaluation,
@@ -122,6 +123,7 @@ __all__ = [
     "MetricCI",
     "ModelCard",
     "ModelEncoder",
+    "ModelFileError",
     "MulticlassMetrics",
     "OODResult",
     "OODStats",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -33,8 +33,16 @@ from oncotrace.wsi import TilingConfig
 from ._heads import HeadConfig
 from ._ood import OODStats
 from ._protocol import TrainConfig
+from ._state import ModelFileError
 
-__all__ = ["CARD_FILE", "CARD_FORMAT_VERSION", "CovariateSpec", "ModelCard", "ModelEncoder"]
+__all__ = [
+    "CARD_FILE",
+    "CARD_FORMAT_VERSION",
+    "CovariateSpec",
+    "ModelCard",
+    "ModelEncoder",
+    "ModelFileError",
+]
 
 CARD_FILE = "model.json"
 CARD_FORMAT_VERSION = 3
@@ -258,86 +266,111 @@ class ModelCard:
 
         Raises
         ------
-        ValueError
+        ModelFileError
             If the data is not a MIL head's card, is newer than this OncoTrace reads, has
-            unknown sections or lacks a required one.
+            unknown sections, lacks a required one or holds a section of the wrong shape (a
+            string temperature, a list for covariates, ...); it names ``source``.
         """
         if isinstance(data, Mapping) and data.get("format") == "oncotrace-fewshot-head":
-            raise ValueError(
-                f"{source}: a few-shot head ({data.get('kind')!r} on frozen case embeddings), not"
-                " an attention-MIL head. Fix: load it with mil.load_fewshot_head; score and"
-                " evaluate take the folder `oncotrace train` wrote."
+            raise ModelFileError(
+                source,
+                f"a few-shot head ({data.get('kind')!r} on frozen case embeddings), not an"
+                " attention-MIL head",
+                "load it with mil.load_fewshot_head; score and evaluate take the folder"
+                " `oncotrace train` wrote.",
             )
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
-            raise ValueError(
-                f"{source}: not an OncoTrace MIL head (format {_FORMAT!r} expected). Fix: pass"
-                " the folder `oncotrace train` or mil.save_model wrote."
+            got = f"a JSON {type(data).__name__}" if not isinstance(data, Mapping) else "a card"
+            raise ModelFileError(
+                source,
+                f"not an OncoTrace MIL head ({got} without format {_FORMAT!r})",
+                "pass the folder `oncotrace train` or mil.save_model wrote, or copy it again if"
+                " this file was damaged in transit.",
             )
         version = data.get("format_version", 1)
-        if not isinstance(version, int) or version > CARD_FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: format_version {version!r} is newer than this OncoTrace reads"
-                f" ({CARD_FORMAT_VERSION}); upgrade OncoTrace."
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ModelFileError(source, f"format_version {version!r} is not a positive integer")
+        if version > CARD_FORMAT_VERSION:
+            raise ModelFileError(
+                source,
+                f"format_version {version} is newer than this OncoTrace reads"
+                f" ({CARD_FORMAT_VERSION})",
+                "upgrade OncoTrace.",
             )
         unknown = sorted(set(data) - _SECTIONS)
         if unknown:
-            raise ValueError(
-                f"{source}: unknown section(s) {unknown}; a model card holds {sorted(_SECTIONS)}."
-                " Fix: remove them, or read the file with the OncoTrace that wrote it."
+            raise ModelFileError(
+                source,
+                f"unknown section(s) {unknown}; a model card holds {sorted(_SECTIONS)}",
+                "remove them, or read the file with the OncoTrace that wrote it.",
             )
         if "config" not in data:
-            raise ValueError(
-                f"{source}: no 'config' section (the head's configuration). Fix: restore the"
-                " file from the run that wrote model.safetensors, or retrain."
-            )
+            raise ModelFileError(source, "no 'config' section (the head's configuration)")
         try:
+            if not isinstance(data["config"], Mapping):
+                raise TypeError(f"a JSON object is needed, got {data['config']!r}")
             head = HeadConfig.from_dict(data["config"])
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: bad head 'config': {exc}") from exc
+            raise ModelFileError(source, f"bad head 'config': {exc}") from exc
         tasks = data.get("tasks")
-        if tasks is not None and {t: list(c) for t, c in head.tasks.items()} != dict(tasks):
-            raise ValueError(
-                f"{source}: 'tasks' {dict(tasks)} disagree with the head config's tasks"
-                f" {dict(head.tasks)}. Fix: restore the file from one `oncotrace train` run."
+        head_tasks = {t: list(c) for t, c in head.tasks.items()}
+        if tasks is not None and (not isinstance(tasks, Mapping) or head_tasks != dict(tasks)):
+            raise ModelFileError(
+                source,
+                f"'tasks' {tasks!r} disagree with the head config's tasks {head_tasks}",
             )
+        for name in ("training", "metrics"):
+            if data.get(name) is not None and not isinstance(data[name], Mapping):
+                raise ModelFileError(source, f"{name!r} is {data[name]!r}, not a JSON object")
         try:
             enc = data.get("encoder")
-            encoder = None if enc is None else ModelEncoder(str(enc["name"]), int(enc["dim"]))
+            encoder = None if enc is None else _encoder(enc)
             cov = data.get("covariates") or {}
+            if not isinstance(cov, Mapping):
+                raise TypeError(f"covariates is {cov!r}, not a JSON object")
             covariates = CovariateSpec(
-                names=tuple(cov.get("names") or ()),
-                mean=tuple(cov.get("mean") or ()),
-                std=tuple(cov.get("std") or ()),
-                encoding=cov.get("encoding") or {},
+                names=_strings(cov.get("names") or (), "covariate names"),
+                mean=_finite(cov.get("mean") or (), "covariate means"),
+                std=_finite(cov.get("std") or (), "covariate stds", positive=True),
+                encoding=_encoding(cov.get("encoding") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{source}: malformed 'encoder' or 'covariates' section ({exc}). Expected"
-                " encoder {'name': str, 'dim': int} and covariates {'names', 'mean', 'std'} of"
-                " equal lengths. Fix: restore the file, or retrain."
+            raise ModelFileError(
+                source,
+                f"malformed 'encoder' or 'covariates' section ({exc}). Expected encoder"
+                " {'name': str, 'dim': int} and covariates {'names', 'mean', 'std'} of equal"
+                " lengths, the stds above 0",
             ) from exc
         in_dim = head.in_dims
         if encoder is not None and isinstance(in_dim, int) and encoder.dim != in_dim:
-            raise ValueError(
-                f"{source}: the head takes {in_dim}-dim features but the file says encoder"
-                f" {encoder.name!r} has dim {encoder.dim}; the model files are inconsistent."
-                " Fix: retrain, or restore both files from the same `oncotrace train` run."
+            raise ModelFileError(
+                source,
+                f"the head takes {in_dim}-dim features but the file says encoder"
+                f" {encoder.name!r} has dim {encoder.dim}; the model files are inconsistent",
             )
+        calibration = data.get("calibration")
+        if calibration is not None:
+            _check_calibration(calibration, head.tasks, source)
         tc = data.get("train_config")
         tiling = data.get("tiling")
+        try:
+            tiling_config = (
+                None if tiling is None else TilingConfig.from_dict(tiling, source=source)
+            )
+            train_config = None if tc is None else TrainConfig.from_dict(tc, source=source)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(source, _own_words(exc, source)) from exc
         ood = data.get("ood")
         if ood is not None and not isinstance(ood, Mapping):
-            raise ValueError(
-                f"{source}: malformed 'ood' section. Fix: restore the file, or retrain."
-            )
+            raise ModelFileError(source, f"malformed 'ood' section {ood!r}")
         return cls(
             head=head,
             encoder=encoder,
             covariates=covariates,
-            tiling=None if tiling is None else TilingConfig.from_dict(tiling, source=source),
-            calibration=data.get("calibration"),
+            tiling=tiling_config,
+            calibration=calibration,
             training=data.get("training") or {},
-            train_config=None if tc is None else TrainConfig.from_dict(tc, source=source),
+            train_config=train_config,
             metrics=data.get("metrics") or {},
             ood=None if ood is None else OODStats.read(Path(source).parent, ood),
             oncotrace_version=str(data.get("oncotrace_version", "")),
@@ -365,19 +398,111 @@ class ModelCard:
 
         Raises
         ------
-        FileNotFoundError
-            If the file is missing.
-        ValueError
-            If it is not valid JSON or not a valid card (see :meth:`from_dict`).
+        ModelFileError
+            If the file is missing, is not UTF-8 JSON or not a valid card (see
+            :meth:`from_dict`).
         """
         path = Path(directory) / CARD_FILE
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: not found. Fix: pass the folder `oncotrace train` (or mil.save_model"
-                " / mil.save_head) wrote."
+            where = "the folder does not exist" if not Path(directory).is_dir() else "not found"
+            raise ModelFileError(
+                path,
+                where,
+                "pass the folder `oncotrace train` (or mil.save_model / mil.save_head) wrote.",
             )
         try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}). Fix: restore the file.") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+            raise ModelFileError(path, f"not valid UTF-8 JSON ({exc})") from exc
         return cls.from_dict(data, source=path)
+
+
+# -------------------------------------------------------------------------------- checks
+
+
+def _own_words(exc: BaseException, source: str | Path) -> str:
+    """A nested reader's message without its own ``<file>: `` prefix (the error adds it)."""
+    text = str(exc)
+    prefix = f"{source}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(values: Any, what: str, *, positive: bool = False) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or not all(_is_number(v) for v in values):
+        raise TypeError(f"{what} must be a list of numbers, got {values!r}")
+    out = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise ValueError(f"{what} must be finite{' and above 0' if positive else ''}: {values}")
+    return out
+
+
+def _strings(values: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{what} must be a list of strings, got {values!r}")
+    return tuple(values)
+
+
+def _encoder(enc: Any) -> ModelEncoder:
+    if not isinstance(enc, Mapping):
+        raise TypeError(f"encoder is {enc!r}, not a JSON object")
+    name, dim = enc["name"], enc["dim"]
+    if not isinstance(name, str) or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise TypeError(f"encoder name {name!r} / dim {dim!r}")
+    return ModelEncoder(name, dim)
+
+
+def _encoding(enc: Any) -> Mapping[str, Mapping[str, int]]:
+    ok = isinstance(enc, Mapping) and all(
+        isinstance(m, Mapping) and all(_is_number(v) for v in m.values()) for m in enc.values()
+    )
+    if not ok:
+        raise TypeError(f"covariate encoding must map column -> value -> number, got {enc!r}")
+    return enc
+
+
+def _check_calibration(rec: Any, tasks: Mapping[str, Sequence[str]], source: str | Path) -> None:
+    """Refuse a ``calibration`` section :func:`mil.apply_calibration` could not use as written
+    (the shape :func:`mil.fit_calibration` returns)."""
+
+    def bad(problem: str) -> ModelFileError:
+        return ModelFileError(source, f"'calibration' {problem}")
+
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("tasks"), Mapping):
+        raise bad("is not a record of mil.fit_calibration (a JSON object with 'tasks')")
+    if not isinstance(rec.get("notes", []), list):
+        raise bad(f"notes {rec['notes']!r} are not a list")
+    for task, t in rec["tasks"].items():
+        where = f"of task {task!r}"
+        if task not in tasks:
+            raise bad(f"names task {task!r}, which the head does not have ({list(tasks)})")
+        if not isinstance(t, Mapping):
+            raise bad(f"{where} is {t!r}, not a JSON object")
+        names = t.get("class_names", list(tasks[task]))
+        if not isinstance(names, list) or names != list(tasks[task]):
+            raise bad(f"{where} was fitted for classes {names!r}, not {list(tasks[task])}")
+        temp = t.get("temperature", 1.0)
+        if not _is_number(temp) or not (math.isfinite(temp) and temp > 0):
+            raise bad(f"{where}: temperature {temp!r} is not a number above 0")
+        thr = t.get("threshold")
+        if thr is not None and not (_is_number(thr) and 0.0 <= thr <= 1.0):
+            raise bad(f"{where}: threshold {thr!r} is not a probability in [0, 1]")
+        if not isinstance(t.get("notes", []), list):
+            raise bad(f"{where}: notes {t['notes']!r} are not a list")
+        conf = t.get("conformal")
+        if conf is None:
+            continue
+        if not isinstance(conf, Mapping):
+            raise bad(f"{where}: conformal {conf!r} is not a JSON object")
+        scores, level, qhat = conf.get("scores") or [], conf.get("level", 0.0), conf.get("qhat")
+        if not isinstance(scores, list) or not all(
+            _is_number(v) and math.isfinite(v) for v in scores
+        ):
+            raise bad(f"{where}: conformal scores are not a list of numbers")
+        if scores and not (_is_number(level) and 0.0 < level < 1.0):
+            raise bad(f"{where}: conformal level {level!r} is not in (0, 1)")
+        if qhat is not None and not (_is_number(qhat) and math.isfinite(qhat)):
+            raise bad(f"{where}: conformal qhat {qhat!r} is not a number")

@@ -277,41 +277,56 @@ class OODStats:
 
         Raises
         ------
-        ValueError
-            If the file is missing, is not the one the record names (sha256), or is malformed;
-            the message says how to restore or drop it.
+        ModelFileError
+            If the file is missing, is not the one the record names (sha256), or is malformed
+            (not safetensors, missing arrays, inconsistent shapes, NaN/inf, a record field of
+            the wrong type); the message says how to restore or drop it.
         """
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
+
+        from ._state import ModelFileError
 
         path = Path(directory) / str(record.get("file", OOD_FILE))
         fix = (
-            " Fix: restore it from the `oncotrace train` run that wrote model.json, or delete the"
-            " 'ood' section of model.json to use the model without out-of-domain checks."
+            "restore it from the `oncotrace train` run that wrote model.json (copy the model"
+            " folder again), or delete the 'ood' section of model.json to use the model"
+            " without out-of-domain checks."
         )
         if not path.is_file():
-            raise ValueError(f"{path}: missing; model.json names it for the ood check.{fix}")
+            raise ModelFileError(path, "missing; model.json names it for the ood check", fix)
         if record.get("sha256") and _sha256(path) != record["sha256"]:
-            raise ValueError(f"{path}: not the file model.json names (sha256 differs).{fix}")
+            raise ModelFileError(path, "not the file model.json names (sha256 differs)", fix)
         try:
             a = load_file(str(path))
+            numbers = {k: record[k] for k in ("threshold", "quantile", "folds")}
+            if not all(_is_number(v) for v in numbers.values()):
+                raise TypeError(f"model.json's ood record has non-numbers {numbers}")
             stats = cls(
                 center=a["center"],
                 scale=a["scale"],
                 components=a["components"],
                 variances=a["variances"],
                 residual=a["residual"],
-                threshold=float(record["threshold"]),
-                quantile=float(record["quantile"]),
+                threshold=float(numbers["threshold"]),
+                quantile=float(numbers["quantile"]),
                 heldout=a["heldout"],
-                folds=int(record["folds"]),
+                folds=int(numbers["folds"]),
             )
-        except (KeyError, TypeError, ValueError, OSError) as exc:
-            raise ValueError(f"{path}: malformed ({exc}).{fix}") from exc
+        except (KeyError, TypeError, ValueError, OSError, SafetensorError) as exc:
+            raise ModelFileError(path, f"malformed ({exc})", fix) from exc
         d = stats.dim
         k = stats.variances.shape[0]
         if stats.components.shape != (k, d) or stats.scale.shape != (d,):
-            raise ValueError(f"{path}: arrays of inconsistent shapes.{fix}")
+            raise ModelFileError(path, "arrays of inconsistent shapes", fix)
+        arrays = stats._arrays().values()
+        if not (math.isfinite(stats.threshold) and all(np.isfinite(v).all() for v in arrays)):
+            raise ModelFileError(path, "NaN/inf in the statistics or threshold", fix)
         return stats
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _sha256(path: Path) -> str:

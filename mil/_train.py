@@ -50,7 +50,7 @@ class CohortData:
     bags : list of N (N_i, D) float32 ndarrays of tile features.
     coords : list of N (N_i, 2) int64 ndarrays, level-0 ``(x, y)`` of each tile.
     tile_size_level0 : (N,) int64 ndarray, tile side in level-0 px per slide.
-    labels : dict task -> (N,) int64 class indices (-1 where the label is empty).
+    labels : dict task -> (N,) int64 class indices (-1 where the label is missing).
     class_names : dict task -> tuple of class names (sorted), indexed by ``labels``.
     covariates : (N, K) float32 standardised covariates, or None.
     covariate_names : names of the K covariates.
@@ -102,6 +102,41 @@ def _covariate_column(name: str, values: list[str], csv_path: Path) -> NDArray[n
     )
 
 
+#: Label cells read as "no label" (compared case-insensitively, after stripping): the case is
+#: left out of that task's loss and metrics and still counts for the other tasks. The spellings
+#: spreadsheets and pandas write for a missing value; ``None`` is not among them, since "none"
+#: can be a class (e.g. no nodal involvement).
+MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "null", "<na>", "#n/a", "#na"})
+
+
+def _label_value(cell: str) -> str:
+    """A label cell as a class name, or ``""`` when it is missing (:data:`MISSING_LABELS`)."""
+    value = cell.strip()
+    return "" if value.lower() in MISSING_LABELS else value
+
+
+def _refuse_case_variants(task: str, values: Sequence[str], csv_path: Path) -> None:
+    """Refuse one class written in two letter cases (``Benign`` / ``benign``): two classes."""
+    spellings: dict[str, dict[str, int]] = {}
+    for v in values:
+        if v:
+            counts = spellings.setdefault(v.casefold(), {})
+            counts[v] = counts.get(v, 0) + 1
+    clashes = [c for c in spellings.values() if len(c) > 1]
+    if not clashes:
+        return
+    counts = clashes[0]
+    keep = max(counts, key=lambda v: (counts[v], v))  # the commoner spelling
+    shown = " and ".join(f"{v!r} ({n} row{'s' * (n > 1)})" for v, n in sorted(counts.items()))
+    others = ", ".join(repr(v) for v in sorted(counts) if v != keep)
+    more = f" ({len(clashes) - 1} more class(es) like this)" if len(clashes) > 1 else ""
+    raise ValueError(
+        f"{csv_path}: column {task!r} spells one class two ways: {shown}{more}; they would"
+        f" become different classes. Fix: write one spelling in every row of {task!r} (e.g."
+        f" replace {others} with {keep!r})."
+    )
+
+
 def _is_float(v: str) -> bool:
     try:
         float(v)
@@ -127,7 +162,10 @@ def load_cohort(
     stores_dir : folder of tile stores embedded with ``encoder``.
     labels_csv : CSV with columns ``slide_id, patient_id`` (``site`` optional: needed only for
         site splits; missing, every slide gets site ``""``), one column per task and one per
-        covariate. Empty task cells become label -1 (ignored in the loss and metrics).
+        covariate. A missing task cell (empty, ``NA``, ``N/A``, ``NaN``, ``null``, ...: see
+        :data:`MISSING_LABELS`) becomes label -1: the case is ignored in that task's loss and
+        metrics and still counts for the other tasks. One class spelled in two letter cases
+        (``Benign`` / ``benign``) is an error.
     encoder : name of the ``features/<encoder>`` array to load: a registered encoder (its dim is
         checked) or any name features were imported or embedded under (dims must agree across
         the stores).
@@ -177,7 +215,8 @@ def load_cohort(
     labels: dict[str, IntArray] = {}
     names_of: dict[str, tuple[str, ...]] = {}
     for task in tasks:
-        values = [r[task].strip() for r in rows]
+        values = [_label_value(r[task]) for r in rows]
+        _refuse_case_variants(task, values, labels_csv)
         if class_names is not None and task in class_names:
             names = tuple(class_names[task])
             foreign = sorted({v for v in values if v} - set(names))
@@ -892,7 +931,35 @@ def save_model(
 
 
 def load_model(directory: str | Path) -> tuple[MILHead, ModelCard]:
-    """Read a model written by :func:`save_model`: ``(head in eval mode, its card)``."""
-    from ._heads import load_head
+    """Read a model written by :func:`save_model`: ``(head in eval mode, its card)``.
 
-    return load_head(directory), ModelCard.read(directory)
+    Only JSON and safetensors are read; nothing is unpickled.
+
+    Raises
+    ------
+    ModelFileError
+        For every folder that cannot be loaded: a missing, truncated or non-safetensors
+        ``model.safetensors`` (a pickle is refused unread), a ``model.json`` that is not JSON
+        or not a valid card (see :meth:`ModelCard.from_dict`), weights of another head, a bad
+        ``ood.safetensors``. The message names the file and the fix.
+    """
+    from ._heads import MILHead
+    from ._state import ModelFileError, read_weights, state_dict_mismatch
+
+    directory = Path(directory)
+    card = ModelCard.read(directory)
+    weights_path = directory / "model.safetensors"
+    found = read_weights(weights_path)
+    model = MILHead(card.head)
+    problem = state_dict_mismatch(model.state_dict(), found)
+    if problem:
+        raise ModelFileError(
+            weights_path,
+            f"does not match the head in {directory / 'model.json'}: {problem} (the two files"
+            " come from different runs?)",
+        )
+    bad = sorted(k for k, v in found.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ModelFileError(weights_path, f"NaN/inf in the weights {bad[:5]}")
+    model.load_state_dict(found)
+    return model.eval(), card

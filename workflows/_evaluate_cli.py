@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ._failures import usage_error
 from ._predictions import PredictionRow, write_predictions
 
 if TYPE_CHECKING:
@@ -78,11 +79,11 @@ def register(app: typer.Typer, console: Console) -> None:
                 conformal_level=conformal_level,
                 seed=seed,
             )
-        except (ValueError, FileNotFoundError, KeyError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        except KeyError as exc:
             # plain echo: rich would fold long paths at the console width
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(2) from exc
+            raise usage_error(ValueError(exc.args[0] if exc.args else str(exc))) from exc
+        except (ValueError, FileNotFoundError) as exc:  # mil.ModelFileError included
+            raise usage_error(exc) from exc
         table = Table(title=f"{result['n_cases']} cases → {out}")
         for col in ("task", "measure", "estimate", "95 % CI"):
             table.add_column(col)
@@ -114,6 +115,7 @@ def evaluate_command(
     from oncotrace import mil
 
     t0 = time.perf_counter()
+    # first: a model folder that cannot load (mil.ModelFileError) is refused before any work
     model, card = mil.load_model(model_dir)
     encoder = _model_encoder(model_dir, card)
     tasks = card.tasks

@@ -139,9 +139,170 @@ def test_bad_cards_name_the_file_and_the_problem(tmp_path: Path, edit, expect: s
     assert str(tmp_path / "model.json") in str(err.value)
 
 
-def test_missing_card_is_file_not_found(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"model\.json"):
+def test_missing_card_is_a_model_file_error(tmp_path: Path) -> None:
+    with pytest.raises(mil.ModelFileError, match=r"model\.json: not found") as err:
         mil.ModelCard.read(tmp_path)
+    assert err.value.path == str(tmp_path / "model.json")
+    with pytest.raises(mil.ModelFileError, match="does not exist"):
+        mil.load_model(tmp_path / "no-such-folder")
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile model folders: every way a folder cannot load is one ModelFileError naming the file
+# --------------------------------------------------------------------------------------------
+
+
+def _calibrated(directory: Path) -> Path:
+    """A saved head with an encoder and a calibration record, as `oncotrace train` writes."""
+    cal = {
+        "version": 1,
+        "source": "validation",
+        "level": 0.9,
+        "tasks": {
+            "label": {
+                "class_names": ["neg", "pos"],
+                "temperature": 1.5,
+                "threshold": 0.4,
+                "conformal": {"method": "lac", "level": 0.9, "qhat": 0.7, "scores": [0.1, 0.7]},
+            }
+        },
+    }
+    enc = mil.ModelEncoder("pathomics", D)
+    return mil.save_model(directory, _head(), encoder=enc, calibration=cal)
+
+
+def _edit_card(edit):
+    def apply(directory: Path) -> None:
+        meta = json.loads((directory / "model.json").read_text())
+        edit(meta)
+        (directory / "model.json").write_text(json.dumps(meta))
+
+    return apply
+
+
+class _Sentinel:
+    """Unpickling this touches ``path``: proof that nothing was unpickled if it stays absent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def _truncate(directory: Path) -> None:
+    w = directory / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _pickle_in_place(directory: Path) -> None:
+    import pickle
+
+    (directory / "model.safetensors").write_bytes(
+        pickle.dumps({"w": _Sentinel(directory / "UNPICKLED")})
+    )
+
+
+def _torch_save_in_place(directory: Path) -> None:
+    torch.save({"w": torch.zeros(3)}, directory / "model.safetensors")
+
+
+def _other_head(directory: Path) -> None:
+    torch.manual_seed(1)
+    other = mil.create_head("abmil", D + 3, TASKS, covariates=2, **SMALL)
+    mil.save_head(other, directory / "other")
+    (directory / "other" / "model.safetensors").replace(directory / "model.safetensors")
+
+
+def _nan_weights(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(directory / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = torch.full_like(w[name], float("nan"))
+    save_file(w, str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "expect"),
+    [
+        (_truncate, "model.safetensors", "not a complete safetensors file"),
+        (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors", "safetensors"),
+        (_pickle_in_place, "model.safetensors", "a pickle"),
+        (_torch_save_in_place, "model.safetensors", "a pickle"),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors", "missing"),
+        (_other_head, "model.safetensors", "does not match the head"),
+        (_nan_weights, "model.safetensors", "NaN/inf in the weights"),
+        (lambda d: (d / "model.json").write_text("[1, 2, 3]"), "model.json", "a JSON list"),
+        (lambda d: (d / "model.json").write_text('{"format": '), "model.json", "not valid"),
+        (lambda d: (d / "model.json").write_bytes(b"\xff\xfe{}"), "model.json", "UTF-8"),
+        (_edit_card(lambda m: m.update(format_version="3")), "model.json", "format_version"),
+        (_edit_card(lambda m: m.update(config=[1, 2, 3])), "model.json", "head 'config'"),
+        (_edit_card(lambda m: m.update(tasks=[1, 2, 3])), "model.json", "'tasks'"),
+        (_edit_card(lambda m: m.update(covariates=[1, 2, 3])), "model.json", "covariates"),
+        (_edit_card(lambda m: m.update(encoder=[1, 2, 3])), "model.json", "encoder"),
+        (_edit_card(lambda m: m.update(metrics=[1, 2, 3])), "model.json", "'metrics'"),
+        (_edit_card(lambda m: m.update(calibration=[1, 2, 3])), "model.json", "'calibration'"),
+        (_edit_card(lambda m: m.update(tiling=[1, 2, 3])), "model.json", "tiling"),
+        (
+            _edit_card(lambda m: m["calibration"]["tasks"]["label"].update(temperature="hot")),
+            "model.json",
+            "temperature 'hot'",
+        ),
+        (
+            _edit_card(lambda m: m["calibration"]["tasks"]["label"].update(temperature="1.5")),
+            "model.json",
+            "temperature '1.5'",
+        ),
+        (
+            _edit_card(lambda m: m["calibration"]["tasks"]["label"].update(threshold=7)),
+            "model.json",
+            "threshold 7",
+        ),
+        (
+            _edit_card(lambda m: m["calibration"]["tasks"]["label"].update(class_names=["x"])),
+            "model.json",
+            "classes",
+        ),
+        (
+            _edit_card(lambda m: m["calibration"]["tasks"].update(stage={})),
+            "model.json",
+            "task 'stage'",
+        ),
+        (
+            _edit_card(lambda m: m["covariates"].update(names=["age"], mean=[50.0], std=[0.0])),
+            "model.json",
+            "stds above 0",
+        ),
+    ],
+)
+def test_a_damaged_model_folder_is_one_error_naming_the_file(
+    tmp_path: Path, damage, file: str, expect: str
+) -> None:
+    directory = _calibrated(tmp_path / "m")
+    mil.load_model(directory)  # loads before the damage
+    damage(directory)
+    with pytest.raises(mil.ModelFileError) as err:
+        mil.load_model(directory)
+    assert expect in str(err.value), str(err.value)
+    assert err.value.path == str(directory / file)
+    assert str(err.value).startswith(f"{directory / file}: ")
+    assert "Fix: " in str(err.value) and err.value.fix in str(err.value)
+    assert not (directory / "UNPICKLED").exists()
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+
+
+def test_model_file_error_survives_pickling() -> None:
+    import pickle
+
+    err = mil.ModelFileError("/m/model.json", "broken", "copy it again")
+    back = pickle.loads(pickle.dumps(err))  # a Dask worker's error reaches the client intact
+    assert (back.path, back.problem, back.fix, str(back)) == (
+        err.path,
+        err.problem,
+        err.fix,
+        "/m/model.json: broken. Fix: copy it again",
+    )
 
 
 @pytest.mark.parametrize(

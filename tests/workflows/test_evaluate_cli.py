@@ -334,6 +334,37 @@ def test_refuses_bad_readers(trained: dict[str, Path], tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "a")
 
 
+@pytest.mark.parametrize(
+    ("damage", "file"),
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x80\x04K\x01."), "model.safetensors"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(
+                (d / "model.safetensors").read_bytes()[:99]
+            ),
+            "model.safetensors",
+        ),
+        (lambda d: (d / "model.json").write_text("[1, 2, 3]"), "model.json"),
+        (lambda d: (d / "model.json").write_text("{"), "model.json"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_usage_error_up_front(
+    trained: dict[str, Path], tmp_path: Path, damage, file: str
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(trained["model"], model)
+    damage(model)
+    code, text = _invoke(
+        "evaluate", "--model", str(model), "--stores", str(tmp_path / "no-stores"),
+        "--labels", str(tmp_path / "no-labels.csv"), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    # the model is refused before the (missing) stores and labels are looked at
+    assert code == 2 and text.startswith(f"error: {model / file}: "), text
+    assert "Fix: " in text and "copy" in text and "oncotrace train" in text
+    assert "Traceback" not in text and "SafetensorError" not in text
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Features imported under a name no registered encoder has
 # --------------------------------------------------------------------------------------------
