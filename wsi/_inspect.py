@@ -18,6 +18,7 @@ from typing import Literal
 import tifffile
 
 from ._errors import CorruptSlideError, UnsupportedSlideError
+from ._tilecache import MAX_SEGMENT_BYTES, segment_nbytes, segment_too_large
 
 Container = Literal["tiff", "dicom", "png", "jpeg", "bmp", "jp2", "text", "unknown"]
 
@@ -40,6 +41,8 @@ class FileInfo:
     size_bytes: int
     cucim_safe: bool = False
     is_ome: bool = False
+    #: bytes of the largest decoded tile or strip of the slide's images (TIFF only)
+    max_segment_bytes: int = 0
 
 
 def sniff(path: Path) -> Container:
@@ -125,6 +128,7 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
             _refuse_multichannel(path, tf)
             check_pyramid(path, _pyramid_pages(tf))
             safe = True
+            largest = 0
             for page in pages:
                 if not isinstance(page, tifffile.TiffPage):
                     continue
@@ -137,6 +141,8 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
                     )
                 _check_page_data(path, page, size)
                 main = page.is_tiled or page.index == 0
+                if main:
+                    largest = max(largest, _check_segment_size(path, page))
                 if main and not (_cucim_decodes(page) and _jpeg_tiles_sane(tf.filehandle, page)):
                     safe = False
     except (CorruptSlideError, UnsupportedSlideError):
@@ -147,7 +153,22 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
             f"the TIFF structure cannot be parsed ({type(exc).__name__}: {exc}).",
             "the file is truncated or damaged; copy or export it again.",
         ) from exc
-    return FileInfo(path, "tiff", size, cucim_safe=safe and not is_ome, is_ome=is_ome)
+    return FileInfo(
+        path, "tiff", size, cucim_safe=safe and not is_ome, is_ome=is_ome, max_segment_bytes=largest
+    )
+
+
+def _check_segment_size(path: Path, page: tifffile.TiffPage) -> int:
+    """Bytes of one decoded tile or strip of ``page``; refused past MAX_SEGMENT_BYTES."""
+    nbytes = segment_nbytes(page)
+    if nbytes > MAX_SEGMENT_BYTES:
+        if page.is_tiled:
+            kind, tile = "tile", (int(page.tilewidth), int(page.tilelength))
+        else:
+            rows = min(int(page.rowsperstrip or page.imagelength), int(page.imagelength))
+            kind, tile = "strip", (int(page.imagewidth), rows)
+        raise UnsupportedSlideError(path, *segment_too_large(kind, tile, nbytes))
+    return nbytes
 
 
 #: Photometric interpretations of grey planes (MinIsWhite, MinIsBlack): one channel per sample.

@@ -332,12 +332,20 @@ def _resolve_path(path: Path) -> Path:
     return path
 
 
+#: Decoded tile (or strip) size past which OpenSlide is not the first choice: its tile cache
+#: (32 MiB) would hold too few, so every region read decodes whole tiles again.
+OPENSLIDE_TILE_BYTES = 8 << 20
+
+
 def _candidates(info: FileInfo) -> list[BackendName]:
     if info.container == "tiff":
         order: list[BackendName] = []
         if info.cucim_safe and cucim_available():
             order.append("cucim")
-        order += ["openslide", "tifffile"]
+        if info.max_segment_bytes > OPENSLIDE_TILE_BYTES:  # tifffile caches what it decodes
+            order += ["tifffile", "openslide"]
+        else:
+            order += ["openslide", "tifffile"]
         if info.is_ome:  # Z planes and OME metadata are only seen through tifffile
             order = ["tifffile", "openslide"]
         return order

@@ -396,3 +396,68 @@ def build_corpus(
     if shared_data is not None:
         records += real_bad_inputs(directory, shared_data)
     return records
+
+
+# -- issue 12, slide readers: work bounds and messages (appended) ---------------------------------
+
+#: Side of the one Deflate tile of :func:`make_one_big_deflate_tile`, and where its planted square
+#: lies (level-0 x, y, side) with the square's colour; the rest is BACKGROUND.
+BIG_TILE_SIDE = 8192
+PLANTED = (5000, 3000, 300)
+PLANTED_RGB = (200, 90, 160)
+BACKGROUND = (240, 238, 242)
+
+
+def make_one_big_deflate_tile(directory: Path) -> Path:
+    """A ~200 KB TIFF holding one 8192×8192 RGB Deflate tile (192 MiB decoded) at 0.5 µm/px,
+    near-white with one planted square: a decompression ratio near Deflate's ~1000:1."""
+    img = np.empty((BIG_TILE_SIDE, BIG_TILE_SIDE, 3), np.uint8)
+    img[...] = BACKGROUND
+    x, y, side = PLANTED
+    img[y : y + side, x : x + side] = PLANTED_RGB
+    path = directory / "one-8192-deflate-tile.tif"
+    tifffile.imwrite(
+        path,
+        img,
+        tile=(BIG_TILE_SIDE, BIG_TILE_SIDE),
+        compression="zlib",
+        photometric="rgb",
+        resolution=(20_000, 20_000),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
+def make_oversized_segment(directory: Path, *, tiled: bool) -> tuple[Path, int]:
+    """A hand-made TIFF whose one tile (``tiled``) or strip is 16384 px square, RGB, Deflate:
+    768 MiB decoded, from a few hundred bytes. Returns the path and that decoded size in bytes,
+    computed by hand (16384 · 16384 · 3)."""
+    import zlib
+
+    side = 16_384
+    payload = zlib.compress(bytes(4096))
+    layout: list[tuple[int, str, Sequence[int]]] = [
+        (256, "LONG", [side]),  # ImageWidth
+        (257, "LONG", [side]),  # ImageLength
+        (258, "SHORT", [8, 8, 8]),  # BitsPerSample
+        (259, "SHORT", [8]),  # Compression: Deflate
+        (262, "SHORT", [2]),  # Photometric: RGB
+        (277, "SHORT", [3]),  # SamplesPerPixel
+        (282, "RATIONAL", [20_000, 1]),  # XResolution: 0.5 µm/px
+        (283, "RATIONAL", [20_000, 1]),  # YResolution
+        (284, "SHORT", [1]),  # PlanarConfiguration: contig
+        (296, "SHORT", [3]),  # ResolutionUnit: cm
+    ]
+    if tiled:
+        layout += [(322, "LONG", [side]), (323, "LONG", [side])]
+        offsets_tag, counts_tag = 324, 325
+    else:
+        layout += [(278, "LONG", [side])]  # RowsPerStrip: the whole image
+        offsets_tag, counts_tag = 273, 279
+    header_len = len(
+        tiff_from_entries([*layout, (offsets_tag, "LONG", [0]), (counts_tag, "LONG", [0])])
+    )
+    entries = [*layout, (offsets_tag, "LONG", [header_len]), (counts_tag, "LONG", [len(payload)])]
+    path = directory / f"one-16384-{'tile' if tiled else 'strip'}.tif"
+    path.write_bytes(tiff_from_entries(entries) + payload)
+    return path, side * side * 3

@@ -572,3 +572,61 @@ def test_a_slide_opened_without_mpp_keeps_the_reason(tmp_path: Path) -> None:
         assert str(s.mpp_problem) == str(required.value) and s.mpp_problem.param == "mpp"
     with wsi.open_slide(bad.path, mpp=0.5, require_mpp=False) as s:
         assert s.mpp is not None and s.mpp_problem is None
+
+
+# -- issue 12: the work one file can demand ------------------------------------------------------
+
+
+def _planted_truth(x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Hand-computed pixels of :func:`badinput.make_one_big_deflate_tile` at level 0."""
+    out = np.empty((h, w, 3), np.uint8)
+    out[...] = badinput.BACKGROUND
+    px, py, side = badinput.PLANTED
+    x0, y0 = max(x, px), max(y, py)
+    x1, y1 = min(x + w, px + side), min(y + h, py + side)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = badinput.PLANTED_RGB
+    return out
+
+
+def test_one_big_deflate_tile_is_decoded_once_and_reads_right(tmp_path: Path) -> None:
+    """Each 224-px read of a one-tile 8192² Deflate file used to decode all 192 MiB of it (minutes
+    and 1.1 GB to tile it): now the tile is decoded once, into the shared tile cache."""
+    from oncotrace.wsi._tilecache import TILES  # private: what the reader keeps decoded
+
+    path = badinput.make_one_big_deflate_tile(tmp_path)
+    assert path.stat().st_size < 400_000
+    with tifffile.TiffFile(path) as tf:  # the file is what it says: one tile of 8192²
+        assert len(tf.pages.first.dataoffsets) == 1
+        assert tf.pages.first.tilewidth == badinput.BIG_TILE_SIDE
+    decoded = badinput.BIG_TILE_SIDE**2 * 3
+    with wsi.open_slide(path) as slide:
+        assert slide.backend == "tifffile"  # OpenSlide's 32 MiB cache cannot hold the tile
+        before = TILES.nbytes
+        px, py, side = badinput.PLANTED
+        rng = np.random.default_rng(0)
+        for _ in range(25):
+            x = int(rng.integers(px - 300, px + side + 100))
+            y = int(rng.integers(py - 300, py + side + 100))
+            np.testing.assert_array_equal(
+                slide.read_region((x, y), 0, (224, 224)), _planted_truth(x, y, 224, 224)
+            )
+        assert TILES.nbytes - before == decoded  # one tile, decoded once and kept
+    assert TILES.nbytes == before  # closing the slide lets it go
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["tile", "strip"])
+def test_a_tile_or_strip_too_large_to_hold_is_refused(tiled: bool, tmp_path: Path) -> None:
+    """16384² px in one Deflate segment (768 MiB decoded from 26 bytes): every read would decode
+    all of it. Refused before any reader decodes a byte, naming the size and the conversion."""
+    path, decoded = badinput.make_oversized_segment(tmp_path, tiled=tiled)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        assert page.is_tiled is tiled and page.shape == (16_384, 16_384, 3)
+    for backend in ("auto", "openslide", "tifffile"):
+        with pytest.raises(wsi.UnsupportedSlideError) as info:
+            wsi.open_slide(path, backend=backend)  # type: ignore[arg-type]
+        message = str(info.value)
+        assert str(path) in message
+        assert f"{decoded >> 20} MiB" in message and ("tile" if tiled else "strip") in message
+        assert "vips tiffsave" in message and "--tile" in message and "--pyramid" in message
