@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -11,8 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oncotrace import __version__
-from oncotrace.wsi import SlideError, TilingConfig, UpsamplingWarning, slide_id_for, tile_slide
+from oncotrace.wsi import (
+    SlideError,
+    TilingConfig,
+    UpsamplingWarning,
+    atomic_write_text,
+    slide_id_for,
+    tile_slide,
+)
+from oncotrace.wsi._io import link_problem  # private: not (yet) in wsi's public face
 
+from ._failures import DiskFullError, is_disk_full
 from ._flags import cli_message
 
 #: File types picked up when a folder is given (DICOM-WSI folders are picked up as folders).
@@ -53,39 +64,102 @@ class BatchReport:
 
 
 def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders into slide paths (sorted, de-duplicated).
+    """Expand files and folders into slide paths (de-duplicated, in the order given).
 
     A folder whose files are all ``.dcm`` is one DICOM-WSI slide; other folders are searched
-    one level deep for slide files and DICOM-WSI sub-folders.
+    one level deep for slide files and DICOM-WSI sub-folders. Whatever in a folder looks meant
+    as a slide but cannot be one is returned too, so that it becomes one failure (see
+    :func:`input_problem`) instead of being passed over: a broken or looping symbolic link, a
+    folder named like a slide file, a sub-folder holding slides (not searched).
+    """
+    return expand_inputs(inputs, SLIDE_SUFFIXES, unit=_is_dicom_folder)
+
+
+def expand_inputs(
+    inputs: Iterable[str | Path],
+    suffixes: frozenset[str],
+    *,
+    unit: Callable[[Path], bool] = lambda p: False,
+) -> list[Path]:
+    """Files and folders → input paths, for every batch command.
+
+    A path named on the command line is kept as given (the reader says what is wrong with it).
+    A folder (``unit`` false for it) is searched one level deep: files with one of ``suffixes``,
+    sub-folders for which ``unit`` is true (a DICOM-WSI folder is one slide), and — so that
+    nothing is dropped without a word — links that cannot be followed, folders named with one
+    of ``suffixes``, and sub-folders holding such files deeper down. Hidden names are skipped.
     """
     found: list[Path] = []
     for raw in inputs:
         p = Path(raw)
-        if p.is_dir():
-            if _is_dicom_folder(p):
-                found.append(p)
-                continue
-            for child in sorted(p.iterdir()):
-                if child.name.startswith("."):
-                    continue
-                if (child.is_dir() and _is_dicom_folder(child)) or (
-                    child.is_file() and child.suffix.lower() in SLIDE_SUFFIXES
-                ):
-                    found.append(child)
+        if p.is_dir() and not unit(p):
+            found += [c for c in sorted(p.iterdir()) if _wanted(c, suffixes, unit)]
         else:
             found.append(p)  # named explicitly: let the reader say what is wrong with it
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for p in found:
-        key = p.resolve()
+        key = os.path.realpath(p)  # never raises: a symlink loop is kept, and reported
         if key not in seen:
             seen.add(key)
             unique.append(p)
     return unique
 
 
+def _wanted(child: Path, suffixes: frozenset[str], unit: Callable[[Path], bool]) -> bool:
+    if child.name.startswith("."):
+        return False
+    named_like = child.suffix.lower() in suffixes
+    if link_problem(child) is not None:
+        return named_like or not child.suffix  # a link to a DICOM-WSI folder has no suffix
+    if child.is_dir():
+        return named_like or unit(child) or _holds(child, suffixes)
+    return child.is_file() and named_like
+
+
+def _holds(folder: Path, suffixes: frozenset[str]) -> bool:
+    """Whether any file below ``folder`` has one of ``suffixes`` (Zarr stores and hidden
+    folders not searched; links to folders not followed)."""
+    for here, dirs, files in os.walk(folder, onerror=lambda exc: None):
+        if any(f.lower().endswith(tuple(suffixes)) and not f.startswith(".") for f in files):
+            return True
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith(".zarr")]
+        del here
+    return False
+
+
+def input_problem(path: Path, suffixes: frozenset[str] = SLIDE_SUFFIXES) -> tuple[str, str] | None:
+    """``(error_type, message)`` for an input that cannot be read as one, before any reader.
+
+    A symbolic link that is dangling or loops (``BrokenLink``), a folder named with one of
+    ``suffixes`` that is not a DICOM-WSI folder (``NotAFile``), and a folder that is not one
+    slide but holds files with ``suffixes`` (``NotSearched``: folders are searched one level
+    deep). None otherwise: the reader judges the rest.
+    """
+    broken = link_problem(path)
+    if broken is not None:
+        return "BrokenLink", f"{path}: {broken[0]} Fix: {broken[1]}"
+    if path.is_dir() and path.suffix.lower() in suffixes and not _is_dicom_folder(path):
+        return (
+            "NotAFile",
+            f"{path}: a folder named like a {path.suffix} file (an unpacked archive, or a copy"
+            " that went wrong?). Fix: put the file itself in its place, or rename the folder.",
+        )
+    if path.is_dir() and not _is_dicom_folder(path) and _holds(path, suffixes):
+        return (
+            "NotSearched",
+            f"{path}: a folder inside the folder given, with files to process in it; it was"
+            " not searched (a folder is searched one level deep). Fix: name this folder (or"
+            " its files) on the command line too.",
+        )
+    return None
+
+
 def _is_dicom_folder(p: Path) -> bool:
-    files = [c for c in p.iterdir() if c.is_file() and not c.name.startswith(".")]
+    try:
+        files = [c for c in p.iterdir() if c.is_file() and not c.name.startswith(".")]
+    except OSError:  # unreadable: the reader says so
+        return False
     return bool(files) and all(c.suffix.lower() == ".dcm" for c in files)
 
 
@@ -146,6 +220,8 @@ def tile_batch(
                     " the files; stores are named by file stem.",
                 )
             )
+        elif (problem := input_problem(path)) is not None:
+            report.errors.append(_error_row(path, "open", *problem))
         else:
             ids[sid] = path
             try:
@@ -203,7 +279,12 @@ def tile_batch(
         "workers": workers,
         **asdict(report),
     }
-    (out_dir / "tiling.json").write_text(json.dumps(summary, indent=2))
+    try:
+        atomic_write_text(out_dir / "tiling.json", json.dumps(summary, indent=2))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out_dir, "tiling.json") from exc
+        raise
     return report
 
 
@@ -212,7 +293,20 @@ def _error_row(path: Path, stage: str, error_type: str, message: str) -> dict[st
 
 
 def write_errors_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=ERRORS_HEADER)
-        writer.writeheader()
-        writer.writerows(rows)
+    """Write ``errors.csv`` atomically: the old table or the new one, never a cut-off file.
+
+    Raises
+    ------
+    DiskFullError
+        The disk holding ``path`` is full (or over quota); the previous file is kept.
+    """
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=ERRORS_HEADER)
+    writer.writeheader()
+    writer.writerows(rows)
+    try:
+        atomic_write_text(path, table.getvalue())
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(Path(path).parent, Path(path).name) from exc
+        raise

@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 from oncotrace import __version__
-from oncotrace.workflows._batch import BatchReport, write_errors_csv
-from oncotrace.workflows._failures import finish
+from oncotrace.workflows._batch import BatchReport, expand_inputs, input_problem, write_errors_csv
+from oncotrace.workflows._failures import DiskFullError, finish, is_disk_full
 from oncotrace.workflows._flags import cli_message
 from oncotrace.wsi import atomic_write_json
 from rich.console import Console
@@ -25,25 +25,12 @@ SUMMARY_FILE = "import-features.json"
 
 
 def find_feature_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (one level deep, ``*.h5`` / ``*.hdf5``) into sorted, unique paths."""
-    found: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found += sorted(
-                c
-                for c in p.iterdir()
-                if c.is_file() and not c.name.startswith(".") and c.suffix.lower() in H5_SUFFIXES
-            )
-        else:
-            found.append(p)  # named explicitly: let the reader say what is wrong with it
-    seen: set[Path] = set()
-    unique = []
-    for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
+    """Expand files and folders (one level deep, ``*.h5`` / ``*.hdf5``) into unique paths.
+
+    As for slides (:func:`~oncotrace.workflows._batch.expand_inputs`), broken links, folders
+    named ``*.h5`` and sub-folders holding feature files are kept, to be reported.
+    """
+    return expand_inputs(inputs, H5_SUFFIXES)
 
 
 def import_batch(
@@ -79,6 +66,8 @@ def import_batch(
                     " the files; stores are named by file stem.",
                 )
             )
+        elif (problem := input_problem(path, H5_SUFFIXES)) is not None:
+            report.errors.append(_row(path, *problem))
         else:
             ids[sid] = path
             try:
@@ -124,7 +113,12 @@ def import_batch(
         "errors": report.errors,
         "seconds": report.seconds,
     }
-    atomic_write_json(out_dir / SUMMARY_FILE, summary, indent=2)
+    try:
+        atomic_write_json(out_dir / SUMMARY_FILE, summary, indent=2)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out_dir, SUMMARY_FILE) from exc
+        raise
     return report
 
 
@@ -174,7 +168,11 @@ def register(app: typer.Typer, console: Console) -> None:
         if not paths:
             console.print(f"[red]No .h5 files found in {', '.join(map(str, files))}.[/red]")
             raise typer.Exit(2)
-        report = import_batch(paths, out, name, tile_px=tile_px, mpp=mpp, overwrite=overwrite)
+        try:
+            report = import_batch(paths, out, name, tile_px=tile_px, mpp=mpp, overwrite=overwrite)
+        except DiskFullError as exc:  # the stores written are kept; the tables could not be
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(1) from exc
         table = Table(title=f"import-features → {out} (features/{name})")
         for col in ("slide", "status", "tiles", "dim", "from"):
             table.add_column(col)

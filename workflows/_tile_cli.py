@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._batch import BatchReport, find_slides, tile_batch
-from ._failures import finish, usage_error
+from ._failures import DiskFullError, finish, usage_error
 from ._flags import cli_message
 
 
@@ -165,7 +165,11 @@ def register(app: typer.Typer, console: Console) -> None:
         if not paths:
             console.print(f"[red]No slides found in {', '.join(map(str, slides))}.[/red]")
             raise typer.Exit(2)
-        report = run_with_progress(console, paths, out, config, mpp, threads)
+        try:
+            report = run_with_progress(console, paths, out, config, mpp, threads)
+        except DiskFullError as exc:  # the stores written are kept; the tables could not be
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(1) from exc
         print_summary(console, report, out)
         finish(report.errors, errors_csv=out / "errors.csv")
 

@@ -14,6 +14,7 @@ a read-ahead thread.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -64,6 +65,33 @@ def source_fingerprint(path: str | Path) -> str:
         parts = [f"{c.name}:{file_fingerprint(c)}" for c in sorted(p.iterdir()) if c.is_file()]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
     return file_fingerprint(p)
+
+
+def link_problem(path: str | Path) -> tuple[str, str] | None:
+    """``(problem, fix)`` when ``path`` is a symbolic link that cannot be followed, else None.
+
+    A dangling link (its target is gone: an unmounted share, a moved slide) and a loop of links
+    both look like "no such file" to ``Path.exists``; saying which, and where it points, is
+    what lets a user fix it.
+    """
+    p = Path(path)
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                "it is a symbolic link that leads back to itself (a loop of links).",
+                "point the link at the file it stands for (`ln -sfn TARGET LINK`) or remove it.",
+            )
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return (
+                f"it is a symbolic link to {os.readlink(p)!r}, which does not exist.",
+                "mount or restore the file it points to, or remove the link.",
+            )
+        raise
+    return None
 
 
 # --------------------------------------------------------------------------------------------
