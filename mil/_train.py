@@ -109,9 +109,10 @@ def _covariate_column(name: str, values: list[str], csv_path: Path) -> NDArray[n
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "null", "<na>", "#n/a", "#na"})
 
 
-def _label_value(cell: str) -> str:
-    """A label cell as a class name, or ``""`` when it is missing (:data:`MISSING_LABELS`)."""
-    value = cell.strip()
+def _label_value(cell: str | None) -> str:
+    """A label cell as a class name, or ``""`` when it is missing (:data:`MISSING_LABELS`; a row
+    shorter than the header gives None)."""
+    value = (cell or "").strip()
     return "" if value.lower() in MISSING_LABELS else value
 
 

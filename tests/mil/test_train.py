@@ -294,6 +294,45 @@ def test_load_cohort_errors(tmp_path: Path) -> None:
         load_cohort(stores, csv_path, ENC, ["label"], ["site"])
 
 
+@pytest.mark.parametrize("missing", ["", "NA", "nan", "NaN", "N/A", "n/a", "null", "#N/A", " NA "])
+def test_a_missing_label_is_ignored_for_its_task_only(tmp_path: Path, missing: str) -> None:
+    rows = _rows()
+    for i, r in enumerate(rows):
+        r["grade"] = ("g1", "g2")[i % 2]
+    rows[2]["label"] = missing
+    rows[5]["grade"] = missing
+    stores, csv_path = _write(tmp_path, rows)
+    d = load_cohort(stores, csv_path, ENC, ["label", "grade"])
+    # no extra class; -1 exactly where the cell was missing, the case kept for the other task
+    assert d.class_names == {"label": ("benign", "malignant"), "grade": ("g1", "g2")}
+    assert d.labels["label"].tolist() == [0, 1, -1, 1, 0, 1]
+    assert d.labels["grade"].tolist() == [0, 1, 0, 1, 0, -1]
+    assert len(d) == 6
+
+
+def test_a_row_shorter_than_the_header_has_a_missing_label(tmp_path: Path) -> None:
+    rows = [
+        {k: v for k, v in r.items() if k in ("slide_id", "patient_id", "label")} for r in _rows()
+    ]
+    stores, csv_path = _write(tmp_path, rows)
+    lines = csv_path.read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0]  # S0 without its label cell
+    csv_path.write_text("\n".join(lines) + "\n")
+    d = load_cohort(stores, csv_path, ENC, ["label"])
+    assert d.labels["label"].tolist() == [-1, 1, 0, 1, 0, 1]
+
+
+def test_one_class_in_two_letter_cases_is_refused_naming_both(tmp_path: Path) -> None:
+    rows = _rows()
+    rows[4]["label"] = "Benign"  # the others say benign
+    stores, csv_path = _write(tmp_path, rows)
+    with pytest.raises(ValueError) as err:
+        load_cohort(stores, csv_path, ENC, ["label"])
+    text = str(err.value)
+    assert str(csv_path) in text and "'label'" in text
+    assert "'Benign'" in text and "'benign'" in text and "Fix:" in text
+
+
 def test_load_cohort_custom_features_no_site_column_and_model_classes(tmp_path: Path) -> None:
     # Features imported under a name no encoder is registered as: the stores set the dim.
     rows = [{k: v for k, v in r.items() if k != "site"} for r in _rows()]
