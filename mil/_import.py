@@ -161,6 +161,73 @@ def _pair(v: Any) -> tuple[float, float] | None:
     return float(a[0]), float(a[1])
 
 
+#: Geometry attrs that are sizes, magnifications or downsamples: positive wherever they appear.
+_POSITIVE_ATTRS = (
+    "patch_size",
+    "patch_size_level0",
+    "level0_magnification",
+    "target_magnification",
+    "downsample",
+    "custom_downsample",
+    "level_dim",
+    "downsampled_level_dim",
+    "level0_width",
+    "level0_height",
+)
+
+
+def _check_geometry_attrs(attrs: dict[str, Any], path: Path) -> None:
+    """Refuse a geometry attr that is present but not a positive number (``patch_level``: a
+    level >= 0): it would give a negative or zero tile, or be mistaken for a missing one."""
+    fix = (
+        "Fix: re-export the file with the tool that cut the tiles, or correct the attr"
+        " (h5py: f['coords'].attrs[...] = value)."
+    )
+    for key in (*_POSITIVE_ATTRS, "patch_level"):
+        if key not in attrs:
+            continue
+        try:
+            values = np.asarray(attrs[key], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            values = np.array([np.nan])
+        if key == "patch_level":
+            ok = values.size == 1 and np.isfinite(values).all() and values[0] >= 0
+            ok = ok and float(values[0]).is_integer()
+            want = "a pyramid level (an integer >= 0)"
+        else:
+            ok = values.size > 0 and bool(np.isfinite(values).all() and (values > 0).all())
+            want = "a positive number"
+        if not ok:
+            raise FeatureImportError(
+                f"{path}: attr {key!r} is {_shown(attrs[key])}, not {want}. {fix}"
+            )
+
+
+def _shown(v: Any) -> str:
+    """An attr value as written, NaN included (for a message)."""
+    if isinstance(v, np.ndarray | np.generic):
+        v = v.tolist()
+    return repr(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+
+
+def _check_coords(coords: np.ndarray, path: Path) -> None:
+    """Refuse level-0 corners that cannot be tile positions: negative, or all the same."""
+    neg = np.flatnonzero((coords < 0).any(axis=1))
+    if neg.size:
+        raise FeatureImportError(
+            f"{path}: 'coords' has negative level-0 (x, y) in {neg.size} row(s) (e.g. row"
+            f" {int(neg[0])}: {coords[neg[0]].tolist()}); tile corners lie on the slide, at"
+            " x, y >= 0. Fix: export level-0 top-left corners (not centres relative to"
+            " something, not another level's pixels)."
+        )
+    if len(coords) > 1 and (coords == coords[0]).all():
+        raise FeatureImportError(
+            f"{path}: 'coords' holds the same (x, y) {coords[0].tolist()} in all"
+            f" {len(coords)} rows, so the tiles have no positions. Fix: export the tiles'"
+            " level-0 coordinates with the features (a placeholder array was saved)."
+        )
+
+
 def _geometry_from_attrs(
     attrs: dict[str, Any],
 ) -> tuple[H5Format, tuple[int, int] | None, int | None, float | None, float | None, Any]:
@@ -296,6 +363,8 @@ def read_h5_features(
             " Fix: export integer level-0 (x, y) top-left corners."
         )
 
+    _check_coords(coords, path)
+    _check_geometry_attrs(attrs, path)
     fmt, ts, ps, mag0, ds_x, size = _geometry_from_attrs(attrs)
     ts_source = "file"
     if tile_px is not None:

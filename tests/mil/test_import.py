@@ -210,6 +210,17 @@ def _bad(tmp_path: Path, kind: str) -> Path:
     if kind == "not-hdf5":
         p.write_text("slide_id,features\n")
         return p
+    if kind == "negative-coords":
+        c[2] = [-512, 1024]
+        return _h5(p, f, c, attrs)
+    if kind == "identical-coords":
+        return _h5(p, f, np.zeros((4, 2), np.int64), attrs)
+    if kind.startswith("attr:"):  # attr:<key>=<value>, over TRIDENT or CLAM attrs
+        key, value = kind[5:].split("=")
+        clam = {"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0])}
+        base = clam if key in ("patch_level", "downsample") else {**attrs, "patch_size": 256}
+        p = tmp_path / "attr.h5"
+        return _h5(p, f, c, {**base, key: float(value) if value != "text" else "big"})
     raise AssertionError(kind)
 
 
@@ -226,6 +237,16 @@ def _bad(tmp_path: Path, kind: str) -> Path:
         ("coords-shape", r"'coords' has shape \(4, 3\)"),
         ("frac-coords", r"not whole level-0 pixels"),
         ("not-hdf5", r"not a readable HDF5 file"),
+        ("negative-coords", r"'coords' has negative level-0 \(x, y\) in 1 row\(s\).*row 2"),
+        ("identical-coords", r"'coords' holds the same \(x, y\) \[0, 0\] in all 4 rows"),
+        ("attr:patch_size=-256", r"attr 'patch_size' is -256\.0, not a positive number"),
+        ("attr:patch_size=0", r"attr 'patch_size' is 0\.0"),
+        ("attr:patch_size_level0=-512", r"attr 'patch_size_level0' is -512"),
+        ("attr:level0_magnification=-40", r"attr 'level0_magnification'"),
+        ("attr:target_magnification=nan", r"attr 'target_magnification' is nan"),
+        ("attr:patch_size=text", r"attr 'patch_size' is 'big'"),
+        ("attr:downsample=-4", r"attr 'downsample'"),
+        ("attr:patch_level=-1", r"attr 'patch_level' is -1\.0, not a pyramid level"),
     ],
 )
 def test_bad_files_are_refused_with_the_file_and_a_fix(
