@@ -15,6 +15,7 @@ Format versions (attrs key ``format``):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -30,7 +31,7 @@ import numpy as np
 import zarr
 
 from ._errors import ParameterError
-from ._io import atomic_dir
+from ._io import atomic_dir, atomic_write_text
 from ._tiling import MAX_UPSAMPLE, check_max_upsample
 from ._tissue import Mode
 
@@ -45,6 +46,22 @@ FEATURE_CHUNK_ROWS = 4096
 
 class StoreError(ValueError):
     """A path is not a usable OncoTrace store; the message names it and the fix."""
+
+
+#: File in a store listing every file committed with it and its size (see :meth:`Store.damage`).
+MANIFEST = "oncotrace-manifest.json"
+
+
+def _write_manifest(root: Path) -> None:
+    """List every file under ``root`` but the group's own ``zarr.json`` (its attrs change) and
+    ``features/`` (replaced by later embeds and imports, each array marked complete itself)."""
+    rels = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
+    files = {
+        rel: (root / rel).stat().st_size
+        for rel in rels
+        if rel != "zarr.json" and not rel.startswith(f"{_FEATURES}/")
+    }
+    atomic_write_text(root / MANIFEST, json.dumps({"files": files}))
 
 
 @contextmanager
@@ -646,7 +663,42 @@ class Store:
                     " committed. Fix: call Store.write_attrs(StoreAttrs(..., complete=True))."
                 )
             store._group = None  # the group object names the temporary path
+            _write_manifest(tmp)
         store.path = final
+
+    def damage(self) -> str | None:
+        """What is missing or cut short in the store, against the manifest written at commit.
+
+        Every file the writer committed (shards, chunks, array metadata) is listed with its size
+        in ``oncotrace-manifest.json``; Zarr reads a missing shard as zeros without complaint,
+        so a store that lost one (a partial copy, a sync tool, a full disk during a move) would
+        otherwise look complete. None when nothing is missing, or for a store written before
+        manifests (nothing to check against). Arrays added later (``features/<name>``) carry
+        their own completion mark.
+        """
+        try:
+            listed = json.loads((self.path / MANIFEST).read_text())["files"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"its manifest {MANIFEST} cannot be read ({exc})"
+        for rel, size in listed.items():
+            f = self.path / rel
+            if not f.is_file():
+                return f"{rel} is missing ({len(listed)} files were committed)"
+            if f.stat().st_size != size:
+                return f"{rel} holds {f.stat().st_size} bytes, {size} were committed"
+        return None
+
+    def check_intact(self) -> None:
+        """Raise :class:`StoreError` naming the store, what is damaged and the fix, if it is."""
+        problem = self.damage()
+        if problem is not None:
+            raise StoreError(
+                f"{self.path}: the store is damaged: {problem}; reading it would give blank"
+                " tiles. Fix: rerun `oncotrace tile` on the slide (a damaged store is cut"
+                " again), or `oncotrace import-features` for imported ones."
+            )
 
     # -- the group --------------------------------------------------------------------------
     @property
@@ -704,6 +756,7 @@ class Store:
                 " holds no patches to embed. Fix: train on the imported features by name, or"
                 " tile the slide with `oncotrace tile` to embed it with another encoder."
             )
+        self.check_intact()
         with fast_codecs():  # zarrs reads the patch shards ~4x cheaper than zarr-python
             return zarr.open_array(self.path / "patches", mode="r")
 

@@ -118,10 +118,15 @@ def is_complete(path: str | Path, *, fingerprint: str, config: TilingConfig) -> 
     """True if ``path`` is a finished store of the same source and tiling config.
 
     A store cut before edge tiles were (``StoreAttrs.edges`` unset) is not: it lacks the tiles
-    of the right and bottom edges that the same config now cuts.
+    of the right and bottom edges that the same config now cuts. Nor is a damaged one
+    (:meth:`Store.damage`: a shard or array file lost or cut short since it was committed).
     """
     store = Store.find(path)
-    return store is not None and _up_to_date(store.attrs, fingerprint, config)
+    return (
+        store is not None
+        and store.damage() is None
+        and _up_to_date(store.attrs, fingerprint, config)
+    )
 
 
 def _up_to_date(attrs: StoreAttrs, fingerprint: str, config: TilingConfig) -> bool:
@@ -411,7 +416,8 @@ def tile_slide(
     target = store_path(out_dir, sid)
     with open_slide(path, backend=backend, mpp=mpp) as slide:
         done = Store.find(target)
-        if done is not None and _up_to_date(done.attrs, slide.fingerprint, cfg):
+        intact = done is not None and done.damage() is None  # a lost shard: cut it again
+        if done is not None and intact and _up_to_date(done.attrs, slide.fingerprint, cfg):
             n_done = done.attrs.n_tiles or 0
             up = done.attrs.upsample or 1.0
             return TileResult(sid, target, n_done, True, time.perf_counter() - t0, up)

@@ -415,3 +415,46 @@ def test_read_ahead_yields_in_order_and_raises_the_sources_error_in_place() -> N
             got.append(i)
     assert got == [0, 1, 2, 3, 4] and _threads("t-read-ahead-2") == []
     assert list(wsi.read_ahead(iter(range(7)), depth=3)) == list(range(7))
+
+
+def _shard_files(store: Path) -> list[Path]:
+    return sorted(
+        p for p in (store / "patches").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_store_that_lost_a_shard_is_not_up_to_date_and_is_cut_again(
+    planted, tmp_path: Path, damage: str
+) -> None:
+    cfg = wsi.TilingConfig(tile_px=112)  # 96 tiles: two shards of 64
+    first = wsi.tile_slide(planted.path, tmp_path / "stores", cfg)
+    before = np.asarray(wsi.Store.open(first.store).patches()[...])
+    shards = _shard_files(first.store)
+    assert first.n_tiles == 96 and len(shards) == 2
+    if damage == "deleted":
+        shards[1].unlink()  # zarr would read its 32 tiles as zeros
+    else:
+        shards[1].write_bytes(shards[1].read_bytes()[:100])
+    fp = wsi.open_slide(planted.path).fingerprint
+    assert not wsi.is_complete(first.store, fingerprint=fp, config=cfg)
+    again = wsi.tile_slide(planted.path, tmp_path / "stores", cfg)
+    assert not again.skipped  # was: "up to date"
+    after = np.asarray(wsi.Store.open(again.store).patches()[...])
+    np.testing.assert_array_equal(after, before)
+    assert after[64:].any(axis=(1, 2, 3)).all()  # no blank tile where the shard was
+
+
+def test_reading_the_patches_of_a_damaged_store_refuses_naming_it_and_the_fix(
+    planted, tmp_path: Path
+) -> None:
+    res = wsi.tile_slide(planted.path, tmp_path / "stores", wsi.TilingConfig(tile_px=112))
+    lost = _shard_files(res.store)[0]
+    lost.unlink()
+    store = wsi.Store.open(res.store)
+    with pytest.raises(wsi.StoreError) as err:
+        store.patches()
+    text = str(err.value)
+    assert str(res.store) in text
+    assert lost.relative_to(res.store).as_posix() in text
+    assert "oncotrace tile" in text
