@@ -363,3 +363,13 @@ def test_max_upsample_round_trips_and_configs_without_it_take_the_default() -> N
     assert wsi.TilingConfig(max_upsample=1) == wsi.TilingConfig(max_upsample=1.0)
     old = {k: v for k, v in wsi.TilingConfig().to_dict().items() if k != "max_upsample"}
     assert wsi.TilingConfig.from_dict(old).max_upsample == 1.3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "10", True])
+def test_min_focus_must_be_a_finite_number_of_at_least_0(bad: object) -> None:
+    """NaN compares false with every focus score: every tile dropped, a "complete" empty store."""
+    with pytest.raises(wsi.ParameterError, match="min_focus=") as err:
+        wsi.TilingConfig(min_focus=bad)  # type: ignore[arg-type]
+    assert err.value.param == "min_focus"
+    assert "Fix:" in str(err.value)
+    assert wsi.TilingConfig(min_focus=0.0).min_focus == 0.0  # 0 keeps every tile: allowed
