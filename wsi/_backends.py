@@ -27,7 +27,7 @@ from ._errors import (
     UnsupportedSlideError,
     metadata_float,
 )
-from ._inspect import PYRAMID_FIX, check_pyramid
+from ._inspect import PYRAMID_FIX, check_pyramid, open_tiff
 from ._tilecache import TILES, TiffSegments, new_owner, read_tiled
 
 BackendName = Literal["cucim", "openslide", "tifffile", "pillow"]
@@ -317,7 +317,7 @@ class CucimBackend(Backend):
             (int(w), int(h))
             for w, h in res.get("level_tile_sizes", ((0, 0),) * len(self.level_dimensions))
         )
-        with tifffile.TiffFile(path) as tf:
+        with open_tiff(path) as tf:
             meta = tiff_metadata(tf)
             first = tf.pages.first
             first_dims = (int(first.imagewidth), int(first.imagelength))
@@ -511,7 +511,7 @@ class TifffileBackend(Backend):
         import zarr
 
         self.path = path
-        self._tf = tifffile.TiffFile(path)
+        self._tf = open_tiff(path)
         series = self._tf.series[0]
         meta = tiff_metadata(self._tf)
         self.vendor, self.objective_power = meta["vendor"], meta["objective_power"]
@@ -634,29 +634,49 @@ def _to_rgb8(data: np.ndarray) -> np.ndarray:
     return data[..., :3]
 
 
+def _too_large_image(pixels: int | None) -> tuple[str, str]:
+    """(problem, fix) for a plain image too large for :class:`PillowBackend`."""
+    size = f" ({pixels / 1e6:.0f} megapixels)" if pixels else ""
+    return (
+        f"the image{size} is too large for the plain-image reader, which holds a PNG/JPEG/BMP"
+        f" whole in memory (at most {PillowBackend.MAX_PIXELS / 1e6:.0f} megapixels).",
+        "convert it to a tiled pyramidal TIFF, which the slide readers read tile by tile, e.g."
+        " `vips tiffsave in.png out.tif --tile --pyramid --compression jpeg`, and open out.tif"
+        " (with mpp=… if the image records no resolution).",
+    )
+
+
 class PillowBackend(Backend):
     """Plain PNG/JPEG/BMP camera fields (common in cytology): one level, held in memory."""
 
     name = "pillow"
     containers = frozenset({"png", "jpeg", "bmp", "jp2", "tiff"})
-    MAX_PIXELS = 400_000_000
+    #: Largest image held in memory: Pillow's own decompression-bomb bound (2 ×
+    #: Image.MAX_IMAGE_PIXELS by default), ~1.2 GB as RGBA + RGB while it is converted.
+    MAX_PIXELS = 178_956_970
 
     def __init__(self, path: Path) -> None:
+        import warnings
+
         self.path = path
         try:
-            with Image.open(path) as im:
-                if im.width * im.height > self.MAX_PIXELS:
-                    raise UnsupportedSlideError(
-                        path,
-                        f"a {im.width}×{im.height} plain image is too large to hold in memory.",
-                        "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`).",
-                    )
-                self.vendor = (im.format or "image").lower()
-                dpi = im.info.get("dpi")
-                im.load()
-                rgba = np.asarray(im.convert("RGBA"))
+            with warnings.catch_warnings():
+                # the size is checked here; Pillow's warning below its own bound says nothing more
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.width * im.height > self.MAX_PIXELS:
+                        raise UnsupportedSlideError(path, *_too_large_image(im.width * im.height))
+                    self.vendor = (im.format or "image").lower()
+                    dpi = im.info.get("dpi")
+                    im.load()
+                    rgba = np.asarray(im.convert("RGBA"))
         except UnsupportedSlideError:
             raise
+        except Image.DecompressionBombError as exc:  # Pillow's bound, when lower than ours
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise UnsupportedSlideError(
+                path, *_too_large_image(int(pixels.group(1)) if pixels else None)
+            ) from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise CorruptSlideError(
                 path, f"the image cannot be decoded ({exc}).", "export the image again."

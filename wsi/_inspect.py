@@ -114,9 +114,32 @@ def inspect_file(path: Path) -> FileInfo:
     return _inspect_tiff(path, size)
 
 
+def open_tiff(path: Path) -> tifffile.TiffFile:
+    """``path`` as tifffile reads it, also when a plain TIFF is named ``.ndpi``.
+
+    tifffile reads a classic TIFF named ``.ndpi`` as Hamamatsu's variant with 64-bit offsets
+    (by the name alone), so a plain TIFF renamed so parsed as garbage ("no image directory").
+    A ``.ndpi`` file is therefore first read as a plain TIFF, and as NDPI only if its first page
+    carries Hamamatsu's tags (an NDPI under 4 GiB reads as a plain TIFF too).
+    """
+    if path.suffix.lower() != ".ndpi":
+        return tifffile.TiffFile(path)
+    try:
+        plain = tifffile.TiffFile(path, is_ndpi=False)
+    except Exception:
+        return tifffile.TiffFile(path)  # an NDPI past 4 GiB, or damage: tifffile's own reading
+    try:
+        if len(plain.pages) and not plain.pages.first.is_ndpi:
+            return plain
+    except Exception:
+        pass
+    plain.close()
+    return tifffile.TiffFile(path)
+
+
 def _inspect_tiff(path: Path, size: int) -> FileInfo:
     try:
-        with tifffile.TiffFile(path) as tf:
+        with open_tiff(path) as tf:
             pages = list(tf.pages)
             is_ome = bool(tf.is_ome)
             if not pages:
@@ -139,7 +162,15 @@ def _inspect_tiff(path: Path, size: int) -> FileInfo:
                         f" slide ({MAX_SIDE_PX} px per side).",
                         "the header is damaged; export the slide again.",
                     )
-                _check_page_data(path, page, size)
+                if page.imagewidth == 0 or page.imagelength == 0:
+                    raise CorruptSlideError(
+                        path,
+                        f"image directory {page.index} declares a {page.imagewidth}×"
+                        f"{page.imagelength} px image: there are no pixels to read.",
+                        "the file was written without its image (an export that failed or was"
+                        " cancelled); export the slide again from the scanner software.",
+                    )
+                _check_page_data(path, page, size, pages)
                 main = page.is_tiled or page.index == 0
                 if main:
                     largest = max(largest, _check_segment_size(path, page))
@@ -337,7 +368,9 @@ def _shrinks(side: int, previous: int) -> bool:
     return side < previous or side == previous == 1
 
 
-def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:
+def _check_page_data(
+    path: Path, page: tifffile.TiffPage, size: int, pages: Sequence[object]
+) -> None:
     offsets = page.dataoffsets
     counts = page.databytecounts
     if not offsets or not any(counts):
@@ -358,12 +391,38 @@ def _check_page_data(path: Path, page: tifffile.TiffPage, size: int) -> None:
     end = max(o + c for o, c in zip(offsets, counts, strict=False))
     if end > size:
         missing = sum(1 for o, c in zip(offsets, counts, strict=False) if o + c > size)
+        if _cut_short(pages, size):
+            raise CorruptSlideError(
+                path,
+                f"the file is truncated: {missing} tile(s) of directory {page.index} lie beyond its"
+                f" end ({size} bytes on disk, {end} needed), and no data follows them in the"
+                " file: it was cut short.",
+                "copy the slide again from its source (the copy or download was interrupted);"
+                " the new copy must be as large as the original.",
+            )
         raise CorruptSlideError(
             path,
-            f"the file is truncated: {missing} tile(s) of directory {page.index} lie beyond its end"
-            f" ({size} bytes on disk, {end} needed).",
-            "copy the slide again; the transfer was interrupted.",
+            f"its tile table is ill-formed: {missing} tile(s) of directory {page.index} point past"
+            f" the end of the file ({size} bytes; they would need {end}), while tiles stored"
+            " after them in the file are present, so the file is not merely cut short.",
+            "the file was written wrongly, not damaged in transfer, so copying it again will not"
+            " help: export the slide again from the scanner software (or rescan the glass slide).",
         )
+
+
+def _cut_short(pages: Sequence[object], size: int) -> bool:
+    """Whether the data past the end of a ``size``-byte file is what a cut would lose: every
+    segment (of any page) beyond the end lies after every segment inside it, and the first of
+    them starts within the file (the cut fell in it or just before)."""
+    inside: list[int] = []
+    beyond: list[int] = []
+    for page in pages:
+        if not isinstance(page, tifffile.TiffPage):
+            continue
+        for o, c in zip(page.dataoffsets, page.databytecounts, strict=False):
+            if c:
+                (beyond if o + c > size else inside).append(int(o))
+    return bool(beyond) and min(beyond) <= size and min(beyond) > max(inside, default=-1)
 
 
 def _expected_segments(page: tifffile.TiffPage) -> int:

@@ -413,6 +413,8 @@ def open_slide(
     corrupt = [e for _, e in errors if isinstance(e, CorruptSlideError)]
     if corrupt:  # the first reader that recognised the format says best what is wrong
         raise corrupt[0]
+    if len(order) == 1 and len(errors) == 1 and order[0] == "pillow":
+        raise errors[0][1]  # the plain-image reader's refusal (too large) names its own fix
     reasons = "; ".join(f"{name}: {err.problem}" for name, err in errors)
     raise UnsupportedSlideError(
         path,

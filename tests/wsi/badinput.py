@@ -461,3 +461,68 @@ def make_oversized_segment(directory: Path, *, tiled: bool) -> tuple[Path, int]:
     path = directory / f"one-16384-{'tile' if tiled else 'strip'}.tif"
     path.write_bytes(tiff_from_entries(entries) + payload)
     return path, side * side * 3
+
+
+_BIGTIFF_TYPES = {"SHORT": (3, "H"), "LONG": (4, "I"), "LONG8": (16, "Q")}
+
+
+def bigtiff_from_entries(entries: Sequence[tuple[int, str, Sequence[int]]]) -> bytes:
+    """Little-endian BigTIFF with one IFD of ``(tag, type, values)``, each value fitting the
+    entry's 8 bytes (BigTIFF: 8-byte counts and offsets, 20-byte entries)."""
+    entries = sorted(entries, key=lambda e: e[0])
+    packed = []
+    for tag, type_name, values in entries:
+        code, fmt = _BIGTIFF_TYPES[type_name]
+        data = struct.pack("<" + fmt * len(values), *values)
+        if len(data) > 8:
+            raise ValueError("values longer than 8 bytes are not supported here")
+        packed.append(struct.pack("<HHQ", tag, code, len(values)) + data.ljust(8, b"\x00"))
+    ifd = struct.pack("<Q", len(entries)) + b"".join(packed) + struct.pack("<Q", 0)
+    return b"II+\x00" + struct.pack("<HHQ", 8, 0, 16) + ifd
+
+
+def make_zero_size_bigtiff(directory: Path, *, with_data: bool = False) -> Path:
+    """A BigTIFF whose one image is 0×0 px (RGB, uncompressed, one strip): empty, or
+    (``with_data``) pointing at 8 bytes of the file, which passes a "has data" check."""
+    entries: list[tuple[int, str, Sequence[int]]] = [
+        (256, "LONG", [0]),  # ImageWidth
+        (257, "LONG", [0]),  # ImageLength
+        (258, "SHORT", [8, 8, 8]),  # BitsPerSample
+        (259, "SHORT", [1]),  # Compression: none
+        (262, "SHORT", [2]),  # Photometric: RGB
+        (273, "LONG8", [0]),  # StripOffsets
+        (277, "SHORT", [3]),  # SamplesPerPixel
+        (278, "LONG", [1 if with_data else 0]),  # RowsPerStrip
+        (279, "LONG8", [8 if with_data else 0]),  # StripByteCounts
+    ]
+    path = directory / f"zero-size{'-with-data' if with_data else ''}.tif"
+    path.write_bytes(bigtiff_from_entries(entries))
+    return path
+
+
+def make_tile_offset_past_eof(directory: Path) -> tuple[Path, int]:
+    """A valid 2 × 2-tile TIFF whose tile 1 is pointed 1 MB past the end of the file, while
+    tiles 2 and 3, stored after it, are intact: an ill-formed table, not a cut file. Returns
+    the path and the file's size."""
+    path = directory / "tile-offset-past-eof.tif"
+    write_tiled_tiff(path, salt=40)
+    with tifffile.TiffFile(path) as tf:
+        at = tf.pages.first.tags["TileOffsets"].valueoffset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, at + 4, len(data) + 1_000_000)
+    path.write_bytes(bytes(data))
+    return path, len(data)
+
+
+def make_plain_tiff_named_ndpi(directory: Path) -> Path:
+    """A valid tiled JPEG TIFF at 0.5 µm/px, named ``.ndpi`` (a renamed export)."""
+    path = directory / "renamed.ndpi"
+    write_tiled_tiff(path, compression="jpeg", salt=41)
+    return path
+
+
+def make_huge_png(directory: Path) -> Path:
+    """A 14 000 × 14 000 px (196 megapixel) PNG, 1-bit so that writing it takes 25 MB of memory."""
+    path = directory / "whole-slide-export.png"
+    Image.new("1", (14_000, 14_000), 1).save(path)
+    return path

@@ -630,3 +630,106 @@ def test_a_tile_or_strip_too_large_to_hold_is_refused(tiled: bool, tmp_path: Pat
         assert str(path) in message
         assert f"{decoded >> 20} MiB" in message and ("tile" if tiled else "strip") in message
         assert "vips tiffsave" in message and "--tile" in message and "--pyramid" in message
+
+
+# -- issue 12: messages that name what is wrong and a fix that works ----------------------------
+
+
+def test_a_plain_tiff_named_ndpi_opens_as_the_tiff_it_is(tmp_path: Path) -> None:
+    """tifffile reads any classic TIFF named .ndpi with NDPI's 64-bit offsets; the pre-flight
+    called such a file 'truncated'. It is read as the plain TIFF it is, by every reader."""
+    path = badinput.make_plain_tiff_named_ndpi(tmp_path)
+    with tifffile.TiffFile(path) as tf:  # the trap: read by its name, it has no image
+        assert len(tf.pages) == 0
+    truth = tifffile.imread(path, is_ndpi=False)
+    for backend in ("auto", "openslide", "tifffile"):
+        with wsi.open_slide(path, backend=backend) as slide:  # type: ignore[arg-type]
+            assert slide.dimensions == (truth.shape[1], truth.shape[0])
+            np.testing.assert_array_equal(slide.read_region((0, 0), 0, slide.dimensions), truth)
+
+
+@pytest.mark.parametrize("with_data", [False, True], ids=["empty", "with-data"])
+def test_a_zero_size_bigtiff_is_refused_as_empty_by_every_reader(
+    with_data: bool, tmp_path: Path
+) -> None:
+    """Was: 'holds no pixel data', or with a strip of data 'tifffile failed (ZeroDivisionError)'
+    and, forced on cuCIM, 'use backend openslide' (OpenSlide refuses it too)."""
+    path = badinput.make_zero_size_bigtiff(tmp_path, with_data=with_data)
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_bigtiff and tf.pages.first.shape == (0, 0, 3)
+    for backend in ("auto", "openslide", "tifffile", *(["cucim"] if cucim_available() else [])):
+        with pytest.raises(wsi.CorruptSlideError) as info:
+            wsi.open_slide(path, backend=backend)  # type: ignore[arg-type]
+        assert str(path) in str(info.value) and "0×0 px" in info.value.problem
+        assert "export the slide again" in info.value.fix
+        assert "openslide" not in info.value.fix.lower()
+
+
+def test_a_cut_file_is_called_truncated_and_copying_it_again_works(tmp_path: Path) -> None:
+    buf = __import__("io").BytesIO()
+    badinput.write_tiled_tiff(buf, side=512)
+    whole = buf.getvalue()
+    cut = tmp_path / "copy.tif"
+    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    with pytest.raises(wsi.CorruptSlideError) as info:
+        wsi.open_slide(cut)
+    assert "truncated" in info.value.problem and "copy the slide again" in info.value.fix
+    cut.write_bytes(whole)  # the fix: copy it again, whole
+    with wsi.open_slide(cut) as slide:
+        np.testing.assert_array_equal(
+            slide.read_region((0, 0), 0, (512, 512)),
+            tifffile.imread(__import__("io").BytesIO(whole)),
+        )
+
+
+def test_a_tile_offset_past_eof_in_a_whole_file_is_ill_formed_not_truncated(
+    tmp_path: Path,
+) -> None:
+    """Copying again cannot help a file whose table points one tile past its end while tiles
+    stored after it are present: the message must not blame the transfer."""
+    path, size = badinput.make_tile_offset_past_eof(tmp_path)
+    with tifffile.TiffFile(path) as tf:  # independent check of the damage
+        page = tf.pages.first
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
+        assert ends[1] > size and all(e <= size for i, e in enumerate(ends) if i != 1)
+        assert page.dataoffsets[3] > page.dataoffsets[0]  # data follows in the file
+    with pytest.raises(wsi.CorruptSlideError) as info:
+        wsi.open_slide(path)
+    assert str(path) in str(info.value)
+    assert "ill-formed" in info.value.problem and "truncated" not in info.value.problem
+    assert "export the slide again" in info.value.fix and "will not help" in info.value.fix
+
+
+def test_a_196_megapixel_png_is_too_large_for_the_plain_image_reader(tmp_path: Path) -> None:
+    """Was: 'pillow failed (DecompressionBombError …). Fix: export it again' — which cannot help."""
+    path = badinput.make_huge_png(tmp_path)
+    with pytest.raises(Image.DecompressionBombError):  # Pillow itself refuses to open it
+        Image.open(path)
+    with pytest.raises(wsi.UnsupportedSlideError) as info:
+        wsi.open_slide(path, mpp=0.5)
+    assert str(path) in str(info.value)
+    assert "196 megapixels" in info.value.problem and "too large" in info.value.problem
+    assert "tiled pyramidal TIFF" in info.value.fix and "vips tiffsave" in info.value.fix
+    assert "export" not in info.value.fix
+
+
+def test_converting_a_too_large_image_to_a_tiled_pyramid_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fix followed, on a small image with the bound lowered: written as a tiled pyramidal
+    TIFF (what `vips tiffsave --tile --pyramid` writes; tifffile here, vips is not installed in
+    CI), the same pixels open with the slide readers."""
+    from oncotrace.wsi._backends import PillowBackend  # private: the plain-image bound
+
+    rgb = badinput.tissue_like_rgb(600, 800, salt=42)
+    png = tmp_path / "field.png"
+    Image.fromarray(rgb).save(png)
+    monkeypatch.setattr(PillowBackend, "MAX_PIXELS", 100_000)
+    with pytest.raises(wsi.UnsupportedSlideError, match="too large for the plain-image reader"):
+        wsi.open_slide(png, mpp=0.5)
+    tif = tmp_path / "field.tif"
+    with tifffile.TiffWriter(tif) as tw:
+        tw.write(rgb, tile=(256, 256), photometric="rgb", subifds=1)
+        tw.write(rgb[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    with wsi.open_slide(tif, mpp=0.5) as slide:
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (800, 600)), rgb)
