@@ -82,16 +82,30 @@ class CohortData:
 
 
 def _covariate_column(name: str, values: list[str], csv_path: Path) -> NDArray[np.float64]:
-    missing = [i for i, v in enumerate(values) if v.strip() == ""]
+    values = [v or "" for v in values]  # a row shorter than the header gives None
+    missing = [i for i, v in enumerate(values) if v.strip().lower() in MISSING_LABELS]
     if missing:
         raise ValueError(
-            f"{csv_path}: covariate {name!r} is empty in {len(missing)} row(s) (e.g. data row "
-            f"{missing[0] + 1}); impute it (and add a missingness indicator) or drop it."
+            f"{csv_path}: covariate {name!r} is missing ({values[missing[0]].strip() or 'empty'!r})"
+            f" in {len(missing)} row(s) (e.g. data row {missing[0] + 1}, line {missing[0] + 2})."
+            " Fix: impute it (and add a missingness indicator column) or drop the covariate."
         )
     try:
-        return np.array([float(v) for v in values], dtype=np.float64)
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
     except ValueError:
         pass
+    else:
+        rows = np.flatnonzero(~np.isfinite(numbers))
+        if rows.size:
+            first = int(rows[0])
+            more = f" and {rows.size - 1} more row(s)" if rows.size > 1 else ""
+            raise ValueError(
+                f"{csv_path}: covariate {name!r} is {values[first].strip()!r} in data row"
+                f" {first + 1} (line {first + 2}){more};"
+                " covariates must be finite numbers. Fix: correct the cell in the labels file"
+                " (a unit or export error?), or impute it."
+            )
+        return numbers
     lowered = {v.strip().lower() for v in values}
     if lowered <= set(_SEX):
         return np.array([_SEX[v.strip().lower()] for v in values], dtype=np.float64)
@@ -192,7 +206,14 @@ def load_cohort(
     if not rows:
         raise ValueError(f"{labels_csv}: no data rows.")
     columns = list(rows[0])
-    need = [*_RESERVED[:2], *tasks, *covariates]
+    ids = [c for c in _RESERVED[:2] if c not in columns]
+    if ids:
+        raise ValueError(
+            f"{labels_csv}: no {' and no '.join(repr(c) for c in ids)} column; the file has"
+            f" {columns}. Fix: name the header cells slide_id (the tile store's name without"
+            " .zarr) and patient_id exactly (a labels file needs both, one row per slide)."
+        )
+    need = [*tasks, *covariates]
     absent = [c for c in need if c not in columns]
     if absent:
         raise ValueError(

@@ -333,6 +333,44 @@ def test_one_class_in_two_letter_cases_is_refused_naming_both(tmp_path: Path) ->
     assert "'Benign'" in text and "'benign'" in text and "Fix:" in text
 
 
+@pytest.mark.parametrize("column", ["slide_id", "patient_id"])
+def test_a_labels_file_without_an_id_column_names_it(tmp_path: Path, column: str) -> None:
+    stores, csv_path = _write(tmp_path, _rows())
+    renamed = "Slide ID" if column == "slide_id" else "patient"
+    lines = csv_path.read_text().splitlines()
+    lines[0] = lines[0].replace(column, renamed)
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_cohort(stores, csv_path, ENC, ["label"], ["age"])
+    text = str(err.value)
+    assert str(csv_path) in text and f"no {column!r} column" in text and renamed in text
+    assert "covariate" not in text  # the fix is the header, not the covariate names
+
+
+@pytest.mark.parametrize(("cell", "expect"), [("inf", "'inf'"), ("-Infinity", "'-Infinity'")])
+def test_a_non_finite_covariate_names_the_file_column_and_row(
+    tmp_path: Path, cell: str, expect: str
+) -> None:
+    rows = _rows()
+    rows[3]["age"] = cell
+    stores, csv_path = _write(tmp_path, rows)
+    with pytest.raises(ValueError) as err:
+        load_cohort(stores, csv_path, ENC, ["label"], ["age"])
+    text = str(err.value)
+    assert str(csv_path) in text and "covariate 'age'" in text and expect in text
+    assert "data row 4 (line 5)" in text and "Fix:" in text and "model" not in text
+
+
+@pytest.mark.parametrize("cell", ["", "NA", "NaN", "n/a"])
+def test_a_missing_covariate_is_refused_not_read_as_nan(tmp_path: Path, cell: str) -> None:
+    rows = _rows()
+    rows[1]["age"] = cell
+    stores, csv_path = _write(tmp_path, rows)
+    with pytest.raises(ValueError, match=r"covariate 'age' is missing .* data row 2") as err:
+        load_cohort(stores, csv_path, ENC, ["label"], ["age"])
+    assert str(csv_path) in str(err.value) and "impute" in str(err.value)
+
+
 def test_load_cohort_custom_features_no_site_column_and_model_classes(tmp_path: Path) -> None:
     # Features imported under a name no encoder is registered as: the stores set the dim.
     rows = [{k: v for k, v in r.items() if k != "site"} for r in _rows()]
