@@ -11,6 +11,12 @@ if __name__ != "oncotrace.spatial":
 
 
 from ._cellphantom import ImmuneCluster, PlantedCells, render_cells, write_phantom_slide
+from ._checks import (
+    MAX_GRID_CELLS,
+    check_density_options,
+    check_null_options,
+    check_parameters,
+)
 from ._heatmap import (
     DEFAULT_COLORMAP,
     OVERLAY_MIN_SIDE,
@@ -115,6 +121,7 @@ __all__ = [
     "DEFAULT_COLORMAP",
     "DEFAULT_IMMUNE_GENES",
     "DENSITY_UNIT",
+    "MAX_GRID_CELLS",
     "OVERLAY_MIN_SIDE",
     "SLIDE_PX",
     "SLIDE_UM",
@@ -151,6 +158,9 @@ __all__ = [
     "attention_heatmap",
     "bivariate_association",
     "block_permutation_null",
+    "check_density_options",
+    "check_null_options",
+    "check_parameters",
     "count_cells_per_spot",
     "create_cell_detector",
     "density_map",

@@ -37,6 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 from oncotrace.wsi import Registry
 from scipy import ndimage as ndi
 
+from ._checks import check_density_options, check_parameters
 from ._heatmap import Heatmap, _atomic
 
 if TYPE_CHECKING:
@@ -838,6 +839,7 @@ def detect_immune_cells(
 
     if stain not in CLASSES:
         raise ValueError(f"stain must be 'he' or 'ihc-dab', got {stain!r}.")
+    check_parameters(mpp=mpp, workers=workers)
     cfg = config or ImmuneConfig()
     if tile_um < 4 * cfg.halo_um:
         raise ValueError(
@@ -1134,10 +1136,12 @@ def density_map(
     -------
     DensityMaps with ``density``, ``all_cells``, ``til_positive``, ``positive_fraction``.
     """
-    if not (math.isfinite(bin_um) and bin_um > 0):
-        raise ValueError(f"bin_um must be positive, got {bin_um!r}.")
-    if min_positive < 1:
-        raise ValueError(f"min_positive must be at least 1, got {min_positive}.")
+    mx, my = cells.mpp
+    w0, h0 = cells.level0_size
+    # the grid of this slide is bounded (a wrong mpp can make a slide metres wide)
+    check_density_options(
+        bin_um, min_positive, extent_um=(w0 * mx, h0 * my), min_coverage=min_coverage
+    )
     positive_cls = cells.positive_class if cls is None else cls
     known = set(CLASSES[cells.stain]) if cells.stain in CLASSES else set()
     if known and positive_cls not in known:
@@ -1145,9 +1149,7 @@ def density_map(
             f"cls={positive_cls!r} is not a class of {cells.stain} cell tables; use one of "
             f"{sorted(known)}."
         )
-    mx, my = cells.mpp
     cell_l0 = (bin_um / mx, bin_um / my)
-    w0, h0 = cells.level0_size
     gw, gh = math.ceil(w0 / cell_l0[0]), math.ceil(h0 / cell_l0[1])
     col = np.floor((cells.x + 0.5) / cell_l0[0]).astype(np.int64)
     row = np.floor((cells.y + 0.5) / cell_l0[1]).astype(np.int64)

@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._checks import MAX_SPACING_MM, MIN_SPACING_MM, check_parameters
 from ._heatmap import (
     Heatmap,
     _atomic,
@@ -42,9 +43,6 @@ from ._heatmap import (
 
 SpacingSource = Literal["dicom-region", "dicom-pixel-spacing", "override"]
 
-#: Plausible ultrasound pixel spacings (mm/px); outside this a unit mix-up is far likelier.
-MIN_SPACING_MM = 0.005
-MAX_SPACING_MM = 5.0
 #: DICOM PhysicalUnitsX/YDirection code for centimetres (PS3.3 C.8.5.5.1.15).
 _UNITS_CM = 3
 _UNIT_NAMES = {
@@ -563,8 +561,7 @@ def to_ultrasound(
     MappedHeatmap
     """
     _check_registration(registration)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    check_parameters(alpha=alpha)
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"name {name!r} must be a plain file stem (no slashes, no leading dot).")
     w, h = ultrasound.size_px

@@ -42,6 +42,7 @@ import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 from oncotrace import __version__
 
+from ._checks import check_null_options
 from ._heatmap import _atomic
 from ._spatialstats import (
     Alternative,
@@ -638,7 +639,12 @@ def _describe(transform: SlideToFullres) -> Any:
 
 
 def _checked_inputs(
-    cell_xy_level0: ArrayLike, cell_positive: ArrayLike | None, null: NullName, n_null: int
+    cell_xy_level0: ArrayLike,
+    cell_positive: ArrayLike | None,
+    null: NullName,
+    n_null: int,
+    seed: int,
+    n_spots: int,
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Check :func:`st_validate`'s cells and null settings.
 
@@ -663,8 +669,7 @@ def _checked_inputs(
             )
     if null not in ("toroidal", "block"):
         raise ValueError(f"null must be 'toroidal' or 'block', got {null!r}.")
-    if n_null < 1:
-        raise ValueError(f"n_null must be >= 1, got {n_null}.")
+    check_null_options(n_null, seed, n_spots=n_spots)
     return xy, positive
 
 
@@ -1040,7 +1045,9 @@ def st_validate(
         (barcode, x/y in full-resolution and level-0 px, in_tissue, has_counts, used, n_cells,
         n_positive, gene_score). ``"warnings"`` lists why a statistic may be undefined or weak.
     """
-    xy, positive = _checked_inputs(cell_xy_level0, cell_positive, null, n_null)
+    xy, positive = _checked_inputs(
+        cell_xy_level0, cell_positive, null, n_null, seed, visium.n_spots
+    )
     gs = immune_gene_score(visium, genes, normalise=normalise, fallback=fallback)
     warnings: list[str] = []
     maps = _spot_maps(xy, positive, visium, gs.score, slide_to_fullres, slide_size_level0, warnings)

@@ -27,6 +27,8 @@ HeadName = Literal["abmil", "abmil-gated", "clam-mb", "clam-sb", "max", "mean", 
 #: library parameter -> the flag that sets it (the same flag in every command that has it)
 FLAGS: dict[str, str] = {
     "allow_reflection": "--allow-reflection",
+    "alpha": "--alpha",
+    "bin_um": "--bin-um",
     "conformal_level": "--conformal-level",
     "covariates": "--covariates",
     "epochs": "--epochs",
@@ -48,6 +50,8 @@ FLAGS: dict[str, str] = {
     "mode": "--mode",
     "mpp": "--mpp",
     "max_upsample": "--max-upsample",
+    "min_positive": "--min-positive",
+    "n_null": "--n-null",
     "name": "--name",
     "out_dir": "--out",
     "overwrite": "--overwrite",

@@ -53,6 +53,11 @@ def _parse_region(text: str | None) -> tuple[int, int, int, int] | None:
         raise typer.BadParameter(f"--region {text!r}: four integers x,y,w,h") from exc
     if w <= 0 or h <= 0:
         raise typer.BadParameter(f"--region {text!r}: width and height must be positive")
+    if x < 0 or y < 0:
+        raise typer.BadParameter(
+            f"--region {text!r}: x and y are level-0 pixels from the slide's top-left corner,"
+            " so 0 or more"
+        )
     return x, y, w, h
 
 
@@ -135,8 +140,15 @@ def _register_immune(app: typer.Typer, console: Console) -> None:
         One slide writes into --out; several (or a folder) write --out/<slide_id>/ each, with
         errors.csv for the ones that failed.
         """
+        from oncotrace.spatial import check_density_options, check_parameters
+
         from ._batch import find_slides, write_errors_csv
 
+        try:  # every number checked once, before any slide is read
+            check_parameters(mpp=mpp, threads=threads)
+            check_density_options(bin_um, min_positive)
+        except ValueError as exc:
+            raise usage_error(exc) from exc
         box = _parse_region(region)
         paths = find_slides(slides)
         if not paths:
@@ -295,7 +307,19 @@ def _register_map_us(app: typer.Typer, console: Console) -> None:
         alpha: Annotated[float, typer.Option("--alpha", help="Overlay opacity.")] = 0.5,
     ) -> None:
         """Register the slide to the ultrasound by landmarks and resample a heatmap onto it."""
+        from oncotrace.spatial import check_parameters
+
         spacing = _spacing(spacing_mm)
+        try:  # every number checked once, before any file is read
+            check_parameters(
+                frame=frame,
+                region=region,
+                spacing_mm=spacing,
+                slide_mpp=heatmap_mpp,
+                alpha=alpha,
+            )
+        except ValueError as exc:
+            raise usage_error(exc) from exc
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -427,6 +451,13 @@ def _register_st_validate(app: typer.Typer, console: Console) -> None:
         seed: Annotated[int, typer.Option("--seed")] = 0,
     ) -> None:
         """Detected immune cells per Visium spot vs an immune gene score, with spatial nulls."""
+        from oncotrace.spatial import check_null_options, check_parameters
+
+        try:  # every number checked once, before the slide is read or cells detected
+            check_parameters(mpp=mpp)
+            check_null_options(n_null, seed)
+        except ValueError as exc:
+            raise usage_error(exc) from exc
         gene_list = _gene_list(genes)
         t0 = time.perf_counter()
         try:

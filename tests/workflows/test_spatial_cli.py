@@ -262,3 +262,59 @@ def test_st_validate_runs_end_to_end_on_the_real_visium_sample(
     assert any("not resolved" in w for w in report["warnings"])  # 13.7 µm/px lowres image
     with (tmp_path / "st" / "spots.csv").open() as fh:
         assert sum(1 for _ in fh) - 1 == 4992
+
+
+_NO_SLIDE = "/nonexistent/h4-slide.tiff"  # never read: the numbers are checked first
+_MAP_US = ["map-us", "--heatmap", "/nonexistent/a.ome.zarr", "--ultrasound", "/nonexistent/u.dcm"]
+_MAP_US += ["--landmarks", "/nonexistent/l.json"]
+_ST = ["st-validate", "--slide", _NO_SLIDE, "--visium", "/nonexistent/outs"]
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["immune", _NO_SLIDE, "--bin-um", "nan"], "--bin-um nan"),
+        (["immune", _NO_SLIDE, "--bin-um", "inf"], "--bin-um inf"),
+        (["immune", _NO_SLIDE, "--bin-um", "0"], "--bin-um 0.0"),
+        (["immune", _NO_SLIDE, "--bin-um", "-50"], "--bin-um -50.0"),
+        (["immune", _NO_SLIDE, "--bin-um", "1e308"], "--bin-um 1e+308"),  # was OverflowError
+        (["immune", _NO_SLIDE, "--min-positive", "0"], "--min-positive 0"),
+        (["immune", _NO_SLIDE, "--min-positive", "1000000000"], "--min-positive 1000000000"),
+        (["immune", _NO_SLIDE, "--mpp", "nan"], "--mpp nan"),
+        (["immune", _NO_SLIDE, "--threads", "0"], "--threads 0"),  # was accepted
+        (["immune", _NO_SLIDE, "--threads", "1000000"], "--threads 1000000"),
+        ([*_MAP_US, "--alpha", "nan"], "--alpha nan"),
+        ([*_MAP_US, "--spacing-mm", "0"], "--spacing-mm 0.0"),
+        ([*_MAP_US, "--spacing-mm", "0.1", "--spacing-mm", "inf"], "--spacing-mm (0.1, inf)"),
+        ([*_MAP_US, "--frame", "-1"], "--frame -1"),
+        ([*_MAP_US, "--region", "-1"], "--region -1"),
+        ([*_MAP_US, "--heatmap-mpp", "nan"], "--heatmap-mpp nan"),  # was ignored for a store
+        ([*_ST, "--n-null", "0"], "--n-null 0"),  # was refused after detection
+        ([*_ST, "--n-null", "1000000000"], "--n-null 1000000000"),  # was MemoryError
+        ([*_ST, "--seed", "-1"], "--seed -1"),  # was numpy's message after detection
+        ([*_ST, "--mpp", "0"], "--mpp 0.0"),
+    ],
+)
+def test_bad_numbers_are_one_usage_error_before_any_input_is_read(
+    tmp_path: Path, args: list[str], shown: str
+) -> None:
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {shown}"), res.stderr
+    assert "Fix: pass" in lines[0] and "_" not in lines[0].split("Fix")[1].split()[1]
+    assert "nonexistent" not in res.stderr and not out.exists()
+
+
+def test_a_bin_too_fine_for_any_slide_names_its_grid_and_a_bin_that_works(tmp_path: Path) -> None:
+    # was: MemoryError allocating a 1.17 PiB grid, after the cells had been detected
+    res = CliRunner().invoke(app, ["immune", _NO_SLIDE, "--bin-um", "1e-4", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    text = res.stderr
+    # a 75 x 50 mm slide in 0.1 nm bins, by hand
+    assert "--bin-um 0.0001" in text and "750,000,000 x 500,000,000 grid" in text, text
+    works = text.split("Fix: pass --bin-um ")[1].split()[0]
+    res = CliRunner().invoke(app, ["immune", _NO_SLIDE, "--bin-um", works, "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "the file does not exist" in res.stderr  # past the numbers
