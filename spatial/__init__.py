@@ -18,6 +18,7 @@ from ._checks import (
     check_parameters,
 )
 from ._heatmap import (
+    ATTENTION_RANK_UNIT,
     DEFAULT_COLORMAP,
     OVERLAY_MIN_SIDE,
     Colormap,
@@ -35,6 +36,9 @@ from ._heatmap import (
 from ._immune import (
     CELL_DETECTORS,
     DENSITY_UNIT,
+    FRACTION_UNIT,
+    PROBABILITY_UNIT,
+    TIL_POSITIVE_UNIT,
     CellTable,
     DensityMaps,
     GeometryKind,
@@ -117,14 +121,18 @@ from ._visium import (
 )
 
 __all__ = [
+    "ATTENTION_RANK_UNIT",
     "CELL_DETECTORS",
     "DEFAULT_COLORMAP",
     "DEFAULT_IMMUNE_GENES",
     "DENSITY_UNIT",
+    "FRACTION_UNIT",
     "MAX_GRID_CELLS",
     "OVERLAY_MIN_SIDE",
+    "PROBABILITY_UNIT",
     "SLIDE_PX",
     "SLIDE_UM",
+    "TIL_POSITIVE_UNIT",
     "US_MM",
     "US_PX",
     "Affine",

@@ -36,6 +36,9 @@ Colormap = Literal["viridis", "cividis", "magma", "inferno"]
 #: near-white high end would vanish against glass and the white page.
 DEFAULT_COLORMAP: Colormap = "viridis"
 
+#: The unit of per-slide rank-normalised attention (``normalise_attention(method="rank")``).
+ATTENTION_RANK_UNIT = "rank within the slide, (0, 1]"
+
 #: Halve the grid for the OME-Zarr pyramid until its longer side is at most this many cells.
 PYRAMID_MIN_SIDE = 64
 PYRAMID_MAX_LEVELS = 6
@@ -70,6 +73,9 @@ class Heatmap:
     level0_size : (width, height) of the slide at level 0.
     tile_size_level0 : (x, y) size of one tile in level-0 pixels.
     n_tiles : number of tiles rasterised.
+    value_unit : what the values are measured in (:data:`DENSITY_UNIT`,
+        :data:`ATTENTION_RANK_UNIT`, ``"probability"``…), or None when not known; carried into
+        every file written from the heatmap (and from its mapping onto an ultrasound frame).
     """
 
     grid: NDArray[np.float32]
@@ -79,6 +85,7 @@ class Heatmap:
     level0_size: tuple[int, int]
     tile_size_level0: tuple[float, float]
     n_tiles: int
+    value_unit: str | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,6 +214,7 @@ def attention_heatmap(
     level0_size: Sequence[int],
     mpp: float | Sequence[float],
     stride_level0: float | Sequence[float] | None = None,
+    value_unit: str | None = None,
 ) -> Heatmap:
     """Rasterise per-tile scores on the tile grid.
 
@@ -224,6 +232,8 @@ def attention_heatmap(
     level0_size : ``(width, height)`` of the slide at level 0.
     mpp : micrometres per level-0 pixel (or ``(x, y)``).
     stride_level0 : grid step in level-0 pixels (or ``(x, y)``); default the tile size.
+    value_unit : the scores' unit, e.g. :data:`ATTENTION_RANK_UNIT` for rank-normalised
+        attention; written into every file made from the heatmap.
 
     Returns
     -------
@@ -300,6 +310,7 @@ def attention_heatmap(
         level0_size=(w0, h0),
         tile_size_level0=(tw, th),
         n_tiles=n,
+        value_unit=value_unit,
     )
 
 
@@ -449,7 +460,8 @@ def write_ome_zarr(
     path : destination folder, conventionally ``*.ome.zarr``; replaced if it exists.
     name : the multiscale's name (shown by viewers as the layer name).
     kind : what the values are, recorded in the attrs (e.g. ``"immune density"``).
-    unit : the values' unit, recorded in the attrs (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``).
+    unit : the values' unit, recorded in the attrs (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``);
+        default ``heatmap.value_unit``.
 
     Returns
     -------
@@ -464,7 +476,7 @@ def write_ome_zarr(
         attrs={
             "kind": kind,
             "name": name,
-            "value_unit": unit,
+            "value_unit": unit if unit is not None else heatmap.value_unit,
             "empty_cells": "NaN",
             "origin_level0_xy": list(heatmap.origin_level0),
             "cell_size_level0_xy": list(heatmap.cell_size_level0),
@@ -574,6 +586,7 @@ def read_heatmap(path: str | Path) -> Heatmap:
             float(meta["tile_size_level0_xy"][1]),
         ),
         n_tiles=int(meta["n_tiles"]),
+        value_unit=None if meta.get("value_unit") is None else str(meta["value_unit"]),
     )
 
 

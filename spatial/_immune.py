@@ -49,6 +49,10 @@ GeometryKind = Literal["polygon", "point"]
 #: The unit of cell densities in every label, colour bar and ``value_unit`` attr OncoTrace
 #: writes (UTF-8 like the rest of its JSON and Zarr attrs; there is no second, ASCII spelling).
 DENSITY_UNIT = "cells/mm²"
+#: Units of the other maps of :class:`DensityMaps`.
+PROBABILITY_UNIT = "probability"
+FRACTION_UNIT = "fraction of cells"
+TIL_POSITIVE_UNIT = "1 = TIL-positive bin, 0 = not"
 
 #: (positive class, negative class) per stain.
 CLASSES: dict[str, tuple[str, str]] = {
@@ -1162,7 +1166,7 @@ def density_map(
     tissue = cover >= min_coverage
     area_mm2 = (bin_um * 1e-3) ** 2 * np.maximum(cover, 1e-12)
 
-    def heat(values: NDArray[np.float64]) -> Heatmap:
+    def heat(values: NDArray[np.float64], unit: str) -> Heatmap:
         grid = np.where(tissue, values, np.nan).astype(np.float32)
         return Heatmap(
             grid=grid,
@@ -1172,15 +1176,16 @@ def density_map(
             level0_size=(w0, h0),
             tile_size_level0=cell_l0,
             n_tiles=int(tissue.sum()),
+            value_unit=unit,
         )
 
     frac = np.divide(n_pos, n_all, out=np.full_like(n_pos, np.nan), where=n_all > 0)
     return DensityMaps(
         bin_um=float(bin_um),
-        til_positive=heat((n_pos >= min_positive).astype(np.float64)),
-        density=heat(n_pos / area_mm2),
-        all_cells=heat(n_all / area_mm2),
-        positive_fraction=heat(frac),
+        til_positive=heat((n_pos >= min_positive).astype(np.float64), TIL_POSITIVE_UNIT),
+        density=heat(n_pos / area_mm2, DENSITY_UNIT),
+        all_cells=heat(n_all / area_mm2, DENSITY_UNIT),
+        positive_fraction=heat(frac, FRACTION_UNIT),
         min_positive=int(min_positive),
         source=cells.source,
     )
@@ -1258,7 +1263,7 @@ def load_til_grid(
     if level0_size is None:
         level0_size = (math.ceil(ox + gw * step), math.ceil(oy + gh * step))
 
-    def heat(values: NDArray[np.float64]) -> Heatmap:
+    def heat(values: NDArray[np.float64], unit: str) -> Heatmap:
         grid = np.full((gh, gw), np.nan, np.float32)
         grid[row, col] = values
         return Heatmap(
@@ -1269,14 +1274,15 @@ def load_til_grid(
             level0_size=(int(level0_size[0]), int(level0_size[1])),
             tile_size_level0=(step, step),
             n_tiles=int(data.shape[0]),
+            value_unit=unit,
         )
 
     lym = data[:, 2]
     return DensityMaps(
         bin_um=step * float(mpp),
-        til_positive=heat((lym >= threshold).astype(np.float64)),
-        lymphocyte_probability=heat(lym),
-        necrosis_probability=heat(data[:, 3]) if data.shape[1] == 4 else None,
+        til_positive=heat((lym >= threshold).astype(np.float64), TIL_POSITIVE_UNIT),
+        lymphocyte_probability=heat(lym, PROBABILITY_UNIT),
+        necrosis_probability=heat(data[:, 3], PROBABILITY_UNIT) if data.shape[1] == 4 else None,
         threshold=float(threshold),
         source=str(path),
     )
@@ -1338,7 +1344,7 @@ def write_immune_outputs(
 
     The OME-Zarr and PNG show :attr:`DensityMaps.primary`: positive cells per mm² (named
     ``"<positive class> density"``, unit :data:`DENSITY_UNIT`), else a loaded grid's
-    ``lym_prob`` (no unit). The PNG is drawn on ``thumbnail_rgb`` (level-0 px per thumbnail px
+    ``lym_prob`` (unit :data:`PROBABILITY_UNIT`). The PNG is drawn on ``thumbnail_rgb`` (level-0 px per thumbnail px
     ``thumbnail_downsample``), default the cell table's own overview, else a white canvas the
     size of the tissue mask.
 
@@ -1354,10 +1360,11 @@ def write_immune_outputs(
     paths["cells.geojson"] = cells.to_geojson(out / "cells.geojson", geometry=geometry)
     paths["cells.csv"] = cells.to_csv(out / "cells.csv")
     hm = density.primary
+    unit = hm.value_unit
     if density.density is not None:
-        name, unit = f"{cells.positive_class} density", DENSITY_UNIT
+        name = f"{cells.positive_class} density"
     else:
-        name, unit = ("lym_prob" if hm is density.lymphocyte_probability else "TIL-positive"), None
+        name = "lym_prob" if hm is density.lymphocyte_probability else "TIL-positive"
     paths["density.ome.zarr"] = write_ome_zarr(
         hm, out / "density.ome.zarr", name=name, kind="immune density", unit=unit
     )

@@ -554,7 +554,7 @@ def to_ultrasound(
     alpha : overlay opacity in [0, 1].
     vmin, vmax : colour range; default the source heatmap's finite min and max.
     unit : the values' unit (e.g. :data:`DENSITY_UNIT`, ``"cells/mm²"``), recorded and shown on
-        the colour bar.
+        the colour bar; default ``heatmap.value_unit``.
 
     Returns
     -------
@@ -562,6 +562,7 @@ def to_ultrasound(
     """
     _check_registration(registration)
     check_parameters(alpha=alpha)
+    unit = unit if unit is not None else heatmap.value_unit
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"name {name!r} must be a plain file stem (no slashes, no leading dot).")
     w, h = ultrasound.size_px

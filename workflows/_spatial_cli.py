@@ -381,7 +381,16 @@ def _run_map_us(
         allow_reflection=allow_reflection,
         bin_um=bin_um,
     )
-    mapped = to_ultrasound(heat, reg, us, out, name=name or default_name, alpha=alpha)
+    if heat.value_unit is None:
+        warnings.warn(
+            f"{heatmap} records no unit for its values, so the outputs show bare numbers; write"
+            " it with one (spatial.write_ome_zarr(..., unit=...)) to have them labelled.",
+            UserWarning,
+            stacklevel=2,
+        )
+    mapped = to_ultrasound(
+        heat, reg, us, out, name=name or default_name, alpha=alpha, unit=heat.value_unit
+    )
     return reg, mapped
 
 
@@ -395,10 +404,11 @@ def _map_us_summary(reg: Registration, mapped: MappedHeatmap, out: Path, seconds
         else ""
     )
     loo = rep["chosen"]["loo_tre_mm"]
+    unit = f", values in {mapped.unit}" if mapped.unit is not None else ""
     return (
         f"{reg.model} fit on {rep['n_fit']} landmarks: leave-one-out TRE {loo:.2f} mm"
         f"{hold_txt}; scale {rep['scale_mm_per_mm']:.2f} mm/mm → {out} "
-        f"({mapped.grid.shape[1]}×{mapped.grid.shape[0]} px, {seconds:.1f} s)"
+        f"({mapped.grid.shape[1]}×{mapped.grid.shape[0]} px{unit}, {seconds:.1f} s)"
     )
 
 

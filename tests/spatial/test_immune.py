@@ -256,6 +256,10 @@ def test_density_map_hand_computed() -> None:
     assert maps.positive_fraction is not None
     assert maps.density.shape == (2, 4)
     assert maps.density.cell_size_um == (50.0, 50.0)
+    # each map carries what its values are (written into every file made from it)
+    assert maps.density.value_unit == maps.all_cells.value_unit == "cells/mm²"
+    assert maps.positive_fraction.value_unit == "fraction of cells"
+    assert maps.til_positive.value_unit == "1 = TIL-positive bin, 0 = not"
     bin_mm2 = 0.05 * 0.05
     expected_pos = np.array([[2, 1, 0, 0], [0, 0, 2, 0]]) / bin_mm2
     expected_all = np.array([[3, 1, 0, 1], [0, 0, 3, 0]]) / bin_mm2

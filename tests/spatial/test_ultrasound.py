@@ -400,6 +400,29 @@ def test_a_scored_attention_store_maps_the_same_way(tmp_path: Path) -> None:
     assert loaded.unit == "rank" and loaded.bin_um == (BIN_UM, BIN_UM)
 
 
+def test_the_heatmap_unit_travels_into_every_mapped_output(tmp_path: Path) -> None:
+    """A heatmap's unit, recorded in its store, labels the mapped store, JSON and colour bar."""
+    import dataclasses
+
+    import zarr
+    from oncotrace.spatial import ATTENTION_RANK_UNIT
+
+    heat = dataclasses.replace(peak_heatmap(), value_unit=ATTENTION_RANK_UNIT)
+    store = write_ome_zarr(heat, tmp_path / "attention.ome.zarr", name="attention")
+    loaded = read_heatmap(store)
+    assert loaded.value_unit == "rank within the slide, (0, 1]"
+    mapped = to_ultrasound(loaded, registration(), grey_frame(), tmp_path / "us", name="att")
+    assert mapped.unit == ATTENTION_RANK_UNIT
+    attrs = zarr.open_group(mapped.paths["ome_zarr"], mode="r").attrs["oncotrace"]
+    assert attrs["value_unit"] == ATTENTION_RANK_UNIT
+    doc = json.loads(mapped.paths["registration_json"].read_text())
+    assert doc["heatmaps"]["att"]["value_unit"] == ATTENTION_RANK_UNIT
+    # an explicit unit still wins; a store without one stays without (never guessed)
+    assert to_ultrasound(loaded, registration(), grey_frame(), unit="x").unit == "x"
+    bare = write_ome_zarr(peak_heatmap(), tmp_path / "bare.ome.zarr", name="bare")
+    assert to_ultrasound(read_heatmap(bare), registration(), grey_frame()).unit is None
+
+
 def test_mapping_refuses_a_registration_between_the_wrong_systems() -> None:
     reg = StandInRegistration(Affine(TRUE, "slide_px", "us_px"))
     with pytest.raises(ValueError, match="'slide_um' -> 'us_mm'"):

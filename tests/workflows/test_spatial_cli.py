@@ -155,6 +155,11 @@ def test_map_us_puts_the_planted_cluster_where_the_landmarks_say(
     code, text = _run(*args, "--spacing-mm", str(US_SPACING))
     assert code == 0, text
     reg = json.loads((out / "registration.json").read_text())
+    # the mapped values are immune-cell densities, and every output says so (was: no unit)
+    assert reg["heatmaps"]["density"]["value_unit"] == "cells/mm²"
+    attrs = zarr.open_group(out / "density.ome.zarr", mode="r").attrs["oncotrace"]
+    assert attrs["value_unit"] == "cells/mm²"
+    assert "values in cells/mm²" in " ".join(text.split())
     tre = reg["report"]["holdout_tre_mm"]["mean"]
     assert tre < 0.03
     grid = np.asarray(zarr.open_group(out / "density.ome.zarr", mode="r")["s0"][...])
@@ -204,6 +209,7 @@ def test_map_us_real_til_grid_onto_the_calibrated_cine(tmp_path: Path, shared_da
     code, text = _run(*base, "--frame", "3", "--heatmap-mpp", "0.25", "--out", str(tmp_path / "o"))
     assert code == 0, text
     store = zarr.open_group(tmp_path / "o" / "lymphocyte_probability.ome.zarr", mode="r")
+    assert store.attrs["oncotrace"]["value_unit"] == "probability"  # u24 lym_prob
     grid = np.asarray(store["s0"][...])
     assert grid.shape == (240, 320)
     # the grid's 97 x 60 mm slide frame lands where the landmarks put it: corners of the TIL
