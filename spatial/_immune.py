@@ -37,7 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 from oncotrace.wsi import Registry
 from scipy import ndimage as ndi
 
-from ._checks import check_density_options, check_parameters
+from ._checks import MAX_GRID_CELLS, check_density_options, check_parameters
 from ._heatmap import Heatmap, _atomic
 
 if TYPE_CHECKING:
@@ -290,19 +290,31 @@ class CellTable:
                 f"{path}: not an OncoTrace cell table (first line must start with {tag!r}); "
                 "write it with CellTable.to_csv."
             )
-        meta = json.loads(first[len(tag) :])
+        try:
+            meta = json.loads(first[len(tag) :])
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}: line 1 (the {tag.strip()!r} metadata) is not valid JSON ({exc.msg}); "
+                "write the table again with `oncotrace immune` or CellTable.to_csv."
+            ) from None
         missing = [c for c in COLUMNS if c not in header]
         if missing:
             raise ValueError(f"{path}: columns {missing} missing from the header {header}.")
-        lines = body.splitlines()
-        fields = [line.split(",") for line in lines if line]
+        # line numbers from 1, the metadata and header lines first
+        fields = [(k + 3, line.split(",")) for k, line in enumerate(body.splitlines()) if line]
+        for line_no, row in fields:
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}: line {line_no} has {len(row)} fields, the header {len(header)}; "
+                    "the file is truncated or edited. Write it again."
+                )
         data = {
-            name: [row[i] for row in fields] for i, name in enumerate(header) if name in COLUMNS
+            name: [row[i] for _, row in fields] for i, name in enumerate(header) if name in COLUMNS
         }
         mask = None
         if "tissue_mask" in meta:
             mask = _decode_mask(meta["tissue_mask"], meta["tissue_mask_shape"])
-        num = {k: np.asarray(data[k], np.float64).reshape(-1) for k in _FLOAT_COLUMNS}
+        num = {k: _float_column(path, k, data[k], fields) for k in _FLOAT_COLUMNS}
         return cls(
             x=num["x"],
             y=num["y"],
@@ -400,6 +412,35 @@ class CellTable:
                 f.write(",".join(feats))
             f.write("]}")
         return final
+
+
+def _float_column(
+    path: Path, name: str, values: list[str], fields: list[tuple[int, list[str]]]
+) -> NDArray[np.float64]:
+    """A cell-table column as float64; a non-number, or a non-finite position, names its line."""
+    try:
+        arr = np.asarray(values, np.float64).reshape(-1)
+    except ValueError:
+        k = next(i for i, v in enumerate(values) if not _is_float(v))
+        raise ValueError(
+            f"{path}: line {fields[k][0]}: {name} {values[k]!r} is not a number; write the table "
+            "again with `oncotrace immune` or CellTable.to_csv."
+        ) from None
+    if name in ("x", "y", "x_um", "y_um") and not np.isfinite(arr).all():
+        k = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise ValueError(
+            f"{path}: line {fields[k][0]}: {name} {values[k]!r} is not a finite position; fix "
+            "or remove the row."
+        )
+    return arr
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _format_column(values: NDArray[Any], *, fixed: bool = False) -> list[str]:
@@ -1237,6 +1278,7 @@ def load_til_grid(
             f"{path}: expected rows 'x y lym_prob [nec_prob]', got {data.shape[1]} columns "
             f"in {data.shape[0]} rows."
         )
+    _check_til_rows(path, data)
     x, y = data[:, 0], data[:, 1]
     if patch_px is None:
         steps = np.concatenate([np.diff(np.unique(x)), np.diff(np.unique(y))])
@@ -1260,6 +1302,21 @@ def load_til_grid(
             f"x={x[i]:g}, y={y[i]:g}); pass patch_px= with the real step."
         )
     gw, gh = int(col.max()) + 1, int(row.max()) + 1
+    if gw * gh > MAX_GRID_CELLS:
+        raise ValueError(
+            f"{path}: its patch centres span {gw:,} x {gh:,} patches of {step:g} px "
+            f"(more than {MAX_GRID_CELLS:,}): a stray row far off the slide, or the wrong "
+            "patch_px=. Fix the file (x and y are level-0 px of the slide)."
+        )
+    flat = row * gw + col
+    uniq, counts = np.unique(flat, return_counts=True)
+    if (counts > 1).any():
+        first = int(np.flatnonzero(flat == uniq[counts > 1][0])[1])
+        raise ValueError(
+            f"{path}: data row {first + 1} repeats the patch at x={x[first]:g}, y={y[first]:g} "
+            f"({int((counts - 1).sum())} repeated patch(es)); one row per patch. Fix: remove "
+            "the duplicates."
+        )
     if level0_size is None:
         level0_size = (math.ceil(ox + gw * step), math.ceil(oy + gh * step))
 
@@ -1291,6 +1348,26 @@ def load_til_grid(
 # --------------------------------------------------------------------------------------------
 # Summary and output files
 # --------------------------------------------------------------------------------------------
+
+
+def _check_til_rows(path: Path, data: NDArray[np.float64]) -> None:
+    """Every value finite; probabilities in [0, 1] (line numbers count from 1)."""
+    bad = ~np.isfinite(data).all(axis=1)
+    if bad.any():
+        line = int(np.flatnonzero(bad)[0]) + 1
+        raise ValueError(
+            f"{path}: data row {line} holds a non-finite value (nan/inf) ({int(bad.sum())} such "
+            "row(s)); every x, y and probability must be a number. Fix or remove those rows."
+        )
+    probs = data[:, 2:]
+    out = ((probs < 0) | (probs > 1)).any(axis=1)
+    if out.any():
+        line = int(np.flatnonzero(out)[0]) + 1
+        raise ValueError(
+            f"{path}: data row {line} has a probability outside [0, 1] ({int(out.sum())} such "
+            "row(s)); columns 3-4 are lym_prob and nec_prob. Fix the file, or check that it is "
+            "a u24 prediction grid ('x y lym_prob nec_prob')."
+        )
 
 
 def summary_dict(cells: CellTable, density: DensityMaps | None = None) -> dict[str, Any]:

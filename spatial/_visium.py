@@ -189,6 +189,8 @@ def _read_positions(path: Path) -> dict[str, NDArray[Any]]:
     else:
         take = list(range(len(_POSITION_COLUMNS)))
         body = rows
+    if not body:
+        raise VisiumError(f"{path} has a header but no spots; expected one line per Visium spot.")
     bad = [i for i, r in enumerate(body) if len(r) <= max(take)]
     if bad:
         raise VisiumError(
@@ -212,9 +214,46 @@ def _read_positions(path: Path) -> dict[str, NDArray[Any]]:
         ) from exc
     if not np.isin(out["in_tissue"], (0, 1)).all():
         raise VisiumError(f"{path}: in_tissue must be 0 or 1.")
+    first_line = 1 + (body is not rows)
+    _check_spot_geometry(path, out, first_line)
     if len(set(out["barcode"].tolist())) != out["barcode"].size:
         raise VisiumError(f"{path}: barcodes are not unique.")
     return out
+
+
+#: Visium capture areas are 78 x 128 (6.5 mm) or 112 x 256 (11 mm, CytAssist) lattice positions;
+#: far larger indices are a corrupt file (and the spatial nulls lay the lattice out densely).
+MAX_ARRAY_INDEX = 1024
+
+
+def _check_spot_geometry(path: Path, pos: Mapping[str, NDArray[Any]], first_line: int) -> None:
+    """Finite pixel positions, lattice indices in range, no two spots on one lattice position."""
+    finite = np.isfinite(pos["x"]) & np.isfinite(pos["y"])
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        raise VisiumError(
+            f"{path}: line {k + first_line} (barcode {pos['barcode'][k]}) has a non-finite pixel "
+            f"position ({int((~finite).sum())} such spot(s)). Fix: use the file Space Ranger wrote."
+        )
+    row, col = pos["array_row"], pos["array_col"]
+    bad = (row < 0) | (col < 0) | (row > MAX_ARRAY_INDEX) | (col > MAX_ARRAY_INDEX)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise VisiumError(
+            f"{path}: line {k + first_line} (barcode {pos['barcode'][k]}) is at array_row "
+            f"{int(row[k])}, array_col {int(col[k])}, outside 0-{MAX_ARRAY_INDEX} of any Visium "
+            "slide. Fix: use the file Space Ranger wrote."
+        )
+    key = row * (MAX_ARRAY_INDEX + 1) + col
+    _, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = int(key[first[counts > 1][0]])
+        a, b = (int(i) for i in np.flatnonzero(key == dup)[:2])
+        raise VisiumError(
+            f"{path}: lines {a + first_line} and {b + first_line} (barcodes {pos['barcode'][a]},"
+            f" {pos['barcode'][b]}) share array position ({int(row[a])}, {int(col[a])}); each "
+            "lattice position holds one spot. Fix: use the file Space Ranger wrote."
+        )
 
 
 def _read_scalefactors(path: Path) -> dict[str, float]:
@@ -411,7 +450,7 @@ def visium_image_scale(visium: Visium, image: ImageName = "fullres") -> float:
     if key is None:
         raise ValueError(f"image must be 'fullres', 'hires' or 'lowres', got {image!r}.")
     s = visium.scalefactors.get(key)
-    if s is None or not s > 0:
+    if s is None or not (math.isfinite(s) and s > 0):
         raise VisiumError(f"{visium.source}: scalefactors have no positive {key!r} (got {s!r}).")
     return 1.0 / s
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -477,6 +478,48 @@ def test_til_grid_with_holes_and_offset(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("0 0 0.5 0.1\n792 0 0.2 0.1\nnan 0 0.3 0.1\n", "data row 3 holds a non-finite"),
+        ("0 0 nan 0.1\n792 0 0.2 0.1\n", "data row 1 holds a non-finite"),  # was a silent hole
+        ("0 0 7 0.1\n792 0 0.2 0.1\n", "data row 1 has a probability outside"),
+        ("0 0 0.5 0.1\n792 0 0.2 0.1\n792 0 0.9 0.1\n", "data row 3 repeats the patch"),
+        # a stray row far off on the same 792-px lattice: was a grid of 1.26e9 patches
+        (f"0 0 0.5 0.1\n792 0 0.2 0.1\n{792 * 1_262_626_262} 0 0.3 0.1\n", "1,262,626,263 x 1"),
+    ],
+)
+def test_a_corrupt_til_grid_is_refused_naming_the_row(
+    tmp_path: Path, rows: str, message: str
+) -> None:
+    path = tmp_path / "prediction-x.low_res"
+    path.write_text(rows)
+    with pytest.raises(ValueError, match=message) as info:
+        load_til_grid(path, mpp=0.25)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t + "1,2\n", "line 6 has 2 fields"),  # was IndexError
+        (lambda t: t + "a,1,1,1,lymphocyte,1,1,1,1\n", "line 6: x 'a' is not a number"),
+        (lambda t: t + "nan,1,1,1,lymphocyte,1,1,1,1\n", "line 6: x 'nan' is not a finite"),
+        (lambda t: "# oncotrace-cells {bad\n" + t.split("\n", 1)[1], "line 1 .* not valid JSON"),
+    ],
+)
+def test_a_corrupt_cells_csv_is_refused_naming_the_line(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    cells = _table([(10.0, 10.0), (50.0, 60.0), (99.0, 99.0)], ["lymphocyte", "other", "other"])
+    path = cells.to_csv(tmp_path / "cells.csv")
+    assert len(CellTable.from_csv(path)) == 3  # lines 1-2 metadata and header, 3-5 cells
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=message) as info:
+        CellTable.from_csv(path)
+    assert "cells.csv" in str(info.value)
 
 
 def test_detector_registry() -> None:

@@ -186,6 +186,48 @@ def test_missing_files_and_stray_barcodes_are_clear_errors(
     assert v.counts is None and v.n_spots == 2 and not v.has_counts.any()
 
 
+_GOOD_SPOTS = "AAAC-1,1,0,0,100,200\nAAAG-1,1,0,2,100,400\nAACC-1,1,1,1,187,300\n"
+_HEADER = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n"
+
+
+@pytest.mark.parametrize(
+    ("positions", "message"),
+    [
+        (_HEADER, "has a header but no spots"),  # was IndexError
+        (_GOOD_SPOTS.replace("100,400", "nan,400"), r"line 2 \(barcode AAAG-1\).*non-finite"),
+        (_HEADER + _GOOD_SPOTS.replace("187,300", "187,inf"), r"line 4 \(barcode AACC-1\)"),
+        # two spots on one lattice position: was refused only after cell detection
+        (_GOOD_SPOTS.replace("AAAG-1,1,0,2", "AAAG-1,1,0,0"), r"lines 1 and 2 .* share array"),
+        (_GOOD_SPOTS.replace("1,1,1,187", "1,99999999,1,187"), r"line 3 .*array_row 99999999"),
+    ],
+)
+def test_corrupt_positions_are_refused_on_reading(
+    tmp_path: Path, positions: str, message: str
+) -> None:
+    spatial_dir = tmp_path / "spatial"
+    spatial_dir.mkdir()
+    name = (
+        "tissue_positions.csv" if positions.startswith("barcode") else "tissue_positions_list.csv"
+    )
+    (spatial_dir / name).write_text(positions)
+    (spatial_dir / "scalefactors_json.json").write_text('{"spot_diameter_fullres": 90}')
+    with pytest.raises(VisiumError, match=message) as info:
+        read_visium(tmp_path, counts=False)
+    assert name in str(info.value)
+
+
+def test_an_infinite_image_scale_factor_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "spatial").mkdir()
+    (tmp_path / "spatial" / "tissue_positions_list.csv").write_text(_GOOD_SPOTS)
+    # JSON's 1e999 reads as inf: was a scale of 0 that put every cell at the image corner
+    (tmp_path / "spatial" / "scalefactors_json.json").write_text(
+        '{"spot_diameter_fullres": 90, "tissue_lowres_scalef": 1e999}'
+    )
+    v = read_visium(tmp_path, counts=False)
+    with pytest.raises(VisiumError, match="tissue_lowres_scalef"):
+        visium_image_scale(v, "lowres")
+
+
 # --------------------------------------------------------------------------------------------
 # Scores and counts against hand values
 # --------------------------------------------------------------------------------------------
