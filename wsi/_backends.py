@@ -26,6 +26,7 @@ from ._errors import (
     MetadataValueError,
     UnsupportedSlideError,
     metadata_float,
+    reader_failure,
 )
 from ._inspect import PYRAMID_FIX, check_pyramid, open_tiff
 from ._tilecache import TILES, TiffSegments, new_owner, read_tiled
@@ -158,6 +159,128 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
     sx = metadata_float(attrs["PhysicalSizeX"], "OME PhysicalSizeX")
     sy = metadata_float(attrs["PhysicalSizeY"], "OME PhysicalSizeY")
     return sx * fx, sy * fy
+
+
+#: Said for a file tile whose compressed data is damaged: no reader can recover it from this file.
+DAMAGED_TILE_FIX = (
+    "the pixel data in the file itself is damaged, so no reader (backend) can recover it: if this"
+    " is a copy, copy the slide again from the scanner's original; otherwise export it again"
+    " from the scanner software, or rescan the glass slide."
+)
+
+
+def _jpeg_stream(tables: bytes | None, tile: bytes) -> bytes:
+    """A TIFF JPEG tile as one self-contained stream: the page's shared JPEGTables (between their
+    SOI and EOI) put in front of the tile's own segments, as TIFF Technical Note 2 defines it."""
+    if not tables or len(tables) < 4:
+        return tile
+    return tables[:-2] + tile[2:]
+
+
+class JpegTiles:
+    """The JPEG-compressed file tiles of one TIFF page, read raw and decoded strictly.
+
+    libjpeg treats damaged entropy-coded data (a scan that ends early, bytes left over before
+    the EOI) as a *recoverable* error: cuCIM prints it and returns grey or stale pixels, and
+    tifffile (imagecodecs) returns them without a word. Decoding through TurboJPEG with
+    warnings as errors (simplejpeg, ``strict=True``) turns such a tile into an exception.
+
+    Parameters
+    ----------
+    path : the file, for messages.
+    fd : an open read-only descriptor of it (``os.pread`` is safe from any thread).
+    page : the TIFF page; ``level`` is how messages name it.
+    """
+
+    def __init__(self, path: Path, fd: int, page: tifffile.TiffPage, level: int) -> None:
+        self.path, self.fd, self.level = path, fd, level
+        self.offsets = tuple(int(o) for o in page.dataoffsets)
+        self.counts = tuple(int(c) for c in page.databytecounts)
+        self.tables = page.jpegtables
+        self.tile_size = (int(page.tilewidth), int(page.tilelength))
+        self.across = -(-int(page.imagewidth) // self.tile_size[0])
+        #: tiles already decoded strictly, so a cached or re-read tile is not checked twice
+        self.checked: set[int] = set()
+
+    def index(self, col: int, row: int) -> int:
+        return row * self.across + col
+
+    def raw(self, col: int, row: int) -> bytes | None:
+        """The tile's stream, or None for a sparse tile (byte count 0: readers show background)."""
+        i = self.index(col, row)
+        if i >= len(self.offsets) or self.counts[i] == 0:
+            return None
+        data = os.pread(self.fd, self.counts[i], self.offsets[i])
+        if len(data) < self.counts[i]:
+            raise CorruptSlideError(
+                self.path,
+                f"file tile (column {col}, row {row}) of level {self.level} lies past the end of"
+                f" the file ({self.counts[i]} bytes at offset {self.offsets[i]}).",
+                "the file is shorter than its tile table says; copy it again from the original.",
+            )
+        return _jpeg_stream(self.tables, data)
+
+    def decode(self, col: int, row: int, *, scale: int = 1) -> np.ndarray | None:
+        """The tile as (h, w, 3) uint8 RGB (``scale`` > 1: 1/scale the size, for a check only).
+
+        Raises
+        ------
+        CorruptSlideError
+            The tile's data cannot be decoded without error, naming the level and the tile.
+        """
+        import simplejpeg
+
+        stream = self.raw(col, row)
+        if stream is None:
+            return None
+        try:
+            out = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, min_factor=scale)
+        except (ValueError, RuntimeError) as exc:
+            raise CorruptSlideError(
+                self.path,
+                f"file tile (column {col}, row {row}) of level {self.level}, at level pixel"
+                f" ({col * self.tile_size[0]}, {row * self.tile_size[1]}), cannot be decoded"
+                f" ({reader_failure(exc)}); readers that do not stop would show grey or stale"
+                " pixels there.",
+                DAMAGED_TILE_FIX,
+            ) from exc
+        self.checked.add(self.index(col, row))
+        return np.asarray(out)
+
+    def check(self, col: int, row: int) -> None:
+        """Decode the tile strictly once (at 1/8 scale: libjpeg still reads all its data)."""
+        if self.index(col, row) not in self.checked:
+            self.decode(col, row, scale=8)
+
+    def check_span(self, x0: int, y0: int, x1: int, y1: int) -> None:
+        """Check every tile under level pixels [x0, x1) × [y0, y1)."""
+        tw, th = self.tile_size
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                self.check(col, row)
+
+
+def jpeg_pages(
+    path: Path,
+    fd: int,
+    tf: tifffile.TiffFile,
+    dims: tuple[tuple[int, int], ...],
+) -> list[JpegTiles | None]:
+    """:class:`JpegTiles` for each level of ``dims`` stored as a JPEG-tiled page (else None).
+
+    A level is matched to the tiled page of its size; a size held by two tiled pages (an
+    ambiguous file) gets the first, as cuCIM and OpenSlide take it.
+    """
+    by_size: dict[tuple[int, int], tifffile.TiffPage] = {}
+    for page in tf.pages:
+        if isinstance(page, tifffile.TiffPage) and page.is_tiled:
+            by_size.setdefault((int(page.imagewidth), int(page.imagelength)), page)
+    out: list[JpegTiles | None] = []
+    for level, size in enumerate(dims):
+        found = by_size.get(size)
+        ok = found is not None and int(found.compression) == 7 and int(found.planarconfig) == 1
+        out.append(JpegTiles(path, fd, found, level) if ok and found is not None else None)
+    return out
 
 
 class Backend:
@@ -295,6 +418,7 @@ class CucimBackend(Backend):
 
         self.path = path
         self._owner = new_owner()
+        self._fd = -1
         _configure_cucim()
         with cucim_first_use():  # the import and the first open print cuFile probes on CPUs
             try:
@@ -331,12 +455,50 @@ class CucimBackend(Backend):
                     " would be cut at the wrong scale.",
                     PYRAMID_FIX,
                 )
-        check_pyramid(path, self.level_dimensions, self.level_downsamples)
+            check_pyramid(path, self.level_dimensions, self.level_downsamples)
+            self._fd = os.open(path, os.O_RDONLY)
+            self._jpeg = [
+                jt if jt is not None and jt.tile_size == self._tile_sizes[level] else None
+                for level, jt in enumerate(jpeg_pages(path, self._fd, tf, self.level_dimensions))
+            ]
+        try:
+            self._own_decode = [jt is not None and self._decodes_alike(jt) for jt in self._jpeg]
+        except Exception:
+            self.close()
+            raise
         self.vendor = meta["vendor"]
         self.objective_power = meta["objective_power"]
         self.file_mpp = meta["mpp"]
         self.file_mpp_detail = meta["mpp_detail"]
         self.file_mpp_problem = meta["mpp_problem"]
+
+    def _decodes_alike(self, jt: JpegTiles) -> bool:
+        """Whether the strict decoder gives cuCIM's pixels for this level's first stored tile.
+
+        TurboJPEG guesses a tile's colour space from its markers, cuCIM from the TIFF's
+        Photometric tag; where the guess differs (RGB JPEG without an Adobe marker) the strict
+        decoder only checks each tile and cuCIM's pixels are kept.
+        """
+        first = next((i for i, c in enumerate(jt.counts) if c), None)
+        if first is None:
+            return False
+        col, row = first % jt.across, first // jt.across
+        try:
+            mine = jt.decode(col, row)
+        except CorruptSlideError:
+            return False  # the tile is reported when it is read
+        w_l, h_l = self.level_dimensions[jt.level]
+        tw, th = jt.tile_size
+        size = (min(tw, w_l - col * tw), min(th, h_l - row * th))
+        ds = self.level_downsamples[jt.level]
+        ox, oy = _level0_origin(col * tw, ds), _level0_origin(row * th, ds)
+        if mine is None or ox is None or oy is None:
+            return False
+        theirs = np.asarray(self._img.read_region(location=(ox, oy), size=size, level=jt.level))
+        mine = mine[: size[1], : size[0]]
+        return mine.shape == theirs[..., :3].shape and bool(
+            np.abs(mine.astype(np.int16) - theirs[..., :3]).max() <= 1
+        )
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int], *, z: int = 0
@@ -377,8 +539,16 @@ class CucimBackend(Backend):
         """File tile (col, row) of ``level``, clipped to the level, from the cache or cuCIM."""
         w_l, h_l = self.level_dimensions[level]
 
+        jt = self._jpeg[level]
+
         def decode() -> np.ndarray:
             size = (min(tile[0], w_l - col * tile[0]), min(tile[1], h_l - row * tile[1]))
+            if jt is not None and self._own_decode[level]:
+                mine = jt.decode(col, row)
+                if mine is not None:  # else a sparse tile: cuCIM's background
+                    return np.ascontiguousarray(mine[: size[1], : size[0]])
+            elif jt is not None:
+                jt.check(col, row)
             arr = np.asarray(self._img.read_region(location=origin0, size=size, level=level))
             return composite_on_white(arr) if arr.shape[-1] == 4 else np.array(arr, copy=True)
 
@@ -391,6 +561,11 @@ class CucimBackend(Backend):
         level: int,
         size: tuple[int, int],
     ) -> np.ndarray:
+        w_l, h_l = self.level_dimensions[level]
+        x, y = xy
+        jt = self._jpeg[level]
+        if jt is not None:  # cuCIM would hand back a damaged tile as grey pixels
+            jt.check_span(max(0, x), max(0, y), min(w_l, x + size[0]), min(h_l, y + size[1]))
         region = self._img.read_region(
             location=(int(location[0]), int(location[1])), size=size, level=level
         )
@@ -399,8 +574,6 @@ class CucimBackend(Backend):
             arr = composite_on_white(arr)
         # cuCIM fills the area past the slide's edge with black; the Slide API promises white
         # there, as OpenSlide (transparent) and the other readers give it.
-        w_l, h_l = self.level_dimensions[level]
-        x, y = xy
         if x < 0 or y < 0 or x + size[0] > w_l or y + size[1] > h_l:
             arr = np.array(arr, copy=True)
             arr[:, : max(0, -x)] = WHITE
@@ -411,6 +584,9 @@ class CucimBackend(Backend):
 
     def close(self) -> None:
         TILES.drop(self._owner)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     # No iter_regions override: with the tile cache, per-tile reads from reader threads run
     # 1.7x faster than cuCIM's native batch loader (which also hands out reused buffers).
@@ -478,8 +654,8 @@ class OpenSlideBackend(Backend):
         except openslide.OpenSlideError as exc:
             raise CorruptSlideError(
                 self.path,
-                f"OpenSlide failed to decode a region ({exc}).",
-                "the file is damaged; export it again.",
+                f"OpenSlide failed to decode level {level} at {tuple(location)} ({exc}).",
+                DAMAGED_TILE_FIX,
             ) from exc
         return composite_on_white(np.asarray(img))
 
@@ -549,7 +725,10 @@ class TifffileBackend(Backend):
             raise
         self.n_focal_planes = int(series.shape[self._axes.index("Z")]) if "Z" in self._axes else 1
         self._lock = threading.Lock()  # aszarr file handles are not thread-safe
+        # imagecodecs returns a JPEG tile with damaged data as grey pixels without a word
         self._fd = os.open(path, os.O_RDONLY)
+        planar = self._axes.replace("S", "") in ("YX",)
+        self._jpeg = jpeg_pages(path, self._fd, self._tf, self.level_dimensions) if planar else []
         # Regions are composed from file tiles decoded once each, into the shared cache: through
         # the zarr view every read decoded each tile it touched (all 192 MiB of a one-tile 8192²
         # file for one 224-px region). One cache owner per focal plane.
@@ -591,6 +770,9 @@ class TifffileBackend(Backend):
                 index.append(slice(None))
             else:
                 index.append(0)
+        jt = self._jpeg[level] if level < len(self._jpeg) else None
+        if jt is not None:
+            jt.check_span(x0, y0, x1, y1)
         planes = self._tiles[level]
         if planes is not None:
             segs, owner = planes[z], self._owners[z]
@@ -611,7 +793,7 @@ class TifffileBackend(Backend):
         self._tf.close()
         for owner in getattr(self, "_owners", ()):
             TILES.drop(owner)
-        fd, self._fd = getattr(self, "_fd", -1), -1
+        fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
 

@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._inspect import FileInfo, inspect_file
 from ._io import source_fingerprint
+from ._tilecache import DAMAGED_TILE_FIX
 
 BackendChoice = Literal["auto", "cucim", "openslide", "tifffile", "pillow"]
 MppSource = Literal["file", "override"]
@@ -239,7 +240,7 @@ class Slide:
         return CorruptSlideError(
             self.path,
             f"the {self.backend} reader failed to decode {where} ({reader_failure(exc)}).",
-            "the file is damaged; export it again (or try backend='openslide').",
+            DAMAGED_TILE_FIX,
         )
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:

@@ -398,6 +398,28 @@ def build_corpus(
     return records
 
 
+def make_jpeg_tile_scan_cut_short(directory: Path, *, tile: int = 5) -> tuple[BadInput, int]:
+    """64 JPEG tiles of 128²; tile ``tile`` keeps its markers (SOI, headers, SOS, EOI) but its
+    scan's last three quarters are zero bytes, as a disk or copy fault leaves it. Every marker the
+    pre-flight checks is intact; libjpeg only *warns* ("premature end of data segment") and fills
+    the rest with grey, which cuCIM and tifffile pass on as pixels. Returns the record and the
+    tile's index (its level-0 position is ``(tile % 8 * 128, tile // 8 * 128)``)."""
+    path = directory / "jpeg-tile-scan-cut-short.tif"
+    write_tiled_tiff(path, compression="jpeg", salt=22, side=1024)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        offset, count = int(page.dataoffsets[tile]), int(page.databytecounts[tile])
+    data = bytearray(path.read_bytes())
+    stream = bytes(data[offset : offset + count])
+    sos = stream.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(stream[sos + 2 : sos + 4], "big")
+    keep = scan + (count - 2 - scan) // 4
+    data[offset + keep : offset + count - 2] = bytes(count - 2 - keep)
+    path.write_bytes(bytes(data))
+    record = BadInput(path, CorruptSlideError, "cannot be decoded", "JPEG scan cut short", "read")
+    return record, tile
+
+
 # -- issue 12, slide readers: work bounds and messages (appended) ---------------------------------
 
 #: Side of the one Deflate tile of :func:`make_one_big_deflate_tile`, and where its planted square

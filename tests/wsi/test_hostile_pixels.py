@@ -203,3 +203,53 @@ def test_check_pyramid_accepts_rounded_levels() -> None:
 
     check_pyramid(Path("a.svs"), [(4443, 3567), (2221, 1783)], [1.0, 2.0005])
     check_pyramid(Path("b.tif"), [(300, 250), (150, 125), (75, 62), (37, 31)])
+
+
+# -- a JPEG tile whose markers are sound but whose scan is cut short -------------------------------
+
+
+def _tile_bytes(path: Path, index: int) -> tuple[bytes, bytes | None]:
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        tf.filehandle.seek(page.dataoffsets[index])
+        return tf.filehandle.read(page.databytecounts[index]), page.jpegtables
+
+
+def test_a_scan_cut_short_passes_the_preflight_and_decodes_silently_without_strictness(
+    tmp_path: Path,
+) -> None:
+    """The damage the readers must catch: markers intact (the pre-flight lets cuCIM read it),
+    imagecodecs decodes it without a word, OpenSlide refuses the very same region."""
+    import imagecodecs
+    import openslide
+
+    record, tile = badinput.make_jpeg_tile_scan_cut_short(tmp_path)
+    assert inspect_file(record.path).cucim_safe
+    data, tables = _tile_bytes(record.path, tile)
+    assert imagecodecs.jpeg8_decode(data, tables=tables).shape == (TILE, TILE, 3)
+    x, y = tile % (SIDE // TILE) * TILE, tile // (SIDE // TILE) * TILE
+    with openslide.OpenSlide(str(record.path)) as osr:
+        osr.read_region((x + TILE, y), 0, (TILE, TILE))  # the clean neighbour reads
+        with pytest.raises(openslide.OpenSlideError, match="premature end of data segment"):
+            osr.read_region((x, y), 0, (TILE, TILE))
+
+
+@pytest.mark.parametrize("backend", ["auto", *_backends()])
+def test_every_reader_refuses_a_scan_cut_short(backend: str, tmp_path: Path) -> None:
+    """Was: cuCIM (auto) and tifffile returned the tile's lower part as flat grey."""
+    record, tile = badinput.make_jpeg_tile_scan_cut_short(tmp_path)
+    col, row = tile % (SIDE // TILE), tile // (SIDE // TILE)
+    x, y = col * TILE, row * TILE
+    with wsi.open_slide(record.path, backend=backend) as slide:  # type: ignore[arg-type]
+        neighbour = slide.read_region((x + TILE, y), 0, (TILE, TILE))
+        assert neighbour.std() > 0  # real pixels, not a fill
+        # a tiler-sized read straddling the damaged tile and its neighbours
+        with pytest.raises(wsi.CorruptSlideError) as info:
+            slide.read_region((x + TILE // 2, y + TILE // 2), 0, (224, 224))
+        with pytest.raises(wsi.CorruptSlideError):
+            next(slide.iter_regions(np.array([[x, y]]), 0, (TILE, TILE)))
+    message = str(info.value)
+    assert str(record.path) in message and "level 0" in message
+    if slide.backend != "openslide":  # OpenSlide names no tile
+        assert f"column {col}, row {row}" in message
+    assert "rescan" in message or "export" in message
