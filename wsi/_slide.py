@@ -322,15 +322,77 @@ def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _resolve_path(path: Path) -> Path:
     if path.is_dir():
-        dcm = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm")
-        if not dcm:
-            raise UnsupportedSlideError(
-                path,
-                "the folder holds no .dcm files.",
-                "point at a DICOM-WSI folder or a slide file.",
-            )
-        return dcm[0]  # OpenSlide finds the other instances of the series from any one of them
+        return _dicom_series_file(path)
     return path
+
+
+#: SOP Class UID of a VL Whole Slide Microscopy Image instance (DICOM PS3.4).
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def _dicom_series_file(folder: Path) -> Path:
+    """The instance of ``folder``'s one DICOM-WSI series to hand to OpenSlide.
+
+    OpenSlide reads the whole series (every level) from any one of its instances, looking for
+    the others beside it, so a folder is one slide only if it holds one series. A second series
+    (another slide, or a rescan of the same one) would be silently never tiled, and guessing
+    which one the folder "means" could score the wrong slide under the folder's name; so it is
+    refused, naming each series by its files. Instances of other SOP classes (annotations,
+    segmentations) are not slides and are passed over.
+    """
+    dcm = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    if not dcm:
+        raise UnsupportedSlideError(
+            folder,
+            "the folder holds no .dcm files (sub-folders of slides are not searched).",
+            "point at a DICOM-WSI folder or a slide file.",
+        )
+    series = _wsi_series(dcm)
+    if len(series) > 1:
+        described = "; ".join(
+            f"series {i} ({_files_text(files)})" for i, files in enumerate(series.values(), 1)
+        )
+        raise UnsupportedSlideError(
+            folder,
+            f"the folder holds {len(series)} DICOM-WSI series, i.e. {len(series)} slides:"
+            f" {described}. A folder is one slide (its name is the slide id).",
+            "split them into one folder per series, each named as its slide id should be.",
+        )
+    if series:
+        return next(iter(series.values()))[0]
+    return dcm[0]  # no readable WSI instance: the readers say what is wrong with this one
+
+
+def _wsi_series(files: list[Path]) -> dict[str, list[Path]]:
+    """The VL WSI instances among ``files`` by SeriesInstanceUID, in file-name order.
+
+    Only header elements are read. Unreadable or non-WSI files are left out.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    series: dict[str, list[Path]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SeriesInstanceUID"]
+            )
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        uid = ds.get("SeriesInstanceUID")
+        if ds.get("SOPClassUID") == WSI_SOP_CLASS and uid:
+            series.setdefault(str(uid), []).append(f)
+    return series
+
+
+def _files_text(files: list[Path]) -> str:
+    """``"2 files: a.dcm, b.dcm"``, or the first and last of many (UIDs are never quoted: they
+    may embed dates and institution roots)."""
+    names = [f.name for f in files]
+    count = f"{len(names)} file{'s' if len(names) != 1 else ''}"
+    if len(names) <= 3:
+        return f"{count}: {', '.join(names)}"
+    return f"{count}: {names[0]} … {names[-1]}"
 
 
 #: Decoded tile (or strip) size past which OpenSlide is not the first choice: its tile cache

@@ -264,3 +264,28 @@ def test_embed_never_suggests_a_tiling_the_slide_cannot_have(
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["embed", str(tmp_path / "f"), "--encoder", "pathomics"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_folder_of_two_dicom_series_is_one_error_row_not_one_silent_slide(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Before: the folder became one store of whichever series sorted first, exit 0."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    bad = badinput.make_two_series_dicom_folder(slides, shared_data)
+    good = slides / "marrow"
+    good.mkdir()
+    shutil.copyfile(shared_data / badinput.DICOM_SERIES[0], good / "marrow.dcm")
+    out = tmp_path / "o"
+    args = ["tile", str(slides), "--out", str(out), "--mpp-target", "20", "--tile-px", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    with open(out / "errors.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["slide"], r["stage"], r["error_type"]) for r in rows] == [
+        (str(bad.path), "open", "UnsupportedSlideError")
+    ]
+    assert "one folder per series" in rows[0]["message"]
+    assert f"failed: {bad.path}: open:" in result.stderr
+    assert not (out / f"{bad.path.name}.zarr").exists()
+    assert wsi.Store.open(out / "marrow.zarr").attrs.n_tiles

@@ -398,6 +398,28 @@ def build_corpus(
     return records
 
 
+#: Real DICOM-WSI instances of two different slides (series), relative to the data root.
+DICOM_SERIES = (
+    Path("dicom-wsi") / "bone-marrow" / "bone-marrow-jpeg.dcm",
+    Path("dicom-wsi") / "camelyon-lymph-node" / "multiframe_camelyon_challenge_image.dcm",
+)
+
+
+def make_two_series_dicom_folder(directory: Path, shared_data: Path) -> BadInput:
+    """One folder holding the instances of two DICOM-WSI series (two slides), as a PACS export
+    of a whole case gives. Copies (~270 kB): OpenSlide looks for a series' other instances
+    beside the file it is given, so the files must really sit together."""
+    import shutil
+
+    folder = directory / "case-17"
+    folder.mkdir()
+    for rel in DICOM_SERIES:
+        shutil.copyfile(shared_data / rel, folder / rel.name)
+    return BadInput(
+        folder, UnsupportedSlideError, "2 DICOM-WSI series", "two DICOM-WSI series in one folder"
+    )
+
+
 def make_jpeg_tile_scan_cut_short(directory: Path, *, tile: int = 5) -> tuple[BadInput, int]:
     """64 JPEG tiles of 128²; tile ``tile`` keeps its markers (SOI, headers, SOS, EOI) but its
     scan's last three quarters are zero bytes, as a disk or copy fault leaves it. Every marker the
