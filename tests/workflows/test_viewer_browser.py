@@ -624,6 +624,77 @@ def test_setup_viewer_installs_the_pinned_version_atomically(bare_assets: Path) 
 
 
 # --------------------------------------------------------------------------------------------
+# A real single-level slide
+# --------------------------------------------------------------------------------------------
+
+
+def test_single_level_svs_home_view_shows_the_slide(
+    browser: Any, shared_data: Path, tmp_path: Path
+) -> None:
+    """cmu-1-small-region.svs (one level, cuCIM) at the home view: every tile loads and the
+    picture on screen is the slide (block means against OpenSlide's read; it was blank)."""
+    import io
+
+    import numpy as np
+    import openslide
+    from oncotrace.workflows import start_server
+    from PIL import Image
+
+    svs = shared_data / "slides" / "cmu-1-small-region.svs"
+    with openslide.OpenSlide(str(svs)) as osr:
+        width, height = osr.dimensions
+        truth = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"), np.float64)
+    folder = tmp_path / "results" / "slides" / "cmu"
+    folder.mkdir(parents=True)
+    doc = {"format": 1, "status": "done", "slide_id": "cmu", "path": str(svs), "tasks": {}}
+    (folder / "result.json").write_text(json.dumps(doc))
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = context.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    traffic = Traffic()
+    pg.on("response", lambda r: traffic.responses.append((r.url, r.status)))
+    pg.on("pageerror", lambda e: traffic.errors.append(str(e)))
+    server = start_server(tmp_path / "results", port=0)
+    try:
+        pg.goto(server.url.rstrip("/") + "/slide/cmu")
+        _ready(pg)
+        _wait_tiles_loaded(pg)
+        tiles = traffic.tiles()
+        assert len(tiles) >= 1 and all(status == 200 for _, status in tiles), tiles
+        osd = pg.locator("#osd")
+        box = osd.bounding_box()
+        assert box is not None
+        shot = np.asarray(Image.open(io.BytesIO(osd.screenshot())).convert("RGB"), np.float64)
+    finally:
+        server.stop()
+        context.close()
+    assert not traffic.errors, traffic.errors
+    # Home fits the slide in the viewer, centred (as in the slide-view test above). Compare its
+    # middle half (clear of the navigator and the scale bar) in 4 x 4 blocks.
+    scale = shot.shape[1] / box["width"]  # screenshot px per CSS px
+    shown_w = min(box["width"], box["height"] * width / height) * scale
+    shown_h = shown_w * height / width
+    left = (shot.shape[1] - shown_w) / 2
+    top = (shot.shape[0] - shown_h) / 2
+    on_screen, on_slide = [], []
+    for i in range(4):
+        for j in range(4):
+            fx0, fx1 = 0.25 + 0.125 * j, 0.25 + 0.125 * (j + 1)
+            fy0, fy1 = 0.25 + 0.125 * i, 0.25 + 0.125 * (i + 1)
+            sx0, sx1 = round(left + fx0 * shown_w), round(left + fx1 * shown_w)
+            sy0, sy1 = round(top + fy0 * shown_h), round(top + fy1 * shown_h)
+            on_screen.append(shot[sy0:sy1, sx0:sx1].reshape(-1, 3).mean(axis=0))
+            tx0, tx1 = round(fx0 * width), round(fx1 * width)
+            ty0, ty1 = round(fy0 * height), round(fy1 * height)
+            on_slide.append(truth[ty0:ty1, tx0:tx1].reshape(-1, 3).mean(axis=0))
+    screen, slide = np.array(on_screen), np.array(on_slide)
+    # A blank view is the viewer's black background (or white); the blocks differ from each
+    # other by tens of levels, so a misplaced picture fails too.
+    assert np.abs(screen - slide).mean() < 8, np.abs(screen - slide).mean(axis=1)
+    assert np.abs(slide - slide.mean(axis=0)).mean() > 8  # the comparison has power
+
+
+# --------------------------------------------------------------------------------------------
 # The demo's own results
 # --------------------------------------------------------------------------------------------
 

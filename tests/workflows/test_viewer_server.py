@@ -722,3 +722,223 @@ def test_real_svs_tile_matches_openslide(shared_data: Path, tmp_path: Path) -> N
         want = np.asarray(osr.read_region((507, 761), 0, (256, 256)).convert("RGB"), np.float64)
     assert got.shape == want.shape
     assert np.abs(got - want).mean() < 4.0
+
+
+# --------------------------------------------------------------------------------------------
+# Single-level slides: overview levels from a bounded-memory overview, built once
+# --------------------------------------------------------------------------------------------
+
+
+def _single_results(base: Path, slide: Path, sid: str = "one") -> Path:
+    (base / "slides" / sid).mkdir(parents=True)
+    (base / "slides" / sid / "result.json").write_text(json.dumps(_result(sid, slide)))
+    return base
+
+
+def test_every_level_of_a_real_single_level_svs(shared_data: Path, tmp_path: Path) -> None:
+    """cmu-1-small-region.svs has one level (2220 x 2967), read by cuCIM: every tile of every
+    Deep Zoom level is served and equals the slide area-averaged independently (OpenSlide's
+    read of the whole image, block means in numpy, white past the edge as the viewer pads)."""
+    import openslide
+
+    svs = shared_data / "slides" / "cmu-1-small-region.svs"
+    with openslide.OpenSlide(str(svs)) as osr:
+        assert osr.level_count == 1
+        image = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"), np.float64)
+    dz = DeepZoom(2220, 2967)
+    # ds 8: the first level whose tile would read more than 4 x 4 slide pixels per tile pixel
+    overview_base = dz.max_level - 3
+    results = _single_results(tmp_path / "results", svs, "cmu")
+    with TestClient(create_app(results, cache_mib=0)) as c:
+        tiles: TileService = c.app.state.viewer.tiles  # type: ignore[attr-defined]
+        for level in range(dz.n_levels):
+            cols, rows = dz.tile_counts(level)
+            for col in range(cols):
+                for row in range(rows):
+                    r = c.get(f"/dzi/cmu_files/{level}/{col}_{row}.jpeg")
+                    assert r.status_code == 200, (level, col, row, r.text)
+                    t = dz.tile(level, col, row)
+                    (x0, y0), (w, h), ds = t.location, t.size, t.downsample
+                    want = block_mean(image, x0, y0, x0 + w * ds, y0 + h * ds, ds)
+                    got = _jpeg(r.content)
+                    assert got.shape == want.shape
+                    # As close as JPEG-encoding the true tile itself gets (+1 for rounding).
+                    jpeg_only = np.abs(_jpeg(_encode(want)) - want).mean()
+                    assert np.abs(got - want).mean() < jpeg_only + 1.0, (level, col, row)
+                    # Before JPEG: the two JPEG decoders and Pillow's fixed-point box filter
+                    # differ by at most 1, and each halving in the overview rounds to uint8
+                    # once more (<= 0.5 each).
+                    raw = tiles.pixels(svs, level, col, row).astype(np.float64)
+                    halvings = max(0, overview_base - level)
+                    assert np.abs(raw - want).max() <= 1 + 0.5 * halvings, (level, col, row)
+        # The home view's coarse levels are the slide, not white (the page was blank).
+        home = _jpeg(c.get("/dzi/cmu_files/8/0_0.jpeg").content)
+        assert np.abs(home - 255).mean() > 20
+        assert tiles.overviews.built == 1  # every overview level from one build
+    stored = list((results / "viewer-cache").iterdir())
+    assert len(stored) == 1 and (stored[0] / "overview.json").is_file()
+
+
+UNIFORM = (1500, 1000)
+
+
+def _uniform_single_level(path: Path, colour: tuple[int, int, int]) -> Path:
+    import tifffile
+
+    img = np.empty((UNIFORM[1], UNIFORM[0], 3), np.uint8)
+    img[...] = colour
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", metadata=None)
+    return path
+
+
+def _is_uniform(got: np.ndarray, colour: tuple[int, int, int], level: int) -> bool:
+    """Whether Deep Zoom tile (0, 0) of ``level`` of a uniform slide is ``colour`` averaged
+    with white where its pixels reach past the slide (level 0 is one pixel over 2048 x 2048)."""
+    dz = DeepZoom(*UNIFORM)
+    (w, h), ds = dz.tile(level, 0, 0).size, dz.downsample(level)
+    want = block_mean(np.full((UNIFORM[1], UNIFORM[0], 3), colour), 0, 0, w * ds, h * ds, ds)
+    return got.shape == want.shape and bool(np.abs(got - want).max() <= 1)
+
+
+def test_overview_is_kept_and_rebuilt_when_the_slide_changes(tmp_path: Path) -> None:
+    """The overview is built once and found again by a new viewer; a slide rewritten in place
+    (new size/mtime fingerprint) gets a new overview and the old one is removed."""
+    slide = _uniform_single_level(tmp_path / "one.tif", (200, 40, 90))
+    cache = tmp_path / "cache"
+    first = TileService(cache_bytes=0, overview_dir=cache)
+    assert _is_uniform(first.pixels(slide, 0, 0, 0), (200, 40, 90), 0)
+    assert first.overviews.built == 1
+    first.close()
+    (only,) = cache.iterdir()
+
+    again = TileService(cache_bytes=0, overview_dir=cache)
+    assert _is_uniform(again.pixels(slide, 3, 0, 0), (200, 40, 90), 3)
+    assert again.overviews.built == 0 and list(cache.iterdir()) == [only]
+    again.close()
+
+    _uniform_single_level(slide, (10, 220, 30))
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a distinct mtime, surely
+    changed = TileService(cache_bytes=0, overview_dir=cache)
+    assert _is_uniform(changed.pixels(slide, 0, 0, 0), (10, 220, 30), 0)
+    assert changed.overviews.built == 1
+    (rebuilt,) = cache.iterdir()
+    assert rebuilt != only
+    changed.close()
+
+
+def test_an_interrupted_overview_build_leaves_nothing_that_looks_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oncotrace.workflows._viewer import _tiles  # private: the overview writer
+
+    slide = _uniform_single_level(tmp_path / "one.tif", (120, 60, 150))
+    cache = tmp_path / "cache"
+    real = _tiles.write_overview
+
+    def dies_half_way(slide_: object, dz: DeepZoom, base: int, folder: Path) -> None:
+        (folder / "level-0.npy").write_bytes(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_tiles, "write_overview", dies_half_way)
+    service = TileService(cache_bytes=0, overview_dir=cache)
+    with pytest.raises(OSError, match="No space"):
+        service.tile(slide, 0, 0, 0)
+    assert list(cache.iterdir()) == []  # no folder, finished or partial
+    monkeypatch.setattr(_tiles, "write_overview", real)
+    assert _is_uniform(service.pixels(slide, 0, 0, 0), (120, 60, 150), 0)
+    service.close()
+
+
+def test_an_unwritable_cache_folder_still_gets_overviews(tmp_path: Path) -> None:
+    """Where the cache folder cannot be made (here its parent is a file, which stops root too,
+    as a read-only results folder stops a user), overviews go to a temporary folder instead."""
+    slide = _uniform_single_level(tmp_path / "one.tif", (90, 90, 200))
+    blocked = tmp_path / "results-is-a-file"
+    blocked.write_text("")
+    service = TileService(cache_bytes=0, overview_dir=blocked / "viewer-cache")
+    assert _is_uniform(service.pixels(slide, 0, 0, 0), (90, 90, 200), 0)
+    where = service.overviews.root()
+    assert not where.is_relative_to(blocked) and len(list(where.iterdir())) == 1
+    service.close()
+    assert not where.exists()  # the fallback folder was the service's own
+
+
+#: Run in a fresh interpreter: the peak RSS (Linux's VmHWM, reset through clear_refs just
+#: before) while one overview tile is rendered, over the RSS of the same process with the slide
+#: already open, so imports and the reader's start-up are not counted. (getrusage's ru_maxrss
+#: would not do: a child keeps its parent's peak across fork and exec, here pytest's.)
+#: Prints "<peak - before in bytes> <tile mean R> <G> <B>".
+_MEASURE = """
+import sys, tempfile
+from pathlib import Path
+import numpy as np, psutil
+from oncotrace.wsi import open_slide
+from oncotrace.workflows._viewer._tiles import TileService
+path, backend, level = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+service = TileService(
+    cache_bytes=0,
+    overview_dir=Path(tempfile.mkdtemp(dir=sys.argv[4])),
+    opener=lambda p: open_slide(p, backend=backend, require_mpp=False),
+)
+service.info(path)
+with service.pool.lease(path) as slide:
+    slide.read_region((0, 0), 0, (64, 64))
+Path("/proc/self/clear_refs").write_text("5")
+before = psutil.Process().memory_info().rss
+tile = service.pixels(path, level, 0, 0)
+status = Path("/proc/self/status").read_text().splitlines()
+peak = int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+print(peak - before, *tile.reshape(-1, 3).mean(axis=0))
+"""
+#: 8200 x 8200, the size of the report: Deep Zoom level 0 was a read of 16384 x 16384 slide
+#: pixels (measured: +6.0 GiB through OpenSlide, a 404 through cuCIM).
+LARGE = (8200, 8200)
+#: The slide's own pixels are 8200^2 x 3 B = 192 MiB; staying under this shows the slide was
+#: never in memory whole. Measured: +32 MiB (cuCIM), +80 MiB (OpenSlide, whose own tile cache
+#: is 32 MiB of it).
+PEAK_BOUND_MIB = 128
+
+
+@pytest.fixture(scope="module")
+def large_single_level(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.workflows.viewer_fixtures import write_single_level_tiff
+
+    return write_single_level_tiff(tmp_path_factory.mktemp("large") / "large.tif", LARGE)
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+def test_overview_tile_of_a_large_single_level_slide_has_bounded_memory(
+    large_single_level: Path, backend: str, tmp_path: Path
+) -> None:
+    """The first overview tile builds the overview (reading the whole slide once) within a
+    fixed memory bound, and shows the slide: its one pixel is the slide's mean colour."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(large_single_level), backend, "0", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    extra, *mean = (float(v) for v in out.stdout.split())
+    assert extra < PEAK_BOUND_MIB * 2**20, f"{extra / 2**20:.0f} MiB"
+    # Level 0 is one pixel over 16384 x 16384 level-0 px: the slide's mean, then white. The
+    # planted pattern is separable (viewer_fixtures.gradient_tile), so its mean is exact.
+    w, h = LARGE
+    xs, ys = np.arange(w), np.arange(h)
+    odd_x, odd_y = ((xs // 512) % 2).mean(), ((ys // 512) % 2).mean()
+    planted = np.array(
+        [
+            (xs * 255 // w).mean(),
+            (ys * 255 // h).mean(),
+            200 * (odd_x * (1 - odd_y) + (1 - odd_x) * odd_y),
+        ]
+    )
+    fraction = w * h / 16384**2
+    want = fraction * planted + (1 - fraction) * 255
+    # JPEG (quality 90) barely moves a slide-wide mean; 11 halvings round to uint8 on top.
+    assert np.abs(np.asarray(mean) - want).max() < 2, (mean, want)

@@ -155,3 +155,43 @@ def build_viewer_results(root: Path, *, spatial: bool = True) -> ViewerResults:
         labels=labels,
         seconds=time.perf_counter() - started,
     )
+
+
+def gradient_tile(x0: int, y0: int, size: tuple[int, int], tile: int) -> np.ndarray:
+    """(tile, tile, 3) uint8 of :func:`write_single_level_tiff`'s pattern at level-0 ``(x0, y0)``:
+    red rises left to right, green top to bottom, blue is a 512-px checkerboard."""
+    w, h = size
+    yy, xx = np.mgrid[y0 : y0 + tile, x0 : x0 + tile]
+    out = np.empty((tile, tile, 3), np.uint8)
+    out[..., 0] = np.clip(xx * 255 // w, 0, 255)
+    out[..., 1] = np.clip(yy * 255 // h, 0, 255)
+    out[..., 2] = ((xx // 512 + yy // 512) % 2) * 200
+    return out
+
+
+def write_single_level_tiff(
+    path: Path, size: tuple[int, int], *, tile: int = 256, mpp: float = MPP
+) -> Path:
+    """A tiled, JPEG-compressed TIFF with one level only (no pyramid) of ``size = (w, h)``.
+
+    Written tile by tile (tifffile takes an iterator), so even a large slide costs the test
+    one tile of memory; cuCIM, OpenSlide and tifffile all read it.
+    """
+    import tifffile
+
+    w, h = size
+    tiles = (gradient_tile(x, y, size, tile) for y in range(0, h, tile) for x in range(0, w, tile))
+    tifffile.imwrite(
+        path,
+        tiles,
+        shape=(h, w, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 90},
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
+    return path

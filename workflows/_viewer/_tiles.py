@@ -6,16 +6,28 @@ Deep Zoom numbering (what OpenSeadragon's DZI tile source asks for): level ``L``
 Tile ``(col, row)`` of a level covers level pixels ``[col * 254 - 1, (col + 1) * 254 + 1)``
 (the leading overlap only when ``col > 0``), clipped to the level size, so edge tiles are smaller.
 
-A tile is the level-0 region under it read from the finest pyramid level that is not finer
-than needed (:meth:`wsi.Slide.best_level_for_downsample`) and shrunk with Pillow's box filter
-(an area average) — never from label or macro images, which the Slide API does not expose.
+A tile is the level-0 area under it, area-averaged (Pillow's box filter) to the tile's pixels,
+white past the slide's edge (a tile pixel half over the edge averages the slide with white) —
+never from label or macro images, which the Slide API does not expose. It comes from one of:
+
+- the slide itself, read from the coarsest pyramid level that is still as fine as the tile
+  (:meth:`wsi.Slide.best_level_for_downsample`), when that level is at most :data:`MAX_SHRINK`
+  times finer than the tile: a tile then reads at most ~1 Mpx of slide pixels;
+- otherwise (the overview levels of a single-level or shallow-pyramid slide, where that read
+  would be the whole slide padded to a power of two) the *overview*: every coarser Deep Zoom
+  level as an image, built once per slide version in bounded memory and kept on disk
+  (:func:`write_overview`, :class:`OverviewStore`), from which a tile is a crop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -25,12 +37,21 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from oncotrace.wsi import Slide, open_slide
+from oncotrace.wsi import Slide, atomic_dir, open_slide, remove_stale_partials
 from PIL import Image
 
 TILE_SIZE = 254
 OVERLAP = 1
 JPEG_QUALITY = 85
+#: Slide-level pixels per tile pixel (along each axis) a tile may read from the slide; coarser
+#: Deep Zoom levels come from the overview. A 255-px tile reads at most ~1,020 x 1,020 pixels.
+MAX_SHRINK = 4
+#: Output pixels per side of the blocks (and rows per strip) the overview is built in.
+OVERVIEW_BLOCK_PX = 256
+#: Version of the overview files; a change rebuilds every cached overview.
+OVERVIEW_FORMAT = 1
+#: Folder under a results folder that holds the viewer's overviews (``oncotrace view``).
+VIEWER_CACHE_DIR = "viewer-cache"
 #: Default tile-cache budget in MiB (``--cache-mib``; 0 turns the cache off).
 DEFAULT_CACHE_MIB = 256
 #: Open slide handles kept (least recently used closed first).
@@ -138,28 +159,121 @@ class DeepZoom:
 # --------------------------------------------------------------------------------------------
 
 
-def render_tile(slide: Slide, region: TileRegion) -> NDArray[np.uint8]:
-    """Read and shrink the slide region under a tile.
+def read_shrunk(
+    slide: Slide, location: tuple[int, int], size: tuple[int, int], downsample: int
+) -> NDArray[np.uint8]:
+    """The level-0 area at ``location`` averaged in ``downsample`` x ``downsample`` blocks.
+
+    Parameters
+    ----------
+    location : level-0 ``(x, y)`` (>= 0) of the first block's top-left corner.
+    size : ``(w, h)`` of the output in blocks.
+    downsample : level-0 pixels per output pixel.
 
     Returns
     -------
-    (h, w, 3) uint8 ndarray of ``region.size``; white where the tile overhangs the slide (a
-    tile pixel half over the edge averages the slide with white).
+    (h, w, 3) uint8 ndarray; white past the slide's edge (a block half over the edge averages
+    the slide with white). Reads ``size * downsample / level_downsample`` pixels of the level
+    :meth:`wsi.Slide.best_level_for_downsample` picks, never past that level's edge.
     """
-    out_w, out_h = region.size
-    ds = region.downsample
-    level = slide.best_level_for_downsample(ds)
+    out_w, out_h = size
+    level = slide.best_level_for_downsample(downsample)
     lds = slide.level_downsamples[level]
-    # The whole tile in level pixels, so the shrink factor is exactly ds / lds; the Slide API
-    # gives white past the slide's edge, whichever reader is behind it.
-    full_w = max(1, round(out_w * ds / lds))
-    full_h = max(1, round(out_h * ds / lds))
-    pixels = slide.read_region(region.location, level, (full_w, full_h))
+    lw, lh = slide.level_dimensions[level]
+    # The whole area in level pixels, so the shrink factor is exactly downsample / lds ...
+    full_w = max(1, round(out_w * downsample / lds))
+    full_h = max(1, round(out_h * downsample / lds))
+    # ... of which only the part inside the level is read (cuCIM refuses a region wider or
+    # taller than the level), the rest is white.
+    lx, ly = math.floor(location[0] / lds), math.floor(location[1] / lds)
+    read_w, read_h = min(full_w, lw - lx), min(full_h, lh - ly)
+    if read_w <= 0 or read_h <= 0:
+        return np.full((out_h, out_w, 3), 255, np.uint8)
+    pixels = slide.read_region(location, level, (read_w, read_h))
+    if (read_w, read_h) != (full_w, full_h):
+        padded = np.full((full_h, full_w, 3), 255, np.uint8)
+        padded[:read_h, :read_w] = pixels
+        pixels = padded
     if (full_w, full_h) != (out_w, out_h):
         pixels = np.asarray(
             Image.fromarray(pixels).resize((out_w, out_h), Image.Resampling.BOX), np.uint8
         )
     return pixels
+
+
+def overview_level(slide: Slide, dz: DeepZoom) -> int | None:
+    """The finest Deep Zoom level served from the overview, or None if the slide serves all.
+
+    That is the first level, going coarser, whose tiles would read more than
+    :data:`MAX_SHRINK` slide-level pixels per tile pixel along an axis; it and every coarser
+    level come from the overview. At that level the factor is at most ``2 * MAX_SHRINK``
+    (the level before it was within bounds), so building it reads bounded blocks too.
+    """
+    for level in range(dz.max_level, -1, -1):
+        ds = dz.downsample(level)
+        lds = slide.level_downsamples[slide.best_level_for_downsample(ds)]
+        if ds / lds > MAX_SHRINK * 1.001:
+            return level
+    return None
+
+
+def _reduce2(pixels: NDArray[np.uint8], size: tuple[int, int]) -> NDArray[np.uint8]:
+    """2 x 2 block means of ``pixels`` padded with white to ``2 * size``: (h, w, 3) uint8."""
+    w, h = size
+    if pixels.shape[:2] != (2 * h, 2 * w):
+        padded = np.full((2 * h, 2 * w, 3), 255, np.uint8)
+        padded[: pixels.shape[0], : pixels.shape[1]] = pixels
+        pixels = padded
+    return np.asarray(Image.fromarray(pixels).reduce(2), np.uint8)
+
+
+def _level_file(folder: Path, level: int) -> Path:
+    return folder / f"level-{level}.npy"
+
+
+def _rows(path: Path, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> NDArray[np.uint8]:
+    """Rows ``[y0, y1)`` (columns ``[x0, x1)``) of a stored level, copied out of a memory map
+    that is dropped again, so only the pages of the crop are ever resident."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        return np.array(arr[y0:y1, x0:x1], np.uint8)
+    finally:
+        del arr
+
+
+def write_overview(slide: Slide, dz: DeepZoom, base: int, folder: Path) -> None:
+    """Write Deep Zoom levels ``base`` down to 0 of ``slide`` as ``level-<L>.npy`` files.
+
+    Level ``base`` is read from the slide in blocks of :data:`OVERVIEW_BLOCK_PX` output pixels
+    (at most ``(2 * MAX_SHRINK * OVERVIEW_BLOCK_PX)^2`` slide pixels each, see
+    :func:`overview_level`); each coarser level is the 2 x 2 block mean of the one before,
+    read back from disk a strip at a time. Memory is bounded by one block, one output strip
+    (``OVERVIEW_BLOCK_PX`` rows of level ``base``) and one input strip, whatever the slide.
+
+    :meth:`wsi.Slide.read_downsampled` is not used: it returns the whole downsampled slide in
+    memory (the bound would grow with the slide's area) and sizes it by rounding, not on the
+    Deep Zoom grid (``ceil``, white past the edge), so tiles would be offset by up to a pixel.
+    """
+    block = OVERVIEW_BLOCK_PX
+    for level in range(base, -1, -1):
+        w, h = dz.level_size(level)
+        ds = dz.downsample(level)
+        path = _level_file(folder, level)
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "|u1", "fortran_order": False, "shape": (h, w, 3)}
+            )
+            for y in range(0, h, block):
+                sh = min(block, h - y)
+                if level == base:
+                    strip = np.empty((sh, w, 3), np.uint8)
+                    for x in range(0, w, block):
+                        sw = min(block, w - x)
+                        strip[:, x : x + sw] = read_shrunk(slide, (x * ds, y * ds), (sw, sh), ds)
+                else:
+                    finer = _rows(_level_file(folder, level + 1), 2 * y, 2 * (y + sh))
+                    strip = _reduce2(finer, (w, sh))
+                f.write(np.ascontiguousarray(strip).data)
 
 
 def encode_jpeg(pixels: NDArray[np.uint8], quality: int = JPEG_QUALITY) -> bytes:
@@ -295,6 +409,133 @@ class SlidePool:
 
 
 # --------------------------------------------------------------------------------------------
+# The overview store
+# --------------------------------------------------------------------------------------------
+
+
+class OverviewStore:
+    """Slide overviews (:func:`write_overview`) kept in a folder, one per slide version.
+
+    Each overview is a sub-folder ``<path hash>-<version hash>`` holding ``overview.json`` and
+    ``level-<L>.npy`` per Deep Zoom level; the version hash covers the slide's
+    :attr:`wsi.Slide.fingerprint` (size and mtime), its geometry and :data:`OVERVIEW_FORMAT`,
+    so a changed slide gets a new overview and the old one is removed. A sub-folder is written
+    under a temporary name and renamed when complete (:func:`wsi.atomic_dir`), so a viewer
+    stopped mid-build never leaves one that looks finished. One thread builds a given overview;
+    others asking for it wait.
+
+    Parameters
+    ----------
+    folder : where overviews live (created when first needed). None, or a folder that cannot
+        be created or written to (a read-only results folder): a private temporary folder,
+        removed by :meth:`close`.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._root: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+        self._checked: set[Path] = set()
+        #: overviews built by this store (a test's and a log's count)
+        self.built = 0
+
+    def root(self) -> Path:
+        """The folder overviews are written to (the fallback temporary one if need be)."""
+        with self._lock:
+            if self._root is None:
+                self._root = self._usable(self.folder)
+                if self._root is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="oncotrace-viewer-")
+                    self._root = Path(self._tmp.name)
+            return self._root
+
+    @staticmethod
+    def _usable(folder: Path | None) -> Path | None:
+        if folder is None:
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            return None
+        return folder
+
+    @staticmethod
+    def names(slide: Slide, dz: DeepZoom, base: int) -> tuple[str, str]:
+        """``(prefix, name)`` of a slide's overview folder: the prefix is the same for every
+        version of the slide at this path, the name is unique to this version."""
+        where = hashlib.sha256(str(slide.path.resolve()).encode()).hexdigest()[:16]
+        version = json.dumps(
+            [OVERVIEW_FORMAT, slide.fingerprint, dz.width, dz.height, base, OVERVIEW_BLOCK_PX]
+        )
+        return where, f"{where}-{hashlib.sha256(version.encode()).hexdigest()[:16]}"
+
+    def level_file(self, slide: Slide, dz: DeepZoom, base: int, level: int) -> Path:
+        """The ``.npy`` of Deep Zoom ``level`` (<= ``base``), building the overview if needed."""
+        prefix, name = self.names(slide, dz, base)
+        final = self.root() / name
+        with self._lock:
+            building = self._building.setdefault(name, threading.Lock())
+        with building:
+            if final not in self._checked:
+                if not self._complete(final, dz, base):
+                    self._build(slide, dz, base, final, prefix)
+                self._checked.add(final)
+        return _level_file(final, level)
+
+    @staticmethod
+    def _complete(folder: Path, dz: DeepZoom, base: int) -> bool:
+        """Whether ``folder`` holds the overview described (anything else is rebuilt)."""
+        try:
+            meta = json.loads((folder / "overview.json").read_text(encoding="utf-8"))
+            if meta != _overview_meta(dz, base):
+                return False
+            for level in range(base + 1):
+                w, h = dz.level_size(level)
+                arr = np.load(_level_file(folder, level), mmap_mode="r", allow_pickle=False)
+                if arr.shape != (h, w, 3) or arr.dtype != np.uint8:
+                    return False
+                del arr
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _build(self, slide: Slide, dz: DeepZoom, base: int, final: Path, prefix: str) -> None:
+        remove_stale_partials(final)
+        with atomic_dir(final) as tmp:
+            tmp.mkdir()
+            write_overview(slide, dz, base, tmp)
+            (tmp / "overview.json").write_text(json.dumps(_overview_meta(dz, base)))
+        self.built += 1
+        for old in final.parent.glob(f"{prefix}-*"):  # earlier versions of this slide
+            if old != final and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+                self._root = None
+            self._checked.clear()
+
+
+def _overview_meta(dz: DeepZoom, base: int) -> dict[str, object]:
+    """What ``overview.json`` records: enough to check the files and to read them alone."""
+    return {
+        "format": OVERVIEW_FORMAT,
+        "what": "Deep Zoom levels 0..base_level of a slide (oncotrace view), level-<L>.npy",
+        "width": dz.width,
+        "height": dz.height,
+        "base_level": base,
+        "base_downsample": dz.downsample(base),
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # The tile service
 # --------------------------------------------------------------------------------------------
 
@@ -328,6 +569,8 @@ class TileService:
     cache_bytes : tile-cache budget (encoded JPEG bytes); 0 disables it.
     max_open : open slide handles kept.
     quality : JPEG quality.
+    overview_dir : folder for slide overviews (:class:`OverviewStore`); None: a temporary one.
+    opener : how a slide file is opened (default: :func:`wsi.open_slide`, any mpp).
     """
 
     def __init__(
@@ -336,9 +579,12 @@ class TileService:
         cache_bytes: int = DEFAULT_CACHE_MIB * 2**20,
         max_open: int = DEFAULT_MAX_OPEN_SLIDES,
         quality: int = JPEG_QUALITY,
+        overview_dir: Path | None = None,
+        opener: Callable[[Path], Slide] | None = None,
     ) -> None:
         self.cache = ByteLRU(cache_bytes)
-        self.pool = SlidePool(max_open)
+        self.pool = SlidePool(max_open, opener)
+        self.overviews = OverviewStore(overview_dir)
         self.quality = quality
         self._info: dict[tuple[str, int, int], SlideInfo] = {}
         self._info_lock = threading.Lock()
@@ -381,12 +627,22 @@ class TileService:
         """The tile's JPEG bytes if cached (cheap: the server calls it on its event loop)."""
         return self.cache.get(key)
 
-    def render(self, path: Path, key: Hashable, level: int, col: int, row: int) -> bytes:
-        """Render, encode and cache a tile (slow: reads the slide)."""
-        region = self.info(path).deepzoom.tile(level, col, row)
+    def pixels(self, path: Path, level: int, col: int, row: int) -> NDArray[np.uint8]:
+        """The tile's (h, w, 3) uint8 pixels, from the slide or its overview (module doc)."""
+        dz = self.info(path).deepzoom
+        region = dz.tile(level, col, row)
         with self.pool.lease(path) as slide:
-            pixels = render_tile(slide, region)
-        data = encode_jpeg(pixels, self.quality)
+            base = overview_level(slide, dz)
+            if base is None or level > base:
+                return read_shrunk(slide, region.location, region.size, region.downsample)
+            stored = self.overviews.level_file(slide, dz, base, level)
+        x0, y0 = (v // region.downsample for v in region.location)
+        w, h = region.size
+        return _rows(stored, y0, y0 + h, x0, x0 + w)
+
+    def render(self, path: Path, key: Hashable, level: int, col: int, row: int) -> bytes:
+        """Render, encode and cache a tile (slow: reads the slide, or builds its overview)."""
+        data = encode_jpeg(self.pixels(path, level, col, row), self.quality)
         self.cache.put(key, data)
         return data
 
@@ -407,3 +663,4 @@ class TileService:
     def close(self) -> None:
         self.pool.close()
         self.cache.clear()
+        self.overviews.close()

@@ -60,7 +60,14 @@ from ._results import (
     referenced_path,
     ultrasound_files,
 )
-from ._tiles import DEFAULT_CACHE_MIB, OVERLAP, TILE_SIZE, TileNotFoundError, TileService
+from ._tiles import (
+    DEFAULT_CACHE_MIB,
+    OVERLAP,
+    TILE_SIZE,
+    VIEWER_CACHE_DIR,
+    TileNotFoundError,
+    TileService,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGES = {"cases": "index.html", "slide": "slide.html", "ultrasound": "ultrasound.html"}
@@ -230,7 +237,11 @@ class Viewer:
         self.config = config
         self.index = ResultsIndex(config.results_dir)
         self.tiles = TileService(
-            cache_bytes=int(config.cache_mib * 2**20), max_open=config.max_open_slides
+            cache_bytes=int(config.cache_mib * 2**20),
+            max_open=config.max_open_slides,
+            # Overviews of single-level slides, built once (see _tiles); a read-only results
+            # folder gets a temporary folder instead.
+            overview_dir=self.index.root / VIEWER_CACHE_DIR,
         )
         self._heatmaps = SmallCache(32)
         self._pngs = SmallCache(64)
