@@ -745,6 +745,7 @@ def _heatmaps(
             level0_size=(int(size[0]), int(size[1])),
             mpp=(float(mpp[0]), float(mpp[1])),
             stride_level0=(float(stride[0]), float(stride[1])),
+            value_unit=spatial.ATTENTION_RANK_UNIT,  # normalise_attention(method="rank")
         )
         for t, s in scores.items()
     }

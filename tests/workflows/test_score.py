@@ -162,6 +162,9 @@ def _check_heatmaps(trained: dict[str, Path], out: Path, sid: str) -> None:
     node = next(iter(Reader(parse_url(str(out / "slides" / sid / "attention.ome.zarr")))()))
     scale = node.metadata["coordinateTransformations"][0][0]["scale"]
     assert scale == pytest.approx([ts * attrs["mpp"][1], ts * attrs["mpp"][0]])
+    # the unit travels with the map (map-us states it on the ultrasound overlay)
+    heat = spatial.read_heatmap(out / "slides" / sid / "attention.ome.zarr")
+    assert heat.value_unit == spatial.ATTENTION_RANK_UNIT
 
 
 def test_a_clean_run_prints_only_oncotraces_lines_and_writes_only_under_out(
