@@ -2,16 +2,25 @@
 
 Every split keeps all cases of a patient on one side, so a model is never tested on a patient it
 saw in training. Indices are positions into the arrays passed in, as sorted ``int64`` arrays.
+
+A label of ``-1`` (or ``""``) is unknown, as in :func:`mil.load_cohort`: such a case follows its
+patient's known label, and patients without one are spread over the sides as a stratum of their
+own, never counted as a class.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 IntArray = NDArray[np.int64]
+
+#: Stratum of the patients none of whose cases has a known label.
+_UNLABELLED = "\x00unlabelled"
+_UNKNOWN = frozenset({"-1", ""})
 
 
 def _as_1d(x: ArrayLike, name: str) -> NDArray[np.object_]:
@@ -22,11 +31,17 @@ def _as_1d(x: ArrayLike, name: str) -> NDArray[np.object_]:
 
 
 def _patient_labels(labels: NDArray[np.object_], groups: NDArray[np.object_]) -> dict[str, str]:
-    """patient -> label; raises if one patient carries two labels (stratification is per patient)."""
+    """patient -> label (:data:`_UNLABELLED` when none of its cases has one); raises if one
+    patient carries two known labels (stratification is per patient)."""
     out: dict[str, str] = {}
     for g, y in zip(groups, labels, strict=True):
+        if y in _UNKNOWN:
+            out.setdefault(g, _UNLABELLED)
+            continue
         prev = out.setdefault(g, y)
-        if prev != y:
+        if prev == _UNLABELLED:
+            out[g] = y
+        elif prev != y:
             raise ValueError(
                 f"patient {g!r} has cases with different labels ({prev!r} and {y!r}); "
                 "grouped stratification needs one label per patient. Fix the labels or split "
@@ -47,10 +62,12 @@ def _check_inputs(labels: ArrayLike, groups: ArrayLike) -> tuple[NDArray[np.obje
 
 
 def _check_enough_patients(per_patient: dict[str, str], k: int, what: str) -> None:
-    classes, counts = np.unique(list(per_patient.values()), return_counts=True)
+    known = [y for y in per_patient.values() if y != _UNLABELLED]
+    classes, counts = np.unique(known, return_counts=True)
     if len(classes) < 2:
+        have = f"label {str(classes[0])!r}" if len(classes) else "no known label"
         raise ValueError(
-            f"{what}: all patients have label {classes[0]!r}; a stratified split needs at least "
+            f"{what}: all labelled patients have {have}; a stratified split needs at least "
             "two classes."
         )
     few = {str(c): int(n) for c, n in zip(classes, counts, strict=True) if n < k}
@@ -75,7 +92,7 @@ def grouped_kfold(
 
     Parameters
     ----------
-    labels : (N,) array of class labels per case.
+    labels : (N,) array of class labels per case (-1 or ``""``: unknown, see the module notes).
     groups : (N,) array of patient ids per case.
     k : number of folds (>= 2).
     seed : shuffling seed.
@@ -95,10 +112,16 @@ def grouped_kfold(
     if int(k) < 2:
         raise ValueError(f"k must be >= 2, got {k}.")
     y, g = _check_inputs(labels, groups)
-    _check_enough_patients(_patient_labels(y, g), int(k), "grouped_kfold")
+    per_patient = _patient_labels(y, g)
+    _check_enough_patients(per_patient, int(k), "grouped_kfold")
+    strata = np.array([per_patient[p] for p in g], dtype=object)
     cv = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=seed)
     out = []
-    for tr, te in cv.split(np.zeros(y.size), y, g):
+    with warnings.catch_warnings():
+        # the classes were checked above; only the unlabelled stratum may be smaller than k
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        splits = list(cv.split(np.zeros(y.size), strata, g))
+    for tr, te in splits:
         tr, te = np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)
         _assert_disjoint(tr, te, g)
         out.append((tr, te))
@@ -163,8 +186,10 @@ def _grouped_two_way(
     for c in sorted(by_class):
         patients = sorted(by_class[c])
         rng.shuffle(patients)
-        # At least one patient per side for every class.
-        n = int(np.clip(round(fraction * len(patients)), 1, len(patients) - 1))
+        if c == _UNLABELLED:
+            n = round(fraction * len(patients))
+        else:  # at least one patient per side for every class
+            n = int(np.clip(round(fraction * len(patients)), 1, len(patients) - 1))
         second.update(patients[:n])
     is_second = np.array([p in second for p in g], dtype=bool)
     first, other = np.flatnonzero(~is_second), np.flatnonzero(is_second)

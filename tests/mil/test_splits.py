@@ -88,3 +88,25 @@ def test_site_holdout() -> None:
         site_holdout(sites, ["A", "B", "C"])
     with pytest.raises(ValueError, match="both training and held-out"):
         site_holdout(sites, "B", groups=["p", "q", "r", "s", "p"][::-1])
+
+
+def test_unknown_labels_follow_their_patient_and_are_no_class() -> None:
+    # 12 patients of each class; P00 has a labelled and an unlabelled slide, P99 and P98 have
+    # only unlabelled slides (-1, as load_cohort writes a missing label).
+    g = [f"P{i:02d}" for i in range(24)] + ["P00", "P99", "P98", "P98"]
+    y = [i % 2 for i in range(24)] + [-1, -1, -1, -1]
+    g, y = np.array(g), np.array(y)
+    folds = grouped_kfold(y, g, 4, seed=0)
+    seen = np.concatenate([te for _, te in folds])
+    assert np.array_equal(np.sort(seen), np.arange(y.size))  # unlabelled cases are tested too
+    for tr, te in folds:
+        assert not set(g[tr]) & set(g[te])
+        assert set(y[te][y[te] >= 0]) == {0, 1}  # both real classes in every test fold
+    tr, te = grouped_split(y, g, 0.25, seed=1)
+    assert not set(g[tr]) & set(g[te]) and tr.size + te.size == y.size
+    assert {0, 1} <= set(y[te]) and {0, 1} <= set(y[tr])
+    # still refused: one patient with two known labels, and a single known class
+    with pytest.raises(ValueError, match="different labels"):
+        grouped_kfold(np.array([0, 1, 0, 1]), np.array(["A", "A", "B", "C"]), 2)
+    with pytest.raises(ValueError, match="all labelled patients have label '0'"):
+        grouped_kfold(np.array([0, 0, -1, -1]), np.array(["A", "B", "C", "D"]), 2)

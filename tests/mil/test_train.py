@@ -371,6 +371,31 @@ def test_a_missing_covariate_is_refused_not_read_as_nan(tmp_path: Path, cell: st
     assert str(csv_path) in str(err.value) and "impute" in str(err.value)
 
 
+@pytest.mark.parametrize("split", ["kfold", "holdout"])
+def test_training_runs_with_missing_labels(tmp_path: Path, split: str) -> None:
+    # 18 slides of 17 patients: S1 (label missing) is P3's second slide, S5 (NA) a patient with
+    # no label at all -- one unlabelled patient, fewer than the 3 folds. Was: the split made
+    # '-1' a class ("class(es) {'-1': 1} have fewer patients than the 3 folds") or refused P3
+    # ("different labels ('1' and '-1')").
+    rows = _rows(18)
+    for i, r in enumerate(rows):
+        r["grade"] = "low" if i % 3 else "high"
+    rows[1].update(label="", patient_id="P3")
+    rows[5]["label"] = "NA"
+    stores, csv_path = _write(tmp_path, rows)
+    config = mil.TrainConfig(
+        tasks=("label", "grade"), split=split, folds=3, epochs=1, n_boot=10, head="mean"
+    )
+    result = mil.train_model(stores, csv_path, config)
+    assert result.card.tasks == {"label": ("benign", "malignant"), "grade": ("high", "low")}
+    ev = result.evaluation
+    if split == "kfold":  # every slide is evaluated, the unlabelled ones for 'grade'
+        assert sorted(ev.case_idx.tolist()) == list(range(18))
+    fold_of = dict(zip(ev.case_idx.tolist(), ev.fold.tolist(), strict=True))
+    assert fold_of.get(1) == fold_of.get(3)  # P3's two slides are tested together (or neither)
+    assert np.isfinite(ev.proba["grade"]).all()
+
+
 def test_load_cohort_custom_features_no_site_column_and_model_classes(tmp_path: Path) -> None:
     # Features imported under a name no encoder is registered as: the stores set the dim.
     rows = [{k: v for k, v in r.items() if k != "site"} for r in _rows()]
