@@ -827,6 +827,19 @@ def test_overview_is_kept_and_rebuilt_when_the_slide_changes(tmp_path: Path) -> 
     changed.close()
 
 
+def test_a_slide_rewritten_while_the_viewer_runs_is_read_again(tmp_path: Path) -> None:
+    slide = _uniform_single_level(tmp_path / "one.tif", (200, 40, 90))
+    service = TileService(cache_bytes=0, overview_dir=tmp_path / "cache")
+    assert _is_uniform(service.pixels(slide, 11, 0, 0), (200, 40, 90), 11)  # from the slide
+    assert _is_uniform(service.pixels(slide, 0, 0, 0), (200, 40, 90), 0)  # from the overview
+    _uniform_single_level(slide, (10, 220, 30))
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _is_uniform(service.pixels(slide, 11, 0, 0), (10, 220, 30), 11)
+    assert _is_uniform(service.pixels(slide, 0, 0, 0), (10, 220, 30), 0)
+    service.close()
+
+
 def test_an_interrupted_overview_build_leaves_nothing_that_looks_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

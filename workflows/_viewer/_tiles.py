@@ -370,9 +370,13 @@ class SlidePool:
         return sum(h.slide is not None for h in self._handles.values())
 
     @contextmanager
-    def lease(self, path: Path) -> Iterator[Slide]:
-        """The open slide at ``path`` for the duration of the ``with`` block."""
-        key = str(path)
+    def lease(self, path: Path, version: Hashable = None) -> Iterator[Slide]:
+        """The open slide at ``path`` for the duration of the ``with`` block.
+
+        A different ``version`` (the file's identity, :meth:`TileService._version`) opens the
+        file again: a slide rewritten in place is never read through its old handle.
+        """
+        key = str(path) if version is None else repr((str(path), version))
         with self._lock:
             handle = self._handles.get(key)
             if handle is None:
@@ -608,7 +612,7 @@ class TileService:
             known = self._info.get(version)
         if known is not None:
             return known
-        with self.pool.lease(path) as slide:
+        with self.pool.lease(path, self._version(path)) as slide:
             info = SlideInfo(
                 width=slide.dimensions[0],
                 height=slide.dimensions[1],
@@ -631,7 +635,7 @@ class TileService:
         """The tile's (h, w, 3) uint8 pixels, from the slide or its overview (module doc)."""
         dz = self.info(path).deepzoom
         region = dz.tile(level, col, row)
-        with self.pool.lease(path) as slide:
+        with self.pool.lease(path, self._version(path)) as slide:
             base = overview_level(slide, dz)
             if base is None or level > base:
                 return read_shrunk(slide, region.location, region.size, region.downsample)
