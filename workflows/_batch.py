@@ -120,32 +120,42 @@ def _wanted(child: Path, suffixes: frozenset[str], unit: Callable[[Path], bool])
 def _holds(folder: Path, suffixes: frozenset[str]) -> bool:
     """Whether any file below ``folder`` has one of ``suffixes`` (Zarr stores and hidden
     folders not searched; links to folders not followed)."""
+    ends = tuple(suffixes)
     for here, dirs, files in os.walk(folder, onerror=lambda exc: None):
-        if any(f.lower().endswith(tuple(suffixes)) and not f.startswith(".") for f in files):
+        if any(f.lower().endswith(ends) and not f.startswith(".") for f in files):
             return True
+        if any(d.lower().endswith(ends) and not d.startswith(".") for d in dirs):
+            return True  # inputs that are folders: tile stores (embed), x.svs/ (reported)
         dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith(".zarr")]
         del here
     return False
 
 
-def input_problem(path: Path, suffixes: frozenset[str] = SLIDE_SUFFIXES) -> tuple[str, str] | None:
+def input_problem(
+    path: Path,
+    suffixes: frozenset[str] = SLIDE_SUFFIXES,
+    *,
+    unit: Callable[[Path], bool] | None = None,
+) -> tuple[str, str] | None:
     """``(error_type, message)`` for an input that cannot be read as one, before any reader.
 
     A symbolic link that is dangling or loops (``BrokenLink``), a folder named with one of
-    ``suffixes`` that is not a DICOM-WSI folder (``NotAFile``), and a folder that is not one
-    slide but holds files with ``suffixes`` (``NotSearched``: folders are searched one level
-    deep). None otherwise: the reader judges the rest.
+    ``suffixes`` that is not one input (``unit``, default: a DICOM-WSI folder) (``NotAFile``),
+    and a folder that is not one input but holds files (or folders) with ``suffixes``
+    (``NotSearched``: folders are searched one level deep). None otherwise: the reader judges
+    the rest.
     """
+    is_unit = _is_dicom_folder if unit is None else unit
     broken = link_problem(path)
     if broken is not None:
         return "BrokenLink", f"{path}: {broken[0]} Fix: {broken[1]}"
-    if path.is_dir() and path.suffix.lower() in suffixes and not _is_dicom_folder(path):
+    if path.is_dir() and path.suffix.lower() in suffixes and not is_unit(path):
         return (
             "NotAFile",
             f"{path}: a folder named like a {path.suffix} file (an unpacked archive, or a copy"
             " that went wrong?). Fix: put the file itself in its place, or rename the folder.",
         )
-    if path.is_dir() and not _is_dicom_folder(path) and _holds(path, suffixes):
+    if path.is_dir() and not is_unit(path) and _holds(path, suffixes):
         return (
             "NotSearched",
             f"{path}: a folder inside the folder given, with files to process in it; it was"
@@ -305,6 +315,9 @@ def write_errors_csv(path: Path, rows: list[dict[str, str]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     try:
+        # a batch where every input failed early (immune over a folder of bad entries) has
+        # made no output folder yet; its errors.csv is the one thing it must still write
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, table.getvalue())
     except OSError as exc:
         if is_disk_full(exc):

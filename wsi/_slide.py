@@ -20,8 +20,8 @@ from ._errors import (
     UnsupportedSlideError,
     reader_failure,
 )
-from ._inspect import FileInfo, inspect_file
-from ._io import source_fingerprint
+from ._inspect import TIFF_EXTENSIONS, FileInfo, inspect_file
+from ._io import link_problem, source_fingerprint
 from ._tilecache import DAMAGED_TILE_FIX
 
 BackendChoice = Literal["auto", "cucim", "openslide", "tifffile", "pillow"]
@@ -321,11 +321,16 @@ def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _resolve_path(path: Path) -> Path:
+    broken = link_problem(path)  # else a loop or a dangling link reads as "does not exist"
+    if broken is not None:
+        raise UnsupportedSlideError(path, *broken)
     if path.is_dir():
         return _dicom_series_file(path)
     return path
 
 
+#: Suffixes of slide *files*: a folder named with one is not a slide.
+_SLIDE_FILE_SUFFIXES = TIFF_EXTENSIONS | {".mrxs", ".vms", ".dcm", ".png", ".jpg", ".jpeg"}
 #: SOP Class UID of a VL Whole Slide Microscopy Image instance (DICOM PS3.4).
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -342,10 +347,19 @@ def _dicom_series_file(folder: Path) -> Path:
     """
     dcm = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
     if not dcm:
+        if folder.suffix.lower() in _SLIDE_FILE_SUFFIXES:  # x.svs/: an unpacked archive
+            raise UnsupportedSlideError(
+                folder,
+                f"it is a folder named like a {folder.suffix} file, and holds no DICOM-WSI"
+                " instances (.dcm).",
+                "put the slide file itself in its place, or rename the folder.",
+            )
         raise UnsupportedSlideError(
             folder,
-            "the folder holds no .dcm files (sub-folders of slides are not searched).",
-            "point at a DICOM-WSI folder or a slide file.",
+            "the folder holds no .dcm files, so it is not a DICOM-WSI slide (a folder of slide"
+            " files is not searched from here).",
+            "point at a DICOM-WSI folder or a slide file (for a folder of slides, name its"
+            " files, or the folder itself on the command line).",
         )
     series = _wsi_series(dcm)
     if len(series) > 1:
