@@ -18,10 +18,10 @@ from oncotrace.wsi import (
     TilingConfig,
     UpsamplingWarning,
     atomic_write_text,
+    link_problem,
     slide_id_for,
     tile_slide,
 )
-from oncotrace.wsi._io import link_problem  # private: not (yet) in wsi's public face
 
 from ._failures import DiskFullError, is_disk_full
 from ._flags import cli_message
