@@ -127,10 +127,11 @@ class Kit:
 
 
 def _good_store_done(out: Path) -> bool:
-    from oncotrace.wsi import Store, is_complete
+    from oncotrace.wsi import Store
 
     store = out / "good.zarr"
-    return store.is_dir() and is_complete(store) and (Store.open(store).attrs.n_tiles or 0) > 0
+    found = Store.find(store) if store.is_dir() else None
+    return found is not None and (found.attrs.n_tiles or 0) > 0
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], *, encoding: str = "utf-8") -> Path:
@@ -761,7 +762,7 @@ def store_cases(kit: Kit) -> list[Case]:
             shutil.copytree(kit.stores, stores)
             one = sorted(stores.glob("*.zarr"))[0]
             if how == "missing shard":
-                shards = sorted(p for p in (one / "tiles").rglob("*") if p.is_file()
+                shards = sorted(p for p in (one / "patches").rglob("*") if p.is_file()
                                 and p.name != "zarr.json")  # fmt: skip
                 shards[0].unlink()
             elif how == "garbage zarr.json":
