@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -201,31 +201,6 @@ def test_an_unreachable_scheduler_is_one_usage_error(
     assert res.exit_code == 2, res.output  # was an OSError traceback
     assert "tcp://127.0.0.1:1" in res.stderr and "--scheduler" in res.stderr
     assert "Fix:" in res.stderr and "Traceback" not in res.output
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """``small_disk("600k")``: a folder on a tmpfs of that size (a real full disk: ENOSPC from
-    the kernel, for Python and for the Rust Zarr writer alike). Needs the right to mount."""
-    import subprocess
-
-    mounted: list[Path] = []
-
-    def make(size: str) -> Path:
-        where = tmp_path / f"disk-{len(mounted)}"
-        where.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _temporaries(root: Path) -> list[Path]:

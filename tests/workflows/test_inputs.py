@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,25 +101,9 @@ def test_import_features_reports_every_unreadable_entry_of_a_folder(tmp_path: Pa
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Callable[[], Path]]:
-    """A folder on a 64 kB tmpfs, filled to the last byte (ENOSPC from the kernel)."""
-    mounted: list[Path] = []
-
-    def make() -> Path:
-        where = tmp_path / "disk"
-        where.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+def full_disk(small_disk: Callable[[str], Path]) -> Callable[[], Path]:
+    """A folder on a 64 kB tmpfs (filled to the last byte by the test, ENOSPC from the kernel)."""
+    return lambda: small_disk("64k")
 
 
 def _fill(folder: Path) -> None:
