@@ -104,41 +104,16 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: object) -> list[str]:
-    """Remove temporary files an earlier run left in ``folder`` and its ``slides/*`` folders.
-
-    Atomic writes go through ``.<name>.tmp-<pid>-<random>`` siblings (``wsi.atomic_write_text``)
-    that are removed when a write fails; a process killed mid-write (or a disk that filled up
-    under an older version) leaves them. Those of a process still running are kept. Returns the
-    names removed.
-    """
-    import re
+    """Remove temporary files an earlier run left in ``folder`` and its ``slides/*`` folders
+    (:func:`wsi.remove_stale_temp_files` on each). Returns the names removed."""
     from pathlib import Path
 
+    from oncotrace.wsi import remove_stale_temp_files
+
     root = Path(str(folder))
-    pattern = re.compile(r"^\..+\.tmp(?:-(\d+)-[0-9a-f]+)?$")
-    removed = []
-    for here in (root, *sorted(root.glob("slides/*"))):
-        if not here.is_dir():
-            continue
-        for p in here.iterdir():
-            m = pattern.match(p.name)
-            if m is None or not p.is_file() or p.is_symlink():
-                continue
-            if m.group(1) and _pid_alive(int(m.group(1))):
-                continue
-            p.unlink(missing_ok=True)
-            removed.append(str(p))
-    return removed
+    return [
+        str(p)
+        for here in (root, *sorted(root.glob("slides/*")))
+        for p in remove_stale_temp_files(here)
+    ]

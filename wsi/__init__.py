@@ -29,6 +29,7 @@ from ._io import (
     read_ahead,
     read_csv_rows,
     remove_stale_partials,
+    remove_stale_temp_files,
     source_fingerprint,
 )
 from ._registry import Registry, RegistryEntry
@@ -112,6 +113,7 @@ __all__ = [
     "read_store_attrs",
     "read_tile",
     "remove_stale_partials",
+    "remove_stale_temp_files",
     "slide_id_for",
     "smear_mask",
     "source_fingerprint",

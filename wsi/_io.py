@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import uuid
@@ -187,6 +188,32 @@ def remove_stale_partials(path: str | Path) -> None:
             if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STALE_TMP = re.compile(r"^\..+\.tmp(?:-(\d+)-[0-9a-f]+)?$")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove temporary siblings :func:`atomic_write_text` left in ``folder`` (not recursive).
+
+    They are ``.<name>.tmp-<pid>-<random>`` and are removed when a write fails; a process killed
+    mid-write leaves them. Those of a live process are kept (being written); a fixed
+    ``.<name>.tmp`` (the name older writers used) always goes. Symbolic links are left alone.
+    Returns the files removed.
+    """
+    here = Path(folder)
+    removed: list[Path] = []
+    if not here.is_dir():
+        return removed
+    for p in here.iterdir():
+        m = _STALE_TMP.match(p.name)
+        if m is None or p.is_symlink() or not p.is_file():
+            continue
+        if m.group(1) and _pid_alive(int(m.group(1))):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:
