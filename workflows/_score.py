@@ -12,9 +12,7 @@ hash), not once per slide.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,13 +36,13 @@ from oncotrace.wsi import (
     TilingConfig,
     UpsamplingWarning,
     atomic_write_json,
-    atomic_write_text,
     check_slide_id,
     read_csv_rows,
     slide_id_for,
     source_fingerprint,
 )
 
+from ._batch import write_errors_csv
 from ._failures import DiskFullError, disk_full_message, is_disk_full, remove_stale_temporaries
 from ._flags import Device, cli_message
 from ._predictions import TOP_K, PredictionRow, write_predictions
@@ -1061,14 +1059,17 @@ def write_outputs(
         for task, t in r["tasks"].items()
     ]
     err_path = out / "errors.csv"
-    table = io.StringIO(newline="")
-    w = csv.writer(table)
-    w.writerow(["slide", "stage", "error_type", "message"])
-    for e in sorted(errors, key=lambda e: e["slide_id"]):
-        msg = cli_message(e["message"])  # errors.csv is read next to the CLI's flags
-        w.writerow([e.get("path", e["slide_id"]), e["stage"], e["error_type"], msg])
+    table = [
+        {
+            "slide": str(e.get("path", e["slide_id"])),
+            "stage": e["stage"],
+            "error_type": e["error_type"],
+            "message": cli_message(e["message"]),  # read next to the CLI's flags
+        }
+        for e in sorted(errors, key=lambda e: e["slide_id"])
+    ]
     try:  # errors.csv first: on a disk with room for one table, it is the one to keep
-        atomic_write_text(err_path, table.getvalue())
+        write_errors_csv(err_path, table)
         pred_path = write_predictions(out / "predictions.csv", rows)
     except OSError as exc:
         if is_disk_full(exc):
