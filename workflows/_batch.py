@@ -14,10 +14,12 @@ from pathlib import Path
 
 from oncotrace import __version__
 from oncotrace.wsi import (
+    ParameterError,
     SlideError,
     TilingConfig,
     UpsamplingWarning,
     atomic_write_text,
+    check_mpp,
     link_problem,
     slide_id_for,
     tile_slide,
@@ -193,6 +195,15 @@ def _stage_of(exc: BaseException) -> str:
     return "tile"
 
 
+def check_count(name: str, value: object) -> None:
+    """``value`` (workers, threads) is a whole number ≥ 1; else ParameterError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(
+            f"{name}= must be a whole number ≥ 1, got {value!r}. Fix: pass one, e.g. {name}=2.",
+            param=name,
+        )
+
+
 def tile_batch(
     slides: Sequence[Path],
     out_dir: Path,
@@ -209,8 +220,12 @@ def tile_batch(
     """Tile every slide; a failure becomes one ``errors.csv`` row and the rest go on.
 
     ``errors.csv`` and ``tiling.json`` in ``out_dir`` describe this run (rewritten each run,
-    so a slide fixed since the last run drops out of the error list).
+    so a slide fixed since the last run drops out of the error list). Raises ParameterError
+    for a ``workers`` or ``mpp`` that no slide could use.
     """
+    check_count("workers", workers)  # numbers for every slide: refused once, before any is read
+    if mpp is not None:
+        check_mpp(mpp)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
     t0 = time.perf_counter()

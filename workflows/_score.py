@@ -36,13 +36,14 @@ from oncotrace.wsi import (
     TilingConfig,
     UpsamplingWarning,
     atomic_write_json,
+    check_mpp,
     check_slide_id,
     read_csv_rows,
     slide_id_for,
     source_fingerprint,
 )
 
-from ._batch import write_errors_csv
+from ._batch import check_count, write_errors_csv
 from ._failures import DiskFullError, disk_full_message, is_disk_full, remove_stale_temporaries
 from ._flags import Device, cli_message
 from ._predictions import TOP_K, PredictionRow, write_predictions
@@ -331,12 +332,10 @@ def score_slides(
     cores = os.cpu_count() or 2
     n_workers = workers if workers is not None else max(1, cores // 2)
     for name, value in (("workers", n_workers), ("threads", threads)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ParameterError(
-                f"{name}= must be a whole number ≥ 1, got {value!r}. Fix: pass one.", param=name
-            )
+        if value is not None:
+            check_count(name, value)
+    if mpp is not None:
+        check_mpp(mpp)
     cfg = ScoreConfig(
         model_dir=str(Path(model_dir).resolve()),
         model_hash=digest,

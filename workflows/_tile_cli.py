@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from oncotrace.wsi import BackendChoice, Mode, TilingConfig
+from oncotrace.wsi import BackendChoice, Mode, TilingConfig, check_mpp
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._batch import BatchReport, find_slides, tile_batch
+from ._batch import BatchReport, check_count, find_slides, tile_batch
 from ._failures import DiskFullError, finish, usage_error
 from ._flags import cli_message
 
@@ -159,6 +159,9 @@ def register(app: typer.Typer, console: Console) -> None:
                 focus=focus,
                 max_upsample=max_upsample,
             )
+            check_count("threads", threads)
+            if mpp is not None:
+                check_mpp(mpp)
         except ValueError as exc:
             raise usage_error(exc) from exc
         paths = find_slides(slides)

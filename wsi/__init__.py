@@ -33,7 +33,15 @@ from ._io import (
     source_fingerprint,
 )
 from ._registry import Registry, RegistryEntry
-from ._slide import EXPORTED_PROPERTIES, PLAUSIBLE_MPP, BackendChoice, Mpp, Slide, open_slide
+from ._slide import (
+    EXPORTED_PROPERTIES,
+    PLAUSIBLE_MPP,
+    BackendChoice,
+    Mpp,
+    Slide,
+    check_mpp,
+    open_slide,
+)
 from ._smear import smear_mask
 from ._storage import (
     FEATURE_CHUNK_ROWS,
@@ -99,6 +107,7 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "check_mpp",
     "check_slide_id",
     "detect_tissue",
     "fast_codecs",

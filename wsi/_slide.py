@@ -16,6 +16,7 @@ from ._backends import BACKENDS, Backend, BackendName, cucim_available
 from ._errors import (
     CorruptSlideError,
     MppError,
+    ParameterError,
     SlideError,
     UnsupportedSlideError,
     reader_failure,
@@ -520,21 +521,52 @@ def _check_forced(path: Path, info: FileInfo, backend: str) -> None:
         )
 
 
+def _plausible_mpp(mpp: object) -> tuple[float, float] | None:
+    """A level-0 µm/px (one number or an x, y pair) as a pair, or None if implausible."""
+    lo, hi = PLAUSIBLE_MPP
+    pair = tuple(mpp) if isinstance(mpp, tuple | list) else (mpp, mpp)
+    ok = len(pair) == 2 and all(
+        isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and lo <= v <= hi
+        for v in pair
+    )
+    return (float(pair[0]), float(pair[1])) if ok else None
+
+
+def check_mpp(mpp: object, *, param: str = "mpp") -> tuple[float, float]:
+    """A user-given level-0 µm/px (one number or an x, y pair) as a pair; else ParameterError.
+
+    Callers that take ``mpp=`` for many slides check it once with this, before any is read.
+    """
+    pair = _plausible_mpp(mpp)
+    if pair is None:
+        lo, hi = PLAUSIBLE_MPP
+        raise ParameterError(
+            f"{param}={mpp!r} is not a plausible level-0 resolution: it must be a finite number"
+            f" from {lo:g} to {hi:g} µm/px. Fix: pass the scanner's real resolution (e.g."
+            f" {param}=0.25 for a 40× scan, {param}=0.5 for 20×).",
+            param=param,
+        )
+    return pair
+
+
 def _resolve_mpp(
     path: Path, be: Backend, override: float | tuple[float, float] | None, require: bool
 ) -> tuple[Mpp | None, MppError | None]:
     """The level-0 pixel size, or (``require`` False) None with the error that says why."""
     lo, hi = PLAUSIBLE_MPP
     if override is not None:
-        mx, my = (override, override) if isinstance(override, int | float) else override
-        for v in (mx, my):
-            if not (math.isfinite(v) and lo <= v <= hi):
-                raise MppError(
-                    path,
-                    f"the given mpp {v} µm/px is outside the plausible {lo}–{hi} µm/px.",
-                    "pass the scanner's real resolution (e.g. 0.25 at 40×, 0.5 at 20×).",
-                )
-        return Mpp(float(mx), float(my), "override", "given by the user"), None
+        pair = _plausible_mpp(override)
+        if pair is None:
+            raise MppError(
+                path,
+                f"the given mpp {override!r} µm/px is outside the plausible {lo}–{hi} µm/px.",
+                "pass the scanner's real resolution (e.g. mpp=0.25 at 40×, mpp=0.5 at 20×).",
+                param="mpp",
+            )
+        return Mpp(*pair, "override", "given by the user"), None
     found = be.file_mpp
     detail = _mpp_detail(be)
     if found is None:

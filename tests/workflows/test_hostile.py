@@ -101,6 +101,11 @@ def test_an_own_clusters_dashboard_listens_on_loopback_only_and_its_link_works(
         (["--tile-px", "0"], "--tile-px"),
         (["--min-tissue", "1.5"], "--min-tissue"),
         (["--stride-px", "0"], "--stride-px"),
+        (["--threads", "0"], "--threads"),  # was accepted
+        (["--threads", "-2"], "--threads"),  # was accepted
+        (["--mpp", "nan"], "--mpp"),  # was one row per slide, not naming the flag
+        (["--mpp", "inf"], "--mpp"),
+        (["--mpp", "-1"], "--mpp"),
     ],
 )
 def test_numbers_are_checked_once_before_any_slide(
@@ -129,6 +134,20 @@ def test_score_workers_below_one_is_a_usage_error(
     )  # fmt: skip
     assert res.exit_code == 2, res.output  # was ZeroDivisionError
     assert "--workers" in res.stderr and "Fix:" in res.stderr
+
+
+def test_score_refuses_an_implausible_mpp_once_up_front(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    res = CliRunner().invoke(
+        app,
+        ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+         str(tmp_path / "o"), "--mpp", "nan"],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output  # was one failed row per slide
+    assert res.stderr.count("error:") == 1 and "--mpp" in res.stderr and "Fix:" in res.stderr
+    assert not (tmp_path / "o" / "errors.csv").exists()
 
 
 def test_a_manifest_with_excels_byte_order_mark_is_read_and_utf16_is_named(
