@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from oncotrace.wsi import Registry
 from torch import Tensor, nn
 
-from ._state import state_dict_mismatch
+from ._state import read_weights, state_dict_mismatch
 
 __all__ = [
     "HeadConfig",
@@ -1017,12 +1017,12 @@ def load_head(directory: str | Path, *, device: str | torch.device = "cpu") -> M
     ------
     FileNotFoundError
         If ``model.json`` or ``model.safetensors`` is missing.
+    ModelFileError
+        If the weights file is truncated, not safetensors, or a pickle (never unpickled).
     ValueError
         If the file is not a head, or the weights do not match the config (lists the missing,
         unexpected and mis-shaped tensors, expected vs found).
     """
-    from safetensors.torch import load_file
-
     from ._card import ModelCard
 
     directory = Path(directory)
@@ -1031,7 +1031,7 @@ def load_head(directory: str | Path, *, device: str | torch.device = "cpu") -> M
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; save the head with save_head(model, dir).")
     model = MILHead(ModelCard.read(directory).head)
-    found = load_file(str(weights_path), device="cpu")
+    found = read_weights(weights_path)
     problem = state_dict_mismatch(model.state_dict(), found)
     if problem:
         raise ValueError(

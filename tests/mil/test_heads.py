@@ -12,6 +12,7 @@ import torch
 from oncotrace.mil import (
     HeadConfig,
     MILHead,
+    ModelFileError,
     create_head,
     list_heads,
     load_head,
@@ -297,6 +298,21 @@ def test_load_reports_config_weight_mismatch(tmp_path: Path) -> None:
         load_head(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model\.json"):
         load_head(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "pickle"])
+def test_load_head_names_a_spoilt_weights_file(spoil: str, tmp_path: Path) -> None:
+    save_head(create_head("abmil", 32, TASKS, **SMALL), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if spoil == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # torch.save of the same tensors: refused unread, never unpickled
+        torch.save({"w": torch.zeros(3)}, weights)
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: ") as info:
+        load_head(tmp_path)  # was safetensors' SafetensorError, naming no file
+    assert "Fix:" in str(info.value)
+    if spoil == "pickle":
+        assert "pickle" in str(info.value)
 
 
 # ---- clear errors ----------------------------------------------------------------------------
