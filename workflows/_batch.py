@@ -108,6 +108,20 @@ def expand_inputs(
     return unique
 
 
+#: What embed and score take from a folder of stores: folders named ``<slide_id>.zarr``.
+STORE_SUFFIXES = frozenset({".zarr"})
+
+
+def is_store(p: Path) -> bool:
+    """A Zarr group: one input, never searched into."""
+    return (p / "zarr.json").is_file()
+
+
+def is_store_named(p: Path) -> bool:
+    """Named like a store: one input (its reader says what is wrong with an unfinished one)."""
+    return p.suffix.lower() in STORE_SUFFIXES or is_store(p)
+
+
 def _wanted(child: Path, suffixes: frozenset[str], unit: Callable[[Path], bool]) -> bool:
     if child.name.startswith("."):
         return False
@@ -204,6 +218,22 @@ def check_count(name: str, value: object) -> None:
         )
 
 
+def check_out_dir(out_dir: str | Path, *, param: str = "out_dir") -> None:
+    """``out_dir`` can be (or become) a folder: neither it nor a parent is a file. Else
+    ParameterError, before anything is read or written."""
+    path = Path(out_dir)
+    for here in (path, *path.parents):
+        if here.is_dir():
+            return
+        if here.exists() or here.is_symlink():
+            what = "is" if here == path else f"lies inside {here}, which is"
+            raise ParameterError(
+                f"{param}={path} {what} a file or a broken link, not a folder. Fix: pass a"
+                " folder path (a new one is created), or move that file away.",
+                param=param,
+            )
+
+
 def tile_batch(
     slides: Sequence[Path],
     out_dir: Path,
@@ -226,6 +256,7 @@ def tile_batch(
     check_count("workers", workers)  # numbers for every slide: refused once, before any is read
     if mpp is not None:
         check_mpp(mpp)
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._batch import expand_inputs, input_problem
+from ._batch import STORE_SUFFIXES, expand_inputs, input_problem, is_store, is_store_named
 from ._failures import finish
 from ._flags import Device, Precision, cli_message
 
@@ -49,7 +49,7 @@ def register(app: typer.Typer, console: Console) -> None:
         """Embed the tiles of each store with an encoder: features/<encoder> (N, D)."""
         from oncotrace import mil
 
-        paths = expand_inputs(stores, STORE_SUFFIXES, unit=_is_store)
+        paths = expand_inputs(stores, STORE_SUFFIXES, unit=is_store)
         if not paths:
             typer.echo(
                 f"error: no .zarr stores in {', '.join(map(str, stores))}."
@@ -71,7 +71,7 @@ def register(app: typer.Typer, console: Console) -> None:
             for store in paths:
                 # a dangling or looping link, a sub-folder of stores (not searched): said as such,
                 # not as "not a finished store, run tile first"
-                problem = input_problem(store, STORE_SUFFIXES, unit=_is_store_named)
+                problem = input_problem(store, STORE_SUFFIXES, unit=is_store_named)
                 if problem is not None:
                     failed.append((store, problem[1]))
                     continue
@@ -114,20 +114,6 @@ def register(app: typer.Typer, console: Console) -> None:
                 name, str(c.dim), f"{c.native_mpp:g}", c.hub_id or "none needed", c.licence
             )
         console.print(table)
-
-
-#: What embed takes from a folder: tile stores (folders named ``<slide_id>.zarr``).
-STORE_SUFFIXES = frozenset({".zarr"})
-
-
-def _is_store(p: Path) -> bool:
-    """A Zarr group: one input, never searched into."""
-    return (p / "zarr.json").is_file()
-
-
-def _is_store_named(p: Path) -> bool:
-    """Named like a store: one input (embed itself says what is wrong with an unfinished one)."""
-    return p.suffix.lower() in STORE_SUFFIXES or _is_store(p)
 
 
 def _n_tiles(store: Path) -> int | None:

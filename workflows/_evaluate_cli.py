@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ._batch import check_out_dir
 from ._failures import usage_error
 from ._predictions import PredictionRow, write_predictions
 
@@ -69,6 +70,7 @@ def register(app: typer.Typer, console: Console) -> None:
         """Evaluate a trained model on a labelled cohort: metrics with 95 % CIs, calibration,
         prediction sets, reader comparison, figures and an HTML report."""
         try:
+            check_out_dir(out)
             result = evaluate_command(
                 model,
                 stores,

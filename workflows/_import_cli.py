@@ -13,10 +13,17 @@ from typing import Annotated
 
 import typer
 from oncotrace import __version__
-from oncotrace.workflows._batch import BatchReport, expand_inputs, input_problem, write_errors_csv
-from oncotrace.workflows._failures import DiskFullError, finish, is_disk_full
+from oncotrace.workflows._batch import (
+    BatchReport,
+    check_count,
+    check_out_dir,
+    expand_inputs,
+    input_problem,
+    write_errors_csv,
+)
+from oncotrace.workflows._failures import DiskFullError, finish, is_disk_full, usage_error
 from oncotrace.workflows._flags import cli_message
-from oncotrace.wsi import atomic_write_json
+from oncotrace.wsi import ParameterError, atomic_write_json, check_mpp
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +57,11 @@ def import_batch(
     """
     from oncotrace.mil import FeatureImportError, import_features
 
+    if mpp is not None:  # numbers for every file: refused once, before any is read
+        check_mpp(mpp)
+    if tile_px is not None:
+        check_count("tile_px", tile_px)
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
     t0 = time.perf_counter()
@@ -173,6 +185,8 @@ def register(app: typer.Typer, console: Console) -> None:
         except DiskFullError as exc:  # the stores written are kept; the tables could not be
             typer.echo(f"error: {cli_message(exc)}", err=True)
             raise typer.Exit(1) from exc
+        except ParameterError as exc:  # refused before any file was read
+            raise usage_error(exc) from exc
         table = Table(title=f"import-features → {out} (features/{name})")
         for col in ("slide", "status", "tiles", "dim", "from"):
             table.add_column(col)

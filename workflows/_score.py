@@ -43,7 +43,16 @@ from oncotrace.wsi import (
     source_fingerprint,
 )
 
-from ._batch import check_count, write_errors_csv
+from ._batch import (
+    STORE_SUFFIXES,
+    check_count,
+    check_out_dir,
+    expand_inputs,
+    input_problem,
+    is_store,
+    is_store_named,
+    write_errors_csv,
+)
 from ._failures import DiskFullError, disk_full_message, is_disk_full, remove_stale_temporaries
 from ._flags import Device, cli_message
 from ._predictions import TOP_K, PredictionRow, write_predictions
@@ -78,6 +87,9 @@ class SlideJob:
     #: a tile store given as the input (``oncotrace tile`` output): reused when it was cut with
     #: the model's tiling, else the slide it names is tiled again
     store: str | None = None
+    #: ``(error_type, message)`` of an input found unusable when the jobs were collected (a
+    #: broken link or an unfinished store in a folder of stores): reported as its own row
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -236,22 +248,29 @@ def collect_jobs(inputs: Sequence[str | Path], covariates: Sequence[str] = ()) -
 
 def _stores_in(p: Path) -> list[Path]:
     """``p`` itself when it is a ``.zarr`` store, the stores in it when it is a folder of them
-    (``oncotrace tile --out``), else nothing."""
-    if p.suffix.lower() == ".zarr" and p.is_dir():
+    (``oncotrace tile --out``), else nothing. Of a folder, whatever is named like a store but
+    cannot be one (a broken link, a sub-folder of stores) is returned too, to become a row."""
+    if p.suffix.lower() in STORE_SUFFIXES and p.is_dir():
         return [p.absolute()]
-    if p.is_dir() and not (p / "zarr.json").exists():
-        found = sorted(c for c in p.glob("*.zarr") if c.is_dir() and not c.name.startswith("."))
-        return [c.absolute() for c in found]
+    if p.is_dir() and not is_store(p):
+        return [c.absolute() for c in expand_inputs([p], STORE_SUFFIXES, unit=is_store)]
     return []
 
 
 def _store_job(store: Path) -> SlideJob:
-    """A job scoring a given store: named and fingerprinted by the slide it records."""
-    found = Store.find(store)
+    """A job scoring a given store: named and fingerprinted by the slide it records. A store
+    that cannot be scored is a job carrying its problem (one row; the others are scored)."""
+    stem = store.name.removesuffix(store.suffix) or store.name
+    problem = input_problem(store, STORE_SUFFIXES, unit=is_store_named)
+    found = None if problem is not None else Store.find(store)
     if found is None:
-        raise ValueError(
+        problem = problem or (
+            "StoreError",
             f"{store}: not a finished OncoTrace tile store (no zarr.json with complete attrs)."
-            " Fix: tile the slide again with `oncotrace tile`, or pass the slide itself."
+            " Fix: tile the slide again with `oncotrace tile`, or pass the slide itself.",
+        )
+        return SlideJob(
+            check_slide_id(stem, str(store)), str(store), store=str(store), problem=problem
         )
     attrs = found.attrs
     sid = check_slide_id(attrs.slide_id or store.name.removesuffix(".zarr"), str(store))
@@ -336,6 +355,7 @@ def score_slides(
             check_count(name, value)
     if mpp is not None:
         check_mpp(mpp)
+    check_out_dir(out_dir)
     cfg = ScoreConfig(
         model_dir=str(Path(model_dir).resolve()),
         model_hash=digest,
@@ -497,6 +517,9 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
     said: list[str] = []
     stage = "load"
     try:
+        if job.problem is not None:
+            stage = "open"
+            raise _InputProblem(*job.problem)
         fingerprint = job_fingerprint(job)
         model, card, encoder = _load(cfg)
         stage = "tile"
@@ -559,7 +582,11 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
             "slide_id": job.slide_id,
             "path": str(job.path),
             "stage": _stage_name(exc, stage),
-            "error_type": DISK_FULL if full else type(exc).__name__,
+            "error_type": DISK_FULL
+            if full
+            else exc.error_type
+            if isinstance(exc, _InputProblem)
+            else type(exc).__name__,
             "message": disk_full_message(cfg.out_dir, f"the slide's {stage} output")
             if full
             else str(exc)
@@ -572,6 +599,14 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         }
         _try_write_error(here, error)
         return error
+
+
+class _InputProblem(ValueError):
+    """A job's input was found unusable when the jobs were collected (``SlideJob.problem``)."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        self.error_type = error_type
+        super().__init__(message)
 
 
 #: ``error_type`` of a slide that failed, or was not started, because the output disk is full.
@@ -773,6 +808,8 @@ def _heatmaps(
 
 def finished(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any] | None:
     """The slide's result when it is complete for the same source and model, else None."""
+    if job.problem is not None:  # its input is gone or unfinished now: an old result is stale
+        return None
     path = slide_dir(cfg.out_dir, job.slide_id) / "result.json"
     try:
         if not path.is_file():  # only regular files: a FIFO would block the rerun

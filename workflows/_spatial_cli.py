@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from ._batch import check_out_dir
 from ._failures import finish, usage_error
 from ._flags import (
     Fallback,
@@ -147,6 +148,7 @@ def _register_immune(app: typer.Typer, console: Console) -> None:
         try:  # every number checked once, before any slide is read
             check_parameters(mpp=mpp, threads=threads)
             check_density_options(bin_um, min_positive)
+            check_out_dir(out)
         except ValueError as exc:
             raise usage_error(exc) from exc
         box = _parse_region(region)
@@ -318,6 +320,7 @@ def _register_map_us(app: typer.Typer, console: Console) -> None:
                 slide_mpp=heatmap_mpp,
                 alpha=alpha,
             )
+            check_out_dir(out)
         except ValueError as exc:
             raise usage_error(exc) from exc
         t0 = time.perf_counter()
@@ -465,6 +468,7 @@ def _register_st_validate(app: typer.Typer, console: Console) -> None:
 
         try:  # every number checked once, before the slide is read or cells detected
             check_parameters(mpp=mpp)
+            check_out_dir(out)
             check_null_options(n_null, seed)
         except ValueError as exc:
             raise usage_error(exc) from exc

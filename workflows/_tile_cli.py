@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._batch import BatchReport, check_count, find_slides, tile_batch
+from ._batch import BatchReport, check_count, check_out_dir, find_slides, tile_batch
 from ._failures import DiskFullError, finish, usage_error
 from ._flags import cli_message
 
@@ -162,6 +162,7 @@ def register(app: typer.Typer, console: Console) -> None:
             check_count("threads", threads)
             if mpp is not None:
                 check_mpp(mpp)
+            check_out_dir(out)
         except ValueError as exc:
             raise usage_error(exc) from exc
         paths = find_slides(slides)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._batch import check_out_dir
 from ._flags import HeadName, cli_message
 
 
@@ -113,6 +114,7 @@ def register(app: typer.Typer, console: Console) -> None:
         except mil.TrainConfigError as exc:
             raise typer.BadParameter(cli_message(exc)) from exc  # it names the flag
         try:
+            check_out_dir(out)
             result = mil.train_model(stores, labels, config, out)
         except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)

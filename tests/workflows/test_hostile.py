@@ -349,3 +349,66 @@ def test_a_model_that_cannot_load_fails_the_run_once_up_front(
     assert str(model) in text and "Fix:" in text
     assert "Traceback" not in text
     assert not (out / "slides").exists()  # no slide was sent anywhere
+
+
+def test_a_folder_of_stores_reports_what_it_cannot_score_and_scores_the_rest(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A broken link named like a store, a folder named like one that is not, and a sub-folder
+    of stores were passed over without a word; each is now one row, the good stores scored."""
+    stores = tmp_path / "stores"
+    res = CliRunner().invoke(app, ["tile", str(trained["slides"]), "--out", str(stores)])
+    assert res.exit_code == 0, res.output
+    good = sorted(p.name.removesuffix(".zarr") for p in stores.glob("*.zarr"))
+    (stores / "gone.zarr").symlink_to(tmp_path / "nowhere.zarr")
+    (stores / "half.zarr").mkdir()  # an interrupted copy: no zarr.json
+    (stores / "more" / "deeper.zarr").mkdir(parents=True)
+    out = tmp_path / "res"
+    res = CliRunner().invoke(
+        app,
+        ["score", str(stores), "--model", str(trained["model"]), "--out", str(out),
+         "--workers", "1", "--no-heatmaps"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    with open(out / "errors.csv", newline="") as fh:
+        rows = {Path(r["slide"]).name: r for r in csv.DictReader(fh)}
+    assert {k: r["error_type"] for k, r in rows.items()} == {
+        "gone.zarr": "BrokenLink",
+        "half.zarr": "StoreError",
+        "more": "NotSearched",
+    }
+    assert all("Fix:" in r["message"] for r in rows.values())
+    with open(out / "predictions.csv", newline="") as fh:
+        assert sorted({r["slide_id"] for r in csv.DictReader(fh)}) == good
+    assert sum(line.startswith("failed:") for line in res.stderr.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["tile", "{slide}"],
+        ["immune", "{slide}", "--mpp", "0.5"],
+        ["train", "--stores", "{slide}", "--labels", "{slide}"],
+        ["evaluate", "--stores", "{slide}", "--model", "{slide}", "--labels", "{slide}"],
+        ["map-us", "--heatmap", "{slide}", "--ultrasound", "{slide}", "--landmarks", "{slide}"],
+    ],
+)
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_out_folder_that_is_a_file_is_one_usage_error(
+    tmp_path: Path, command: list[str], inside: bool
+) -> None:
+    """`--out` naming a file (or a folder inside one) was a FileExistsError/NotADirectoryError
+    traceback from mkdir; the file is left as it was."""
+    slide = make_tissue_squares(
+        tmp_path / "a.tiff", size=(1024, 1024), squares=[(0, 0, 896, 896)]
+    ).path
+    blocker = tmp_path / "results"
+    blocker.write_text("keep me")
+    out = blocker / "sub" if inside else blocker
+    args = [a.format(slide=slide) for a in command]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and "--out" in res.stderr and "Fix:" in res.stderr
+    assert str(blocker) in res.stderr
+    assert blocker.read_text() == "keep me"
