@@ -22,6 +22,7 @@ from oncotrace.wsi import (
     check_mpp,
     link_problem,
     slide_id_for,
+    sniff,
     tile_slide,
 )
 
@@ -72,9 +73,10 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
     one level deep for slide files and DICOM-WSI sub-folders. Whatever in a folder looks meant
     as a slide but cannot be one is returned too, so that it becomes one failure (see
     :func:`input_problem`) instead of being passed over: a broken or looping symbolic link, a
-    folder named like a slide file, a sub-folder holding slides (not searched).
+    folder named like a slide file, a sub-folder holding slides (not searched). A file with no
+    suffix is taken when its bytes are TIFF.
     """
-    return expand_inputs(inputs, SLIDE_SUFFIXES, unit=_is_dicom_folder)
+    return expand_inputs(inputs, SLIDE_SUFFIXES, unit=_is_dicom_folder, sniff=_slide_bytes)
 
 
 def expand_inputs(
@@ -82,6 +84,7 @@ def expand_inputs(
     suffixes: frozenset[str],
     *,
     unit: Callable[[Path], bool] = lambda p: False,
+    sniff: Callable[[Path], bool] = lambda p: False,
 ) -> list[Path]:
     """Files and folders → input paths, for every batch command.
 
@@ -89,13 +92,15 @@ def expand_inputs(
     A folder (``unit`` false for it) is searched one level deep: files with one of ``suffixes``,
     sub-folders for which ``unit`` is true (a DICOM-WSI folder is one slide), and — so that
     nothing is dropped without a word — links that cannot be followed, folders named with one
-    of ``suffixes``, and sub-folders holding such files deeper down. Hidden names are skipped.
+    of ``suffixes``, and sub-folders holding such files deeper down. A file without a suffix
+    is taken when ``sniff`` (its first bytes) says it is one (scanners and PACS exports often
+    drop the suffix). Hidden names are skipped.
     """
     found: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and not unit(p):
-            found += [c for c in sorted(p.iterdir()) if _wanted(c, suffixes, unit)]
+            found += [c for c in sorted(p.iterdir()) if _wanted(c, suffixes, unit, sniff)]
         else:
             found.append(p)  # named explicitly: let the reader say what is wrong with it
     seen: set[str] = set()
@@ -122,7 +127,12 @@ def is_store_named(p: Path) -> bool:
     return p.suffix.lower() in STORE_SUFFIXES or is_store(p)
 
 
-def _wanted(child: Path, suffixes: frozenset[str], unit: Callable[[Path], bool]) -> bool:
+def _wanted(
+    child: Path,
+    suffixes: frozenset[str],
+    unit: Callable[[Path], bool],
+    sniff: Callable[[Path], bool],
+) -> bool:
     if child.name.startswith("."):
         return False
     named_like = child.suffix.lower() in suffixes
@@ -130,7 +140,22 @@ def _wanted(child: Path, suffixes: frozenset[str], unit: Callable[[Path], bool])
         return named_like or not child.suffix  # a link to a DICOM-WSI folder has no suffix
     if child.is_dir():
         return named_like or unit(child) or _holds(child, suffixes)
-    return child.is_file() and named_like
+    if not child.is_file():
+        return False
+    return named_like or (not child.suffix and _sniffed(child, sniff))
+
+
+def _sniffed(path: Path, sniff: Callable[[Path], bool]) -> bool:
+    try:
+        return sniff(path)
+    except OSError:  # unreadable: not taken here (a named file's reader says why)
+        return False
+
+
+def _slide_bytes(path: Path) -> bool:
+    """A TIFF-family file by its magic bytes (a slide that lost its suffix). DICOM instances
+    are not taken one by one: a DICOM-WSI slide is a folder of them."""
+    return sniff(path) == "tiff"
 
 
 def _holds(folder: Path, suffixes: frozenset[str]) -> bool:

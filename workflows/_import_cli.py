@@ -35,9 +35,15 @@ def find_feature_files(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders (one level deep, ``*.h5`` / ``*.hdf5``) into unique paths.
 
     As for slides (:func:`~oncotrace.workflows._batch.expand_inputs`), broken links, folders
-    named ``*.h5`` and sub-folders holding feature files are kept, to be reported.
+    named ``*.h5`` and sub-folders holding feature files are kept, to be reported; a file with
+    no suffix is taken when it starts with the HDF5 signature.
     """
-    return expand_inputs(inputs, H5_SUFFIXES)
+    return expand_inputs(inputs, H5_SUFFIXES, sniff=_hdf5_bytes)
+
+
+def _hdf5_bytes(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
 def import_batch(

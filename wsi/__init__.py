@@ -19,7 +19,7 @@ from ._errors import (
     UnsupportedSlideError,
     UpsamplingWarning,
 )
-from ._inspect import FileInfo, inspect_file
+from ._inspect import FileInfo, inspect_file, sniff
 from ._io import (
     ReadAhead,
     atomic_dir,
@@ -125,6 +125,7 @@ __all__ = [
     "remove_stale_temp_files",
     "slide_id_for",
     "smear_mask",
+    "sniff",
     "source_fingerprint",
     "store_path",
     "tile_coords",

@@ -83,6 +83,35 @@ def test_a_symlink_loop_named_on_the_command_line_is_one_row_and_the_batch_goes_
     assert (out / "good.zarr" / "zarr.json").is_file()
 
 
+def test_a_slide_that_lost_its_suffix_is_tiled_and_other_files_are_not_inputs(
+    tmp_path: Path,
+) -> None:
+    """A TIFF slide named without a suffix (a scanner export, a PACS copy) was passed over;
+    it is taken by its bytes. A suffix-less text file is not a slide and stays out."""
+    src = tmp_path / "slides"
+    src.mkdir()
+    _good_slide(src / "good.tiff")
+    (src / "S-1234").write_bytes((src / "good.tiff").read_bytes())
+    (src / "README").write_text("scanned 2026-11-02")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["tile", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["S-1234.zarr", "good.zarr"]
+
+
+def test_import_features_takes_an_hdf5_file_without_a_suffix(tmp_path: Path) -> None:
+    src = tmp_path / "h5"
+    src.mkdir()
+    trident_file(src / "a.h5", n=6)
+    (src / "a.h5").rename(src / "b")
+    (src / "notes").write_text("not features")
+    out = tmp_path / "stores"
+    args = ["import-features", str(src), "--out", str(out), "--name", "uni", "--mpp", "0.25"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["b.zarr"]
+
+
 def test_import_features_reports_every_unreadable_entry_of_a_folder(tmp_path: Path) -> None:
     src = tmp_path / "h5"
     src.mkdir()
