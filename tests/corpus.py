@@ -29,6 +29,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -165,12 +166,23 @@ def slide_file_cases(kit: Kit, shared: Path | None) -> list[Case]:
             folder = kit.slide_folder(where, bad)
             return ["tile", str(folder), "--out", str(where / "out")]
 
-        cases.append(Case(f"info {tag}", "slide files", info))
+        probe = make(Path(tempfile.mkdtemp(prefix="corpus-probe-")))
+        # `info` reads headers (allow-listed properties), not every tile: damage found only
+        # when the tiles are decoded is refused by `tile` (the case after this one)
+        headers_fine = probe.stage == "read"
+        cases.append(Case(f"info {tag}", "slide files", info,
+                          expect="accept" if headers_fine else "refuse"))  # fmt: skip
+        # a sub-folder with no slide-like files in it is not an input (a "notes" folder)
+        not_an_input = probe.path.is_dir() and not any(
+            c.suffix.lower() in (".dcm", ".svs", ".tif", ".tiff") for c in probe.path.iterdir()
+        )
+        shutil.rmtree(probe.path.parent, ignore_errors=True)
         cases.append(
             Case(
                 f"tile {tag} + a good slide",
                 "slide files",
                 tile,
+                expect="accept" if not_an_input else "refuse",
                 done=lambda out: _good_store_done(out / "out"),
             )
         )
@@ -367,13 +379,15 @@ def discovery_cases(kit: Kit) -> list[Case]:
         (where / "h5").mkdir()
         _good_h5(where / "h5" / "good.h5")
         (where / "h5" / "gone.h5").symlink_to(where / "nowhere.h5")
-        return ["import-features", str(where / "h5"), "--out", str(where / "out")]
+        return ["import-features", str(where / "h5"), "--out", str(where / "out"), "--name",
+                "uni"]  # fmt: skip
 
     def import_h5_dir(where: Path) -> list[str]:
         (where / "h5").mkdir()
         _good_h5(where / "h5" / "good.h5")
         (where / "h5" / "sub.h5").mkdir()
-        return ["import-features", str(where / "h5"), "--out", str(where / "out")]
+        return ["import-features", str(where / "h5"), "--out", str(where / "out"), "--name",
+                "uni"]  # fmt: skip
 
     done = lambda where: _good_store_done(where / "out")  # noqa: E731
     return [
@@ -426,7 +440,8 @@ def import_cases(kit: Kit) -> list[Case]:
 
     def one(fn: Callable[[Path], Path], *extra: str) -> Callable[[Path], list[str]]:
         def build(where: Path) -> list[str]:
-            return ["import-features", str(fn(where)), "--out", str(where / "out"), *extra]
+            return ["import-features", str(fn(where)), "--out", str(where / "out"), "--name",
+                    "uni", *extra]  # fmt: skip
 
         return build
 
@@ -512,8 +527,11 @@ def label_cases(kit: Kit) -> list[Case]:
         def build(where: Path) -> list[str]:
             rows = rows_fn([dict(r) for r in kit.labels_rows()])
             labels = _write_csv(where / "labels.csv", rows, encoding=encoding)
+            # the kit's 8 cases hold 4 per class: 2 folds, unless the case picks its split
+            split = () if {"--folds", "--split", "--test-site"} & set(extra) else ("--folds", "2")
             return ["train", "--stores", str(kit.stores), "--labels", str(labels), "--out",
-                    str(where / "model"), "--epochs", "2", "--n-boot", "20", *extra]  # fmt: skip
+                    str(where / "model"), "--epochs", "2", "--n-boot", "20", *split,
+                    *extra]  # fmt: skip
 
         return build
 
@@ -692,6 +710,11 @@ def score_cases(kit: Kit) -> list[Case]:
             "score",
             manifest([{"path": str(good[0]), "slide_id": sid}]),
             names="manifest.csv",
+            # an empty cell: the column is optional, and the file's stem names the slide
+            expect="accept" if sid == "" else "refuse",
+            done=(lambda w: (w / "res" / "slides" / good[0].stem / "result.json").is_file())
+            if sid == ""
+            else None,
         )
         for sid in ids
     ]

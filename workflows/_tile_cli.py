@@ -196,9 +196,9 @@ def register(app: typer.Typer, console: Console) -> None:
                 props = s.exported_properties()
                 props["dimensions"] = list(s.dimensions)
                 problem = s.mpp_problem
-        except SlideError as exc:
-            console.print(f"[red]{cli_message(exc)}[/red]")
+        except SlideError as exc:  # plain lines: rich would fold long paths
+            typer.echo(f"error: {cli_message(exc)}", err=True)
             raise typer.Exit(1) from exc
         typer.echo(json.dumps(props, indent=2))
         if problem is not None:  # say why mpp is null, and what to pass
-            console.print(f"[yellow]mpp_x/mpp_y are null:[/yellow] {cli_message(problem)}")
+            typer.echo(f"warning: mpp_x/mpp_y are null: {cli_message(problem)}", err=True)
