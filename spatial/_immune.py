@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from oncotrace.wsi import Registry
+from oncotrace.wsi import ParameterError, Registry
 from scipy import ndimage as ndi
 
 from ._checks import MAX_GRID_CELLS, check_density_options, check_parameters
@@ -958,9 +958,11 @@ def _detect(
         region = (0, 0, w0, h0)
     rx, ry, rw, rh = (int(v) for v in region)
     if rw <= 0 or rh <= 0 or rx < 0 or ry < 0 or rx + rw > w0 or ry + rh > h0:
-        raise ValueError(
-            f"region {region} must be a positive (x, y, w, h) inside the {w0} x {h0} slide "
-            "(level-0 pixels)."
+        raise ParameterError(
+            f"{src.name}: region={','.join(str(int(v)) for v in region)} is not a box inside this"
+            f" {w0} x {h0} slide (x, y, width, height in level-0 pixels; width and height > 0)."
+            f" Fix: pass a box within 0,0,{w0},{h0}, or leave region out for the whole slide.",
+            param="region",
         )
     # The region is part of the tissue mask, so tissue area and density masking agree with it.
     mask = mask.copy()

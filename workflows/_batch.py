@@ -26,7 +26,7 @@ from oncotrace.wsi import (
     tile_slide,
 )
 
-from ._failures import DiskFullError, is_disk_full
+from ._failures import DISK_FULL, DiskFullError, disk_full_message, is_disk_full
 from ._flags import cli_message
 
 #: File types picked up when a folder is given (DICOM-WSI folders are picked up as folders).
@@ -286,12 +286,17 @@ def tile_batch(
     report = BatchReport()
     t0 = time.perf_counter()
     ids: dict[str, Path] = {}
+    full: str | None = None  # the disk-full message, once the output disk has filled up
     for path in slides:
         sid = slide_id_for(path)
         if on_start:
             on_start(sid)
         ok = False
-        if sid in ids:
+        if full is not None:  # every other slide would fail the same way: not started
+            report.errors.append(
+                _error_row(path, "tile", DISK_FULL, full + " (not started: the disk was full)")
+            )
+        elif sid in ids:
             report.errors.append(
                 _error_row(
                     path,
@@ -331,15 +336,19 @@ def tile_batch(
                     _error_row(path, _stage_of(exc), type(exc).__name__, cli_message(exc))
                 )
             except (OSError, MemoryError, RuntimeError, ValueError) as exc:
-                report.errors.append(
-                    _error_row(
-                        path,
-                        "tile",
-                        type(exc).__name__,
-                        f"{path}: {cli_message(exc)}. Fix: see the message;"
-                        " rerun the same command to retry this slide.",
+                if is_disk_full(exc):
+                    full = disk_full_message(out_dir, "tile stores")
+                    report.errors.append(_error_row(path, "tile", DISK_FULL, full))
+                else:
+                    report.errors.append(
+                        _error_row(
+                            path,
+                            "tile",
+                            type(exc).__name__,
+                            f"{path}: {cli_message(exc)}. Fix: see the message;"
+                            " rerun the same command to retry this slide.",
+                        )
                     )
-                )
             else:
                 ok = True
                 row = {

@@ -31,11 +31,20 @@ def failure_line(path: object, stage: str, message: str) -> str:
 def finish(rows: Iterable[Mapping[str, object]], *, errors_csv: object | None = None) -> None:
     """Print each failure row (``slide``, ``stage``, ``message``) on stderr and exit 1 if any.
 
+    Rows whose ``error_type`` is :data:`DISK_FULL` are said once, as one ``error:`` line.
+
     Returns normally (exit 0) when ``rows`` is empty.
     """
     rows = list(rows)
+    full = [r for r in rows if r.get("error_type") == DISK_FULL]
+    if full:  # one cause, said once: every other input would fail the same way
+        typer.echo(
+            f"error: {len(full)} input(s) not done: {cli_message(str(full[0]['message']))}",
+            err=True,
+        )
     for r in rows:
-        typer.echo(failure_line(r["slide"], str(r["stage"]), str(r["message"])), err=True)
+        if r.get("error_type") != DISK_FULL:
+            typer.echo(failure_line(r["slide"], str(r["stage"]), str(r["message"])), err=True)
     if rows:
         where = f" (also in {errors_csv})" if errors_csv is not None else ""
         typer.echo(f"{len(rows)} input(s) failed{where}.", err=True)
@@ -47,6 +56,9 @@ def usage_error(exc: BaseException) -> typer.Exit:
     typer.echo(f"error: {cli_message(exc)}", err=True)
     return typer.Exit(EXIT_USAGE)
 
+
+#: ``error_type`` of an input that failed, or was not started, because the output disk is full.
+DISK_FULL = "DiskFull"
 
 _DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux)
 _DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")

@@ -40,6 +40,7 @@ FLAGS: dict[str, str] = {
     "tasks": "--task",
     "test_fraction": "--split",
     "test_sites": "--test-site",
+    "dashboard": "--dashboard",
     "encoder": "--encoder",
     "fallback": "--fallback",
     "folds": "--folds",

@@ -53,7 +53,13 @@ from ._batch import (
     is_store_named,
     write_errors_csv,
 )
-from ._failures import DiskFullError, disk_full_message, is_disk_full, remove_stale_temporaries
+from ._failures import (
+    DISK_FULL,
+    DiskFullError,
+    disk_full_message,
+    is_disk_full,
+    remove_stale_temporaries,
+)
 from ._flags import Device, cli_message
 from ._predictions import TOP_K, PredictionRow, write_predictions
 
@@ -337,6 +343,8 @@ def score_slides(
         raise ParameterError(
             "choose workers= (a LocalCluster) or scheduler=, not both", param="workers"
         )
+    if scheduler is None:
+        check_dashboard(dashboard)
     digest = model_hash(model_dir)
     card = _loadable_card(model_dir)
     scoring_encoder(card, model_dir)
@@ -388,6 +396,29 @@ def score_slides(
     if warning and on_warning:
         on_warning(warning)
     return ScoreRun(tuple(jobs), cfg, report, files)
+
+
+def check_dashboard(address: str | None) -> None:
+    """``address`` is ``HOST:PORT`` (or ``:PORT``) with a host this machine can bind; else
+    ParameterError before any cluster starts (Dask's own error is a traceback after start-up)."""
+    import socket
+
+    if address is None:
+        return
+    host, sep, port = address.rpartition(":")
+    ok_port = sep and port.isdigit() and 0 <= int(port) <= 65535
+    problem = None if ok_port else "is not HOST:PORT (e.g. 127.0.0.1:8787)"
+    if problem is None and host:
+        try:
+            socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            problem = f"names a host this machine cannot resolve ({exc})"
+    if problem is not None:
+        raise ParameterError(
+            f"dashboard={address!r} {problem}. Fix: pass HOST:PORT (127.0.0.1:8787 to keep it"
+            " on this machine, 0.0.0.0:8787 to open it to the network), or none.",
+            param="dashboard",
+        )
 
 
 def _loadable_card(model_dir: str | Path) -> ModelCard:
@@ -607,10 +638,6 @@ class _InputProblem(ValueError):
     def __init__(self, error_type: str, message: str) -> None:
         self.error_type = error_type
         super().__init__(message)
-
-
-#: ``error_type`` of a slide that failed, or was not started, because the output disk is full.
-DISK_FULL = "DiskFull"
 
 
 def _try_write_error(here: Path, error: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ from rich.progress import (
 
 from ._failures import EXIT_FAILED, DiskFullError, finish
 from ._flags import Device, cli_message
-from ._score import DASHBOARD, DISK_FULL
+from ._score import DASHBOARD
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -148,23 +148,15 @@ def register(app: typer.Typer, console: Console) -> None:
             f"{len(report.done)} scored, {len(report.skipped)} up to date, {n_err} failed in"
             f" {report.seconds:.1f} s → {files['predictions']}"
         )
-        full = [e for e in report.errors if e.get("error_type") == DISK_FULL]
-        if full:  # one cause, said once: every other slide would fail the same way
-            typer.echo(
-                f"error: {len(full)} slide(s) not scored: {cli_message(full[0]['message'])}",
-                err=True,
-            )
         finish(
             (
                 {
                     "slide": e.get("path", e["slide_id"]),
                     "stage": e["stage"],
+                    "error_type": e["error_type"],
                     "message": cli_message(e["message"]),
                 }
                 for e in report.errors
-                if e.get("error_type") != DISK_FULL
             ),
             errors_csv=files["errors"],
         )
-        if full:
-            raise typer.Exit(EXIT_FAILED)

@@ -183,7 +183,7 @@ def test_region_limits_cells_and_area(he_phantom: tuple[NDArray[np.uint8], Plant
     assert cells.x.min() >= 511.5 and cells.x.max() < 1535.5
     assert cells.y.min() >= 255.5 and cells.y.max() < 1023.5
     assert cells.tissue_area_mm2 == pytest.approx(1024 * 768 * (MPP * 1e-3) ** 2, rel=0.02)
-    with pytest.raises(ValueError, match="inside the 2048 x 2048"):
+    with pytest.raises(ValueError, match="inside this 2048 x 2048 slide"):
         detect_immune_cells(image, stain="he", mpp=MPP, tissue=False, region=(0, 0, 4096, 10))
     with pytest.raises(ValueError, match="mpp is required"):
         detect_immune_cells(image, stain="he")

@@ -136,6 +136,22 @@ def test_score_workers_below_one_is_a_usage_error(
     assert "--workers" in res.stderr and "Fix:" in res.stderr
 
 
+@pytest.mark.parametrize("address", ["not-an-address", "no-such-host.invalid:8787", ":99999"])
+def test_a_dashboard_address_that_cannot_work_is_a_usage_error(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    address: str,
+) -> None:
+    res = CliRunner().invoke(
+        app,
+        ["score", str(trained["slides"]), "--model", str(trained["model"]), "--out",
+         str(tmp_path / "o"), "--workers", "1", "--dashboard", address],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output  # was "Cluster failed to start" with a traceback
+    assert res.stderr.strip().startswith("error: ") and f"--dashboard {address!r}" in res.stderr
+    assert "Fix:" in res.stderr and "Traceback" not in res.output
+
+
 def test_score_refuses_an_implausible_mpp_once_up_front(
     trained: dict[str, Path],  # noqa: F811
     tmp_path: Path,
@@ -254,6 +270,31 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(
     assert "Traceback" not in text and "failed:" not in text
     assert _temporaries(out) == []
     if (out / "errors.csv").is_file():  # what fitted is whole: a header and one row per slide
+        with open(out / "errors.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 6 and {r["error_type"] for r in rows} == {"DiskFull"}
+
+
+@pytest.mark.parametrize("size", ["600k", "8k"])
+def test_tile_on_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(
+    trained: dict[str, Path],  # noqa: F811
+    small_disk: Callable[[str], Path],
+    size: str,
+) -> None:
+    """tile said "No space left on device (os error 28). Fix: see the message" once per slide;
+    now one line naming the disk and the fix, the slides after it not started."""
+    out = small_disk(size) / "stores"
+    res = CliRunner().invoke(app, ["tile", str(trained["slides"]), "--out", str(out)])
+    text = res.output
+    assert res.exit_code == 1, text
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, text
+    assert f"no space left on the disk holding {out}" in errors[0]
+    assert "Fix: free space there, or pass --out on a disk with room" in errors[0]
+    assert "Traceback" not in text and "failed:" not in text and "os error" not in text
+    assert _temporaries(out) == []
+    if (out / "errors.csv").is_file():
         with open(out / "errors.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         assert len(rows) == 6 and {r["error_type"] for r in rows} == {"DiskFull"}

@@ -54,6 +54,23 @@ def immune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "slide": slide, "out": out}
 
 
+def test_immune_region_outside_the_slide_names_the_flag_the_slide_and_a_box_that_fits(
+    immune_run: dict[str, Path], tmp_path: Path
+) -> None:
+    slide = immune_run["slide"]
+    args = ["immune", str(slide), "--out", str(tmp_path / "o"), "--region", "99999,99999,10,10"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and "--region 99999,99999,10,10" in res.stderr
+    assert slide.name in res.stderr
+    fix = res.stderr.split("within ")[1].split(",")  # the box it offers does work
+    x, y, w, h = (int(v.strip(" ,.").split()[0]) for v in fix[:4])
+    ok = CliRunner().invoke(
+        app, ["immune", str(slide), "--out", str(tmp_path / "p"), "--region", f"{x},{y},{w},{h}"]
+    )
+    assert ok.exit_code == 0, ok.output
+
+
 def test_immune_on_a_folder_writes_one_folder_per_slide_and_exits_1_for_a_bad_one(
     immune_run: dict[str, Path], tmp_path: Path
 ) -> None:
