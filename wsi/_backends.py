@@ -531,7 +531,20 @@ class CucimBackend(Backend):
                             iy0 - ty : iy1 - ty, ix0 - tx : ix1 - tx
                         ]
                 return out
-        return self._read_direct((x, y), location, level, (w, h))
+        if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+            return self._read_direct((x, y), location, level, (w, h))
+        # past the edge: cuCIM refuses a size beyond the level ("exceeds the original image
+        # width"), so read the part inside and put it on white, as the Slide API promises
+        ox0, oy0 = _level0_origin(x0, ds), _level0_origin(y0, ds)
+        inner = (
+            ox0 if ox0 is not None else round(x0 * ds),
+            oy0 if oy0 is not None else round(y0 * ds),
+        )
+        out = np.full((h, w, 3), WHITE, np.uint8)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_direct(
+            (x0, y0), inner, level, (x1 - x0, y1 - y0)
+        )
+        return out
 
     def _tile(
         self, level: int, col: int, row: int, origin0: tuple[int, int], tile: tuple[int, int]
@@ -561,25 +574,16 @@ class CucimBackend(Backend):
         level: int,
         size: tuple[int, int],
     ) -> np.ndarray:
-        w_l, h_l = self.level_dimensions[level]
-        x, y = xy
+        x, y = xy  # the region lies inside the level (read_region puts the rest on white)
         jt = self._jpeg[level]
         if jt is not None:  # cuCIM would hand back a damaged tile as grey pixels
-            jt.check_span(max(0, x), max(0, y), min(w_l, x + size[0]), min(h_l, y + size[1]))
+            jt.check_span(x, y, x + size[0], y + size[1])
         region = self._img.read_region(
             location=(int(location[0]), int(location[1])), size=size, level=level
         )
         arr = np.asarray(region)
         if arr.shape[-1] == 4:
             arr = composite_on_white(arr)
-        # cuCIM fills the area past the slide's edge with black; the Slide API promises white
-        # there, as OpenSlide (transparent) and the other readers give it.
-        if x < 0 or y < 0 or x + size[0] > w_l or y + size[1] > h_l:
-            arr = np.array(arr, copy=True)
-            arr[:, : max(0, -x)] = WHITE
-            arr[: max(0, -y)] = WHITE
-            arr[:, max(0, w_l - x) :] = WHITE
-            arr[max(0, h_l - y) :] = WHITE
         return arr
 
     def close(self) -> None:

@@ -183,3 +183,27 @@ def test_a_users_cucim_config_keeps_its_settings_with_the_cache_off(
     monkeypatch.setenv("CUCIM_CONFIG_PATH", str(off))
     _configure_cucim()
     assert os.environ["CUCIM_CONFIG_PATH"] == str(off)  # nothing to change: left alone
+
+
+@pytest.mark.parametrize(
+    ("location", "size"),
+    [((-100, -100), (3000, 3000)), ((0, 0), (4096, 4096)), ((2100, 2900), (512, 512)),
+     ((-300, 500), (400, 200))],
+)  # fmt: skip
+def test_regions_past_the_edge_of_a_single_level_slide_are_its_pixels_on_white(
+    shared_data: Path, location: tuple[int, int], size: tuple[int, int]
+) -> None:
+    """cuCIM refuses a size beyond the level; the read was reported as a damaged file. The part
+    inside is the slide's (as OpenSlide reads it), the rest white."""
+    path = shared_data / "slides" / "cmu-1-small-region.svs"  # one level, 2220 x 2967
+    with wsi.open_slide(path, backend="cucim") as c, wsi.open_slide(path, backend="openslide") as o:
+        got = c.read_region(location, 0, size)
+        want = o.read_region(location, 0, size)
+        w0, h0 = c.dimensions
+    assert got.shape == (size[1], size[0], 3)
+    np.testing.assert_array_equal(got, want)
+    x, y = location
+    outside = np.ones(got.shape[:2], bool)
+    outside[max(0, -y) : max(0, h0 - y), max(0, -x) : max(0, w0 - x)] = False
+    assert outside.any() and (got[outside] == 255).all()
+    assert (got[~outside] < 250).any()  # real tissue pixels, not a white canvas
