@@ -17,8 +17,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._batch import STORE_SUFFIXES, expand_inputs, input_problem, is_store, is_store_named
-from ._failures import finish
+from ._batch import (
+    STORE_SUFFIXES,
+    expand_inputs,
+    input_problem,
+    is_store,
+    is_store_named,
+    write_errors_csv,
+)
+from ._failures import DISK_FULL, DiskFullError, finish, is_disk_full
 from ._flags import Device, Precision, cli_message
 
 
@@ -60,7 +67,7 @@ def register(app: typer.Typer, console: Console) -> None:
         enc = mil.create_encoder(encoder, weights=weights, device=device, precision=precision)
         done: list[tuple[Path, int]] = []
         skipped: list[Path] = []
-        failed: list[tuple[Path, str]] = []
+        failed: list[tuple[Path, str, str]] = []
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -73,7 +80,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 # not as "not a finished store, run tile first"
                 problem = input_problem(store, STORE_SUFFIXES, unit=is_store_named)
                 if problem is not None:
-                    failed.append((store, problem[1]))
+                    failed.append((store, *problem))
                     continue
                 task = progress.add_task(store.name, total=_n_tiles(store))
                 seen = [0]
@@ -85,7 +92,8 @@ def register(app: typer.Typer, console: Console) -> None:
                 try:
                     mil.embed(store, enc, batch_size=batch_size, progress=advance)
                 except (ValueError, KeyError, OSError) as exc:
-                    failed.append((store, cli_message(exc)))
+                    kind = DISK_FULL if is_disk_full(exc) else type(exc).__name__
+                    failed.append((store, kind, cli_message(exc)))
                     progress.remove_task(task)
                     continue
                 if seen[0]:
@@ -98,7 +106,20 @@ def register(app: typer.Typer, console: Console) -> None:
             f" {len(skipped)} already embedded with these weights, {len(failed)} failed;"
             f" features/{enc.config.name} in each store."
         )
-        finish({"slide": store, "stage": "embed", "message": m} for store, m in failed)
+        rows = [
+            {"slide": str(store.absolute()), "stage": "embed", "error_type": kind, "message": m}
+            for store, kind, m in failed
+        ]
+        table = errors_table_for(paths)
+        try:
+            write_errors_csv(table, rows)
+        except DiskFullError as exc:
+            typer.echo(f"error: {cli_message(exc)}", err=True)
+            raise typer.Exit(1) from exc
+        except OSError as exc:  # a folder embed may not write in: the failures are still said
+            typer.echo(f"warning: {table} could not be written ({exc}).", err=True)
+            finish(rows)
+        finish(rows, errors_csv=table)
 
     @app.command()
     def encoders() -> None:
@@ -125,3 +146,16 @@ def _n_tiles(store: Path) -> int | None:
         return Store.open(store, require_complete=False).attrs.n_tiles
     except (StoreError, OSError, ValueError):
         return None
+
+
+#: embed's table of failures, beside the stores (tile's own errors.csv there is left alone)
+EMBED_ERRORS = "embed-errors.csv"
+
+
+def errors_table_for(stores: list[Path]) -> Path:
+    """Where embed writes its ``errors.csv``: in the folder holding the stores (their nearest
+    common folder when they come from several), as ``embed-errors.csv``; rewritten each run."""
+    import os
+
+    parents = [str(p.absolute().parent) for p in stores]
+    return Path(os.path.commonpath(parents)) / EMBED_ERRORS

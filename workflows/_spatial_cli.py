@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from ._batch import check_out_dir
-from ._failures import finish, usage_error
+from ._batch import check_out_dir, input_problem
+from ._failures import DISK_FULL, finish, is_disk_full, usage_error
 from ._flags import (
     Fallback,
     GeometryKind,
@@ -202,6 +202,13 @@ def _immune_batch(
                 }
             )
             continue
+        problem = input_problem(path)  # a broken link, a folder named like a slide: as tile says
+        if problem is not None:
+            errors.append(
+                {"slide": str(path), "stage": "open", "error_type": problem[0],
+                 "message": problem[1]}
+            )  # fmt: skip
+            continue
         used[sid] = path
         t0 = time.perf_counter()
         try:
@@ -211,7 +218,7 @@ def _immune_batch(
                 {
                     "slide": str(path),
                     "stage": "immune",
-                    "error_type": type(exc).__name__,
+                    "error_type": DISK_FULL if is_disk_full(exc) else type(exc).__name__,
                     "message": cli_message(exc),
                 }
             )

@@ -48,6 +48,19 @@ def test_embed_reports_links_and_a_sub_folder_of_stores_and_embeds_the_rest(
     assert "loop of links" in failed["loop.zarr"]  # was: "run `oncotrace tile` first"
     assert wsi.Store.open(good).feature_names() == ["pathomics"]
     assert wsi.Store.open(stores / "batch2" / "deeper.zarr").feature_names() == []
+    # and the same rows in a table beside the stores (embed had none)
+    with open(stores / "embed-errors.csv", newline="") as fh:
+        rows = {Path(r["slide"]).name: r["error_type"] for r in csv.DictReader(fh)}
+    assert rows == {"batch2": "NotSearched", "gone.zarr": "BrokenLink", "loop.zarr": "BrokenLink"}
+    assert "embed-errors.csv" in res.stderr
+    # fixed inputs: a rerun rewrites the table empty and exits 0
+    for name in ("gone.zarr", "loop.zarr"):
+        (stores / name).unlink()
+    shutil.rmtree(stores / "batch2")
+    res = CliRunner().invoke(app, ["embed", str(stores), "--encoder", "pathomics"])
+    assert res.exit_code == 0, res.output
+    with open(stores / "embed-errors.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == []
 
 
 def test_immune_rows_say_what_each_unreadable_entry_is(tmp_path: Path) -> None:
@@ -62,9 +75,15 @@ def test_immune_rows_say_what_each_unreadable_entry_is(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["immune", str(src), "--out", str(out)])
     assert res.exit_code == 1, res.output
     with open(out / "errors.csv", newline="") as fh:
-        rows = {Path(r["slide"]).name: r["message"] for r in csv.DictReader(fh)}
-    assert set(rows) == {"batch2", "gone.svs", "loop.svs", "unpacked.svs"}
+        table = list(csv.DictReader(fh))
+    rows = {Path(r["slide"]).name: r["message"] for r in table}
+    assert {Path(r["slide"]).name: r["error_type"] for r in table} == {
+        "batch2": "NotSearched",
+        "gone.svs": "BrokenLink",
+        "loop.svs": "BrokenLink",
+        "unpacked.svs": "NotAFile",
+    }  # typed as tile types them (were UnsupportedSlideError)
     assert "'/mnt/share/gone.svs', which does not exist" in rows["gone.svs"]
     assert "loop of links" in rows["loop.svs"]  # was: "the file does not exist"
     assert "folder named like a .svs file" in rows["unpacked.svs"]  # was: "no .dcm files"
-    assert "name its files" in rows["batch2"]
+    assert "name this folder" in rows["batch2"]
