@@ -672,14 +672,14 @@ class Store:
         Every file the writer committed (shards, chunks, array metadata) is listed with its size
         in ``oncotrace-manifest.json``; Zarr reads a missing shard as zeros without complaint,
         so a store that lost one (a partial copy, a sync tool, a full disk during a move) would
-        otherwise look complete. None when nothing is missing, or for a store written before
-        manifests (nothing to check against). Arrays added later (``features/<name>``) carry
+        otherwise look complete. None when nothing is missing. A store written before manifests
+        is checked for one ``patches`` shard per 64 tiles. Arrays added later (``features/<name>``) carry
         their own completion mark.
         """
         try:
             listed = json.loads((self.path / MANIFEST).read_text())["files"]
         except FileNotFoundError:
-            return None
+            return self._missing_patch_shards()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"its manifest {MANIFEST} cannot be read ({exc})"
         for rel, size in listed.items():
@@ -688,6 +688,26 @@ class Store:
                 return f"{rel} is missing ({len(listed)} files were committed)"
             if f.stat().st_size != size:
                 return f"{rel} holds {f.stat().st_size} bytes, {size} were committed"
+        return None
+
+    def _missing_patch_shards(self) -> str | None:
+        """For a store written before manifests: whether ``patches`` has a shard file for each
+        block of 64 tiles (the tiler writes every one; none of its tiles is all zeros)."""
+        meta = self.path / "patches" / "zarr.json"
+        if not meta.is_file():
+            return None
+        try:
+            doc = json.loads(meta.read_text())
+            n = int(doc["shape"][0])
+            per = int(doc["chunk_grid"]["configuration"]["chunk_shape"][0])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None  # not the tiler's layout: nothing known to check against
+        expected = -(-n // per) if per > 0 else 0
+        rest = ("0",) * (len(doc["shape"]) - 1)  # one shard across the other axes
+        shard = self.path.joinpath("patches", "c")
+        found = sum(1 for i in range(expected) if shard.joinpath(str(i), *rest).is_file())
+        if found < expected:
+            return f"patches has {found} of its {expected} shard files (no manifest to list them)"
         return None
 
     def check_intact(self) -> None:

@@ -441,6 +441,23 @@ def test_a_store_that_lost_a_shard_is_not_up_to_date_and_is_cut_again(
     assert after[64:].any(axis=(1, 2, 3)).all()  # no blank tile where the shard was
 
 
+def test_a_store_from_before_manifests_that_lost_a_shard_is_cut_again(
+    planted, tmp_path: Path
+) -> None:
+    """Stores written before manifests were trusted as they were; the tiler writes one shard per
+    64 tiles, so a missing one is found without a manifest too."""
+    cfg = wsi.TilingConfig(tile_px=112)  # 96 tiles: two shards of 64
+    first = wsi.tile_slide(planted.path, tmp_path / "stores", cfg)
+    (first.store / "oncotrace-manifest.json").unlink()  # as an older OncoTrace wrote it
+    assert wsi.Store.open(first.store).damage() is None  # whole: still trusted
+    fp = wsi.open_slide(planted.path).fingerprint
+    assert wsi.is_complete(first.store, fingerprint=fp, config=cfg)
+    _shard_files(first.store)[1].unlink()
+    assert "patches has 1 of its 2 shard files" in (wsi.Store.open(first.store).damage() or "")
+    assert not wsi.is_complete(first.store, fingerprint=fp, config=cfg)
+    assert not wsi.tile_slide(planted.path, tmp_path / "stores", cfg).skipped
+
+
 def test_reading_the_patches_of_a_damaged_store_refuses_naming_it_and_the_fix(
     planted, tmp_path: Path
 ) -> None:
