@@ -868,11 +868,122 @@ def disk_cases(kit: Kit) -> list[Case]:
     ]
 
 
+def store_folder_cases(kit: Kit) -> list[Case]:
+    """`score` and `embed` on a folder of stores holding one bad entry: it is one row, and the
+    other stores are still scored (the score cases reuse the kit's stores: nothing is tiled)."""
+
+    def spoil(how: str, stores: Path) -> str:
+        one = sorted(stores.glob("*.zarr"))[0]
+        if how == "broken link":
+            (stores / "gone.zarr").symlink_to(stores.parent / "nowhere.zarr")
+            return "gone.zarr"
+        if how == "unfinished store":
+            (stores / "half.zarr").mkdir()
+            return "half.zarr"
+        if how == "sub-folder of stores":
+            shutil.copytree(one, stores / "batch2" / "deeper.zarr")
+            return "batch2"
+        shard = next(p for p in sorted(one.joinpath("patches", "c").rglob("*")) if p.is_file())
+        if how == "missing shard":
+            shard.unlink()
+        elif how == "old store, missing shard":  # written before manifests
+            (one / "oncotrace-manifest.json").unlink()
+            shard.unlink()
+        elif how == "garbage zarr.json":
+            (one / "zarr.json").write_text("{not json")
+        return one.name
+
+    def scored_rest(where: Path, bad: str) -> bool:
+        with open(where / "res" / "predictions.csv", newline="") as fh:
+            ids = {r["slide_id"] for r in csv.DictReader(fh)}
+        want = {p.name.removesuffix(".zarr") for p in kit.stores.glob("*.zarr")}
+        return want - {bad.removesuffix(".zarr")} <= ids
+
+    cases = []
+    for how in ["broken link", "unfinished store", "sub-folder of stores", "missing shard",
+                "old store, missing shard", "garbage zarr.json"]:  # fmt: skip
+        named: dict[str, str] = {}
+
+        def sc(where: Path, how: str = how, named: dict[str, str] = named) -> list[str]:
+            stores = where / "stores"
+            shutil.copytree(kit.stores, stores, symlinks=True)
+            named["bad"] = spoil(how, stores)
+            return ["score", str(stores), "--model", str(kit.model), "--out", str(where / "res"),
+                    "--workers", "1", "--no-heatmaps"]  # fmt: skip
+
+        def em(where: Path, how: str = how) -> list[str]:
+            stores = where / "stores"
+            shutil.copytree(kit.stores, stores, symlinks=True)
+            spoil(how, stores)
+            return ["embed", str(stores), "--encoder", "pathomics"]
+
+        bad_name = {"broken link": "gone.zarr", "unfinished store": "half.zarr",
+                    "sub-folder of stores": "batch2"}.get(how, sorted(
+                        p.name for p in kit.stores.glob("*.zarr"))[0])  # fmt: skip
+        cases.append(Case(f"score stores folder: {how}", "store folders", sc, names=bad_name,
+                          done=lambda w, b=bad_name: scored_rest(w, b)))  # fmt: skip
+        if how not in ("missing shard", "garbage zarr.json"):  # those are in store_cases
+            cases.append(Case(f"embed stores folder: {how}", "store folders", em, names=bad_name))
+    return cases
+
+
+def out_and_address_cases(kit: Kit) -> list[Case]:
+    """`--out` that cannot be a folder, and dashboard addresses that cannot work."""
+
+    def blocked(command: Callable[[Path], list[str]], inside: bool) -> Callable[[Path], list[str]]:
+        def build(where: Path) -> list[str]:
+            (where / "results").write_text("a file, not a folder")
+            out = where / "results" / "sub" if inside else where / "results"
+            return [*command(where), "--out", str(out)]
+
+        return build
+
+    def h5(where: Path) -> list[str]:
+        return ["import-features", str(_good_h5(where / "g.h5")), "--name", "uni"]
+
+    commands: dict[str, Callable[[Path], list[str]]] = {
+        "tile": lambda w: ["tile", str(kit.good)],
+        "score": lambda w: ["score", str(kit.slides), "--model", str(kit.model), "--workers", "1"],
+        "immune": lambda w: ["immune", str(kit.good)],
+        "import-features": h5,
+        "train": lambda w: ["train", "--stores", str(kit.stores), "--labels", str(kit.labels)],
+        "evaluate": lambda w: [
+            "evaluate",
+            "--stores",
+            str(kit.stores),
+            "--labels",
+            str(kit.labels),
+            "--model",
+            str(kit.model),
+        ],
+    }
+    cases = [
+        Case(
+            f"{name}: --out {'inside ' if inside else ''}a file",
+            "out and address",
+            blocked(cmd, inside),
+            names="results",
+        )
+        for name, cmd in commands.items()
+        for inside in (False, True)
+    ]
+    for address in ("no-such-host.invalid:8787", ":99999", "127.0.0.1:http"):
+
+        def dash(where: Path, address: str = address) -> list[str]:
+            return ["score", str(kit.slides), "--model", str(kit.model), "--out",
+                    str(where / "res"), "--workers", "1", "--dashboard", address]  # fmt: skip
+
+        cases.append(Case(f"score --dashboard {address}", "out and address", dash,
+                          names="--dashboard"))  # fmt: skip
+    return cases
+
+
 def all_cases(kit: Kit, shared: Path | None) -> list[Case]:
     return [
         *slide_file_cases(kit, shared), *_slide_variants(kit), *tiling_number_cases(kit),
         *discovery_cases(kit), *import_cases(kit), *label_cases(kit), *model_cases(kit),
         *score_cases(kit), *store_cases(kit), *spatial_cases(kit), *disk_cases(kit),
+        *store_folder_cases(kit), *out_and_address_cases(kit),
     ]  # fmt: skip
 
 

@@ -558,6 +558,8 @@ def score_slide(job: SlideJob, cfg: ScoreConfig) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UpsamplingWarning)
             tiled = _tiled_store(job, cfg, fingerprint)
+        if tiled.note:
+            said.append(tiled.note)
         for w in caught:  # said by the client: a worker's stderr is seen by nobody
             if isinstance(w.message, UpsamplingWarning):
                 said.append(cli_message(str(w.message)))
@@ -654,6 +656,8 @@ def _try_write_error(here: Path, error: Mapping[str, Any]) -> None:
 class _Tiled:
     store: Path
     skipped: bool
+    #: said to the user: a given store that could not be used as it was, and what was done
+    note: str | None = None
 
 
 def job_fingerprint(job: SlideJob) -> str:
@@ -671,15 +675,27 @@ def _tiled_store(job: SlideJob, cfg: ScoreConfig, fingerprint: str) -> _Tiled:
     tiled into ``<out>/stores`` (reused there when complete)."""
     from oncotrace.wsi import is_complete, tile_slide
 
+    note = None
     if job.store is not None:
         if is_complete(job.store, fingerprint=fingerprint, config=cfg.tiling):
             return _Tiled(Path(job.store), True)
+        given = Store.open(job.store)
+        damage = given.damage()
+        why = (
+            f"is damaged ({damage})"
+            if damage is not None
+            else f"was cut with {given.attrs.tiling} but the model needs {cfg.tiling}"
+        )
         if not Path(job.path).exists():
-            tiling = Store.open(job.store).attrs.tiling
             raise ValueError(
-                f"{job.store}: cut with {tiling} but the model needs {cfg.tiling}, and the slide"
-                f" it was cut from ({job.path or 'not recorded'}) is not here to tile again."
-                " Fix: pass the slide file itself (or a store tiled as the model was trained)."
+                f"{job.store}: {why}, and the slide it was cut from"
+                f" ({job.path or 'not recorded'}) is not here to tile again. Fix: pass the slide"
+                " file itself (or a store tiled as the model was trained)."
+            )
+        if damage is not None:  # a tiling that differs is already said once by the client
+            note = (
+                f"{job.store} {why}; scored from the slide, tiled again into"
+                f" {Path(cfg.out_dir) / _STORES}."
             )
     try:
         res = tile_slide(
@@ -692,7 +708,7 @@ def _tiled_store(job: SlideJob, cfg: ScoreConfig, fingerprint: str) -> _Tiled:
         )
     except ResolutionError as exc:
         raise _model_resolution_error(exc, cfg) from exc
-    return _Tiled(res.store, bool(res.skipped))
+    return _Tiled(res.store, bool(res.skipped), note)
 
 
 def _model_resolution_error(exc: ResolutionError, cfg: ScoreConfig) -> ResolutionError:

@@ -8,13 +8,17 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from oncotrace import wsi
 from oncotrace.workflows.cli import app
 from oncotrace.wsi.synthetic import make_tissue_squares
 from typer.testing import CliRunner
 
-from tests.workflows.test_score import trained  # noqa: F401  (the module fixture)
+from tests.workflows.test_score import (
+    _predictions,  # private: the predictions reader
+    trained,  # noqa: F401  (the module fixture)
+)
 
 #: manifest slide ids that are paths, not names
 BAD_IDS = ["../../../victim", "/tmp/abs-victim", ".", "..", "a/b", ".hidden", "x\\y", "tab\tid"]
@@ -453,3 +457,28 @@ def test_an_out_folder_that_is_a_file_is_one_usage_error(
     assert res.stderr.startswith("error: ") and "--out" in res.stderr and "Fix:" in res.stderr
     assert str(blocker) in res.stderr
     assert blocker.read_text() == "keep me"
+
+
+def test_a_damaged_store_given_to_score_is_said_and_scored_from_its_slide(
+    trained: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A store that lost a shard was silently tiled again; now a warning names it and what was
+    done, and the prediction equals the one from the intact store."""
+    stores = tmp_path / "stores"
+    res = CliRunner().invoke(app, ["tile", str(trained["slides"]), "--out", str(stores)])
+    assert res.exit_code == 0, res.output
+    args = ["--model", str(trained["model"]), "--workers", "1", "--no-heatmaps"]
+    intact = CliRunner().invoke(app, ["score", str(stores), "--out", str(tmp_path / "a"), *args])
+    assert intact.exit_code == 0, intact.output
+    one = sorted(stores.glob("*.zarr"))[0]
+    next(p for p in sorted((one / "patches" / "c").rglob("*")) if p.is_file()).unlink()
+    hurt = CliRunner().invoke(app, ["score", str(stores), "--out", str(tmp_path / "b"), *args])
+    assert hurt.exit_code == 0, hurt.output
+    said = "".join(hurt.output.split())  # rich folds long paths anywhere
+    assert f"warning:{one}isdamaged" in said and "scoredfromtheslide" in said
+    want, got = _predictions(tmp_path / "a"), _predictions(tmp_path / "b")
+    assert got.keys() == want.keys()
+    for sid in want:  # the slide tiled again gives the tiles the store held
+        np.testing.assert_allclose(got[sid], want[sid], atol=2e-6)
+    assert (tmp_path / "b" / "stores" / one.name).is_dir()
